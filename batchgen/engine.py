@@ -1,0 +1,112 @@
+"""The generation engine: pad a batch, call ``generate``, slice off the prompt, decode.
+
+Shapes: B prompts, T padded prompt length, n samples per prompt, N new tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from batchgen.config import SamplingConfig
+from batchgen.prompts import PromptRecord
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt."""
+
+    text: str
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    completion_tokens: int
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a sequence: the generation config's (often several) and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def generation_config(model, sampling: SamplingConfig, pad_id: int, eos_ids: set[int]):
+    """The model's generation config with every sampling setting overridden by ours.
+
+    Model repos ship their own defaults (Qwen's turn sampling on, for instance); the job's
+    config is the whole truth, so unused knobs are cleared rather than inherited.
+    """
+    gc = copy.deepcopy(model.generation_config)
+    gc.max_new_tokens = sampling.max_new_tokens
+    gc.max_length = None
+    gc.min_new_tokens = None
+    gc.num_beams = 1
+    gc.do_sample = sampling.do_sample
+    gc.temperature = sampling.temperature if sampling.do_sample else None
+    gc.top_p = sampling.top_p if sampling.do_sample else None
+    gc.top_k = sampling.top_k if sampling.do_sample and sampling.top_k else None
+    gc.repetition_penalty = sampling.repetition_penalty if sampling.repetition_penalty != 1 else None
+    gc.num_return_sequences = sampling.num_return_sequences
+    gc.pad_token_id = pad_id
+    gc.eos_token_id = sorted(eos_ids)
+    gc.stop_strings = list(sampling.stop) or None
+    return gc
+
+
+class Engine:
+    """Static batching over ``model.generate``, one call per batch of prompt records."""
+
+    def __init__(self, model, tokenizer, sampling: SamplingConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        # Set once on the model so generate() neither warns about a missing pad id per batch nor
+        # falls back to the repo's own sampling defaults.
+        model.generation_config = generation_config(model, sampling, self.pad_id, self.eos_ids)
+        self.device = next(model.parameters()).device
+
+    def generate(self, records: list[PromptRecord], seed: int) -> list[list[Sample]]:
+        """Generate ``num_return_sequences`` samples for each record, in record order."""
+        padded = self.tokenizer.pad(
+            {"input_ids": [r.token_ids for r in records]}, padding=True, return_tensors="pt"
+        )
+        input_ids = padded["input_ids"].to(self.device)  # (B, T)
+        attention_mask = padded["attention_mask"].to(self.device)  # (B, T), 0 on pads
+        torch.manual_seed(seed)
+        extra = {"tokenizer": self.tokenizer} if self.sampling.stop else {}
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **extra
+            )  # (B*n, T+N) decoder-only; (B*n, 1+N) encoder-decoder
+        # An encoder-decoder output starts with the decoder start token instead of the prompt.
+        new_tokens = out[:, 1:] if self.encoder_decoder else out[:, input_ids.shape[1] :]  # (B*n, N)
+        samples = [self._finish(row) for row in new_tokens.tolist()]
+        n = self.sampling.num_return_sequences
+        return [samples[i * n : (i + 1) * n] for i in range(len(records))]
+
+    def _finish(self, ids: list[int]) -> Sample:
+        """Cut one generated row at its end, decode it and say why it ended."""
+        end, reason = len(ids), "length"
+        eos_at = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+        if eos_at is not None:
+            end, reason = eos_at + 1, "stop"
+        else:
+            # A row stopped by a stop string is filled with pads up to the batch's longest row.
+            while end and ids[end - 1] == self.pad_id:
+                end -= 1
+        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+        hit = self._first_stop(text)
+        if hit is not None:
+            text, reason = text[:hit], "stop"
+            if eos_at is not None and self.pad_id in self.eos_ids:
+                end = eos_at  # that "EOS" was the pad filled in after the stop string
+        return Sample(text, reason, end)
+
+    def _first_stop(self, text: str) -> int | None:
+        hits = [p for p in (text.find(s) for s in self.sampling.stop) if p >= 0]
+        return min(hits) if hits else None

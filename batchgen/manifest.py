@@ -1,0 +1,127 @@
+"""The run's identity: config fingerprint, ``run.json``, and the resume check against both."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from batchgen.config import JobConfig
+from batchgen.errors import ResumeError
+from batchgen.prompts import PromptRecord
+from batchgen.writer import finished_shards, shard_metadata
+
+RUN_FILE = "run.json"
+
+
+def data_digest(records: list[PromptRecord]) -> str:
+    """Hash of every row's id and rendered prompt: what the model is asked, in order."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.index, r.id, r.text], ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_parts(cfg: JobConfig, chat: bool, dtype: str, digest: str, num_rows: int) -> dict:
+    """Every setting that changes what is generated, grouped by where it comes from."""
+    m, d = cfg.model, cfg.dataset
+    return {
+        "model": {
+            "name_or_path": m.name_or_path,
+            "gguf_file": m.gguf_file,
+            "revision": m.revision,
+            "dtype": dtype,
+            "pad_token": m.pad_token,
+            "max_context": m.max_context,
+        },
+        "sampling": asdict(cfg.sampling),
+        "prompts": {
+            "chat_template": chat,
+            "system_prompt": d.system_prompt,
+            "template": d.template,
+            "prompt_column": d.prompt_column,
+            "messages_column": d.messages_column,
+            "id_column": d.id_column,
+            "keep_columns": list(d.keep_columns),
+            "on_long_prompt": cfg.runner.on_long_prompt,
+        },
+        "data": {"source": d.path, "rows": num_rows, "digest": digest},
+        "layout": {
+            "rows_per_shard": cfg.output.rows_per_shard,
+            "batch_size": cfg.runner.batch_size,
+            "seed": cfg.seed,
+        },
+    }
+
+
+def fingerprint(parts: dict) -> str:
+    """Short stable hash of the fingerprint parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        flat.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return flat
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    """``key: old -> new`` for each differing setting, one per line."""
+    a, b = _flatten(old), _flatten(new)
+    lines = [f"  {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+             if a.get(k) != b.get(k)]
+    return "\n".join(lines) or "  (settings recorded without details)"
+
+
+def _refuse(out_dir: Path, where: str, old_parts: dict, new_parts: dict) -> ResumeError:
+    return ResumeError(
+        f"output.dir={str(out_dir)!r} holds a run with a different config fingerprint ({where}); "
+        f"resuming would mix outputs of two configs. What differs (recorded -> now):\n"
+        f"{describe_difference(old_parts, new_parts)}\n"
+        f"Start a new folder with output.dir=SOMEWHERE_ELSE, or rerun with the recorded settings. "
+        f"Finished shards were not touched."
+    )
+
+
+def check_resume(out_dir: Path, parts: dict) -> set[int]:
+    """Verify that ``out_dir`` is empty or holds this very run; return its finished shards.
+
+    Raises:
+        ResumeError: ``run.json`` or any finished shard records another fingerprint.
+    """
+    fp = fingerprint(parts)
+    run_file = out_dir / RUN_FILE
+    if run_file.is_file():
+        recorded = json.loads(run_file.read_text())
+        if recorded.get("fingerprint") != fp:
+            raise _refuse(out_dir, RUN_FILE, recorded.get("fingerprint_parts", {}), parts)
+    done = finished_shards(out_dir)
+    for index, path in sorted(done.items()):
+        meta = shard_metadata(path)
+        if meta.get("fingerprint") != fp:
+            raise _refuse(out_dir, path.name, meta.get("fingerprint_parts", {}), parts)
+    return set(done)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the outputs."""
+    import datasets
+    import pyarrow
+    import torch
+    import transformers
+
+    from batchgen import __version__
+
+    return {
+        "batchgen": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "pyarrow": pyarrow.__version__,
+    }

@@ -1,0 +1,204 @@
+"""Find, convert and load models and tokenizers; choose device, dtype and the pad token.
+
+Loading happens in two steps so that every cheap check runs before the weights load:
+``load_tokenizer`` (plus the model config) first, ``load_model`` only once the data is known good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchgen import paths
+from batchgen.config import ModelConfig
+from batchgen.errors import ModelError
+
+# Config attributes that hold a decoder's context length, in the order models use them.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+@dataclass
+class ModelSource:
+    """Where weights and tokenizer load from, once ``pkg:`` and GGUF files are resolved."""
+
+    location: str
+    gguf_file: str | None = None
+
+
+def cache_root() -> Path:
+    """Folder for converted models: ``$BATCHGEN_CACHE``, else ``~/.cache/batchgen``."""
+    return Path(os.environ.get("BATCHGEN_CACHE", Path.home() / ".cache" / "batchgen"))
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    """Resolve ``model.name_or_path`` (and ``model.gguf_file``) without loading anything.
+
+    Raises:
+        ModelError: a local path or GGUF file does not exist.
+    """
+    try:
+        location = paths.resolve(cfg.name_or_path, "model.name_or_path")
+    except Exception as e:
+        raise ModelError(str(e)) from e
+    looks_local = location.startswith((".", "/", "~")) or Path(location).exists()
+    if looks_local and not Path(location).expanduser().is_dir():
+        raise ModelError(f"model.name_or_path={cfg.name_or_path!r}: no such folder {location!r}.")
+    if cfg.gguf_file:
+        gguf = Path(location).expanduser() / cfg.gguf_file
+        if looks_local and not gguf.is_file():
+            raise ModelError(f"model.gguf_file={cfg.gguf_file!r}: not found in {location!r}.")
+    return ModelSource(str(Path(location).expanduser()) if looks_local else location, cfg.gguf_file)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(source: ModelSource) -> ModelSource:
+    """De-quantize a local GGUF file once into a cached ``save_pretrained`` folder.
+
+    Loading a GGUF file costs about 20 s on two cores; the cached folder loads in under one.
+    The cache key is the file's content hash, and the folder appears atomically (rename), so
+    concurrent workers never read a half-written copy.
+    """
+    if not source.gguf_file or not Path(source.location).is_dir():
+        return source
+    gguf = Path(source.location) / source.gguf_file
+    target = cache_root() / "converted" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (target / "config.json").is_file():
+        return ModelSource(str(target))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"batchgen: converting {gguf.name} once into {target} (later runs load in ~1 s)")
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
+    # The GGUF loader leaves a quantizer on the de-quantized fp32 model, and save_pretrained
+    # refuses such a model; the weights themselves are plain tensors by now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:  # another process published the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return ModelSource(str(target))
+
+
+def load_config_and_tokenizer(source: ModelSource, cfg: ModelConfig):
+    """Load the model config and tokenizer (cheap), with the tokenizer set up for batching.
+
+    Returns:
+        (config, tokenizer)
+
+    Raises:
+        ModelError: the model cannot be found (hub unreachable, bad id) or has no usable pad token.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"model.name_or_path={cfg.name_or_path!r} could not be loaded: {e}. "
+            "Use a local folder, or check the id and that the hub is reachable."
+        ) from e
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    # Decoder-only prompts end where generation starts, so they are padded on the left;
+    # an encoder reads the whole padded input and conventionally pads on the right.
+    tokenizer.padding_side = "right" if encoder_decoder else "left"
+    _set_pad_token(tokenizer, cfg)
+    return config, tokenizer
+
+
+def _set_pad_token(tokenizer, cfg: ModelConfig) -> None:
+    if cfg.pad_token is not None:
+        if cfg.pad_token not in tokenizer.get_vocab():
+            raise ModelError(f"model.pad_token={cfg.pad_token!r} is not in the tokenizer's vocabulary.")
+        tokenizer.pad_token = cfg.pad_token
+    elif tokenizer.pad_token is None:
+        # Pads are masked out of attention and sliced off the output, so any existing token is
+        # sound; EOS is the usual choice because generate also fills finished rows with it.
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelError(
+                f"model.name_or_path={cfg.name_or_path!r}: the tokenizer has no pad, EOS or "
+                "UNK token to pad batches with; set model.pad_token to a token of its vocabulary."
+            )
+        tokenizer.pad_token = fallback
+
+
+def context_length(config, tokenizer, cfg: ModelConfig) -> int | None:
+    """Most tokens (prompt plus completion) the model can attend to; None when unbounded."""
+    if cfg.max_context:
+        return cfg.max_context
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in CONTEXT_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None
+
+
+def resolve_device_dtype(cfg: ModelConfig) -> tuple[str, str]:
+    """Pick device and dtype for ``auto``: CUDA bf16 (fp16 without bf16), MPS fp16, CPU fp32."""
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        elif device == "mps":
+            dtype = "float16"
+        else:
+            dtype = "float32"
+    return device, dtype
+
+
+def load_model(source: ModelSource, config, cfg: ModelConfig, device: str, dtype: str):
+    """Load the weights with the causal-LM or seq2seq class the config calls for, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.utils import logging as hf_logging
+
+    # A per-tensor bar for a one-second load only clutters the job's own progress bar.
+    hf_logging.disable_progress_bar()
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(
+            source.location,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=getattr(torch, dtype),
+            use_safetensors=None,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path={cfg.name_or_path!r}: weights failed to load: {e}") from e
+    return model.to(device).eval()

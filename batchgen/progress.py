@@ -1,0 +1,80 @@
+"""Progress bar (rows, tokens/s, ETA) and the closing summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+
+
+@dataclass
+class Totals:
+    """Counts for a set of shards; added up over the shards of a folder."""
+
+    rows: int = 0
+    samples: int = 0
+    skipped: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: Totals) -> None:
+        """Accumulate ``other`` into this one."""
+        self.rows += other.rows
+        self.samples += other.samples
+        self.skipped += other.skipped
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        for k, v in other.finish_reasons.items():
+            self.finish_reasons[k] = self.finish_reasons.get(k, 0) + v
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+
+class Progress:
+    """A tqdm bar over input rows whose postfix shows output tokens/s of this process."""
+
+    def __init__(self, total_rows: int, enabled: bool = True):
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.bar = tqdm(
+            total=total_rows, unit="row", desc="generating", file=sys.stderr,
+            disable=not enabled, dynamic_ncols=True, smoothing=0.1,
+        )
+
+    def update(self, rows: int, completion_tokens: int) -> None:
+        """Count ``rows`` finished input rows that produced ``completion_tokens`` tokens."""
+        self.tokens += completion_tokens
+        self.bar.set_postfix_str(f"{self.tokens_per_second():,.1f} tok/s", refresh=False)
+        self.bar.update(rows)
+
+    def tokens_per_second(self) -> float:
+        """Output tokens per wall-clock second since the bar started."""
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def close(self) -> None:
+        """Close the bar."""
+        self.bar.close()
+
+
+def format_summary(summary: dict) -> str:
+    """The closing summary as aligned lines for the terminal."""
+    t = summary["totals"]
+    this = summary["this_run"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(t["finish_reasons"].items())) or "-"
+    lines = [
+        "batchgen summary",
+        f"  rows        {t['rows']:,} generated, {t['skipped']:,} skipped "
+        f"({summary['shards_done']}/{summary['shards_total']} shards complete)",
+        f"  samples     {t['samples']:,} (finish: {reasons})",
+        f"  tokens      {t['prompt_tokens']:,} prompt, {t['completion_tokens']:,} completion",
+        f"  this run    {this['rows']:,} rows, {this['completion_tokens']:,} tokens in "
+        f"{this['generate_seconds']:.1f} s = {this['tokens_per_second']:,.1f} tokens/s "
+        f"(wall {summary['wall_seconds']:.1f} s, {summary['shards_resumed']} shards resumed)",
+        f"  outputs     {summary['output_dir']}/part-*.parquet",
+    ]
+    return "\n".join(lines)
