@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint clean
 
 install: $(VENV)/.installed
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from batchgen.config import JobConfig
-from batchgen.errors import BatchgenError
+from batchgen.errors import BatchgenError, ConfigError
 
 # An absolute path: `python -m batchgen` would otherwise make Hydra look for a `conf` module.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -19,8 +20,18 @@ ConfigStore.instance().store(name="base_config", node=JobConfig)
 
 
 def to_job_config(cfg: DictConfig) -> JobConfig:
-    """Resolve interpolations and turn the composed config into the typed dataclasses."""
-    job = OmegaConf.to_object(cfg)
+    """Resolve interpolations and turn the composed config into the typed dataclasses.
+
+    Raises:
+        ConfigError: a mandatory value (``???``) was left unset.
+    """
+    try:
+        job = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ConfigError(
+            f"{e.full_key}: missing mandatory value; set it on the command line, "
+            f"e.g. {e.full_key}=..."
+        ) from e
     assert isinstance(job, JobConfig), type(job)
     return job
 

@@ -53,7 +53,8 @@ class SamplingConfig:
 class DatasetConfig:
     """Where prompts come from and how they are rendered."""
 
-    path: str = "sample"
+    # Mandatory: the dataset/ presets set it; omegaconf reports it as missing when none does.
+    path: str = "???"
     split: str = "train"
     name: str | None = None
     # Prompt source, first set wins: messages_column, then template, then prompt_column.
@@ -128,7 +129,9 @@ def validate(cfg: JobConfig) -> None:
     _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
     _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 disables top-k)")
     _check(s.repetition_penalty > 0, "sampling.repetition_penalty", "must be > 0")
-    _check(all(isinstance(x, str) and x for x in s.stop), "sampling.stop", "must be non-empty strings")
+    _check(
+        all(isinstance(x, str) and x for x in s.stop), "sampling.stop", "must be non-empty strings"
+    )
     _check(
         bool(d.messages_column or d.template or d.prompt_column),
         "dataset",

@@ -63,6 +63,8 @@ def _load(cfg: DatasetConfig, location: str):
                     f"dataset.path={location!r}: unsupported file type {path.suffix!r}; "
                     f"use one of {sorted(BUILDERS)} or a folder of them."
                 )
+            if path.stat().st_size == 0:
+                raise DataError(f"dataset.path={location!r} is an empty file: it has no rows.")
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), name=cfg.name, split=cfg.split)
@@ -72,6 +74,8 @@ def _load(cfg: DatasetConfig, location: str):
     except DataError:
         raise
     except ValueError as e:
+        if "corresponds to no data" in str(e):
+            raise DataError(f"dataset.path={location!r} (split {cfg.split!r}) has no rows.") from e
         if "split" in str(e).lower():
             raise DataError(f"dataset.split={cfg.split!r} of {location!r}: {e}") from e
         raise DataError(f"dataset.path={location!r} could not be loaded: {e}") from e

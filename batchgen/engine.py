@@ -24,7 +24,7 @@ class Sample:
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a sequence: the generation config's (often several) and the tokenizer's."""
+    """Every id that ends a sequence: the generation config's (often several), the tokenizer's."""
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -47,7 +47,9 @@ def generation_config(model, sampling: SamplingConfig, pad_id: int, eos_ids: set
     gc.temperature = sampling.temperature if sampling.do_sample else None
     gc.top_p = sampling.top_p if sampling.do_sample else None
     gc.top_k = sampling.top_k if sampling.do_sample and sampling.top_k else None
-    gc.repetition_penalty = sampling.repetition_penalty if sampling.repetition_penalty != 1 else None
+    gc.repetition_penalty = (
+        sampling.repetition_penalty if sampling.repetition_penalty != 1 else None
+    )
     gc.num_return_sequences = sampling.num_return_sequences
     gc.pad_token_id = pad_id
     gc.eos_token_id = sorted(eos_ids)
@@ -84,7 +86,9 @@ class Engine:
                 input_ids=input_ids, attention_mask=attention_mask, **extra
             )  # (B*n, T+N) decoder-only; (B*n, 1+N) encoder-decoder
         # An encoder-decoder output starts with the decoder start token instead of the prompt.
-        new_tokens = out[:, 1:] if self.encoder_decoder else out[:, input_ids.shape[1] :]  # (B*n, N)
+        new_tokens = (
+            out[:, 1:] if self.encoder_decoder else out[:, input_ids.shape[1] :]
+        )  # (B*n, N)
         samples = [self._finish(row) for row in new_tokens.tolist()]
         n = self.sampling.num_return_sequences
         return [samples[i * n : (i + 1) * n] for i in range(len(records))]

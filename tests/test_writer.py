@@ -1,0 +1,85 @@
+"""Shard files: schema, atomic publication, metadata."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen.writer import (
+    finished_shards,
+    output_schema,
+    shard_metadata,
+    write_json_atomic,
+    write_shard,
+)
+
+ROW = {
+    "id": "a",
+    "sample_index": 0,
+    "prompt": "p",
+    "response": "r",
+    "finish_reason": "stop",
+    "prompt_tokens": 3,
+    "completion_tokens": 2,
+    "topic": "x",
+}
+
+
+def test_schema_and_metadata_round_trip(tmp_path):
+    schema = output_schema({"topic": pa.string()}, {"fingerprint": "abc", "n": 1})
+    path = write_shard(tmp_path, "part-00000.parquet", [ROW], schema)
+    table = pq.read_table(path)
+    assert table.column_names == [
+        "id",
+        "sample_index",
+        "prompt",
+        "response",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "topic",
+    ]
+    assert table.schema.field("sample_index").type == pa.int32()
+    assert table.to_pylist() == [ROW]
+    assert shard_metadata(path) == {"fingerprint": "abc", "n": 1}
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_empty_shard_keeps_full_schema(tmp_path):
+    schema = output_schema({"topic": pa.string()}, {})
+    path = write_shard(tmp_path, "part-00001.parquet", [], schema)
+    assert pq.read_table(path).schema.names[-1] == "topic"
+
+
+def test_no_temp_files_left_and_only_final_names_count(tmp_path):
+    schema = output_schema({}, {})
+    row = {k: v for k, v in ROW.items() if k != "topic"}
+    write_shard(tmp_path, "part-00002.parquet", [row], schema)
+    (tmp_path / "part-00003.parquet.tmp-123").write_bytes(b"half a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "part-00002.parquet",
+        "part-00003.parquet.tmp-123",
+    ]
+    assert list(finished_shards(tmp_path)) == [2]
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def disk_full(table, f, **kwargs):
+        f.write(b"PAR1 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    row = {k: v for k, v in ROW.items() if k != "topic"}
+    with pytest.raises(OSError, match="No space"):
+        write_shard(tmp_path, "part-00000.parquet", [row], output_schema({}, {}))
+    assert os.listdir(tmp_path) == []
+
+
+def test_json_atomic(tmp_path):
+    path = tmp_path / "run.json"
+    write_json_atomic(path, {"a": "写"})
+    write_json_atomic(path, {"a": 2})
+    assert path.read_text().strip().startswith("{") and os.listdir(tmp_path) == ["run.json"]
