@@ -13,6 +13,7 @@ from typing import Any
 PROMPT_POLICIES = ("error", "truncate_left", "skip")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+ENGINES = ("auto", "static", "continuous")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class ModelConfig:
     pad_token: str | None = None
     # None: the model's own context length (max_position_embeddings and friends).
     max_context: int | None = None
+    # auto: flash_attention_2 on CUDA when the flash-attn package is installed, else sdpa.
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -73,6 +76,11 @@ class RunnerConfig:
     """How the work is batched and what happens to prompts that do not fit."""
 
     batch_size: int = 16
+    # Token slots per batch (rows x samples x (longest prompt + max_new_tokens)); None: no bound.
+    max_batch_tokens: int | None = None
+    engine: str = "auto"
+    # Static KV cache + torch.compile'd decoding for the static engine (CUDA; pays a warm-up).
+    compile: bool = False
     on_long_prompt: str = "error"
     progress: bool = True
 
@@ -144,6 +152,12 @@ def validate(cfg: JobConfig) -> None:
     )
     _check(d.limit is None or d.limit >= 1, "dataset.limit", "must be at least 1 when set")
     _check(r.batch_size >= 1, "runner.batch_size", "must be at least 1")
+    _check(r.engine in ENGINES, "runner.engine", f"must be one of {ENGINES}, got {r.engine!r}")
+    _check(
+        r.max_batch_tokens is None or r.max_batch_tokens >= 1,
+        "runner.max_batch_tokens",
+        "must be at least 1 when set",
+    )
     _check(
         r.on_long_prompt in PROMPT_POLICIES,
         "runner.on_long_prompt",

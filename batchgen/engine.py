@@ -12,6 +12,7 @@ import torch
 
 from batchgen.config import SamplingConfig
 from batchgen.prompts import PromptRecord
+from batchgen.sampling import sample_keys, sampling_processors
 
 
 @dataclass
@@ -43,14 +44,16 @@ def generation_config(model, sampling: SamplingConfig, pad_id: int, eos_ids: set
     gc.max_length = None
     gc.min_new_tokens = None
     gc.num_beams = 1
-    gc.do_sample = sampling.do_sample
-    gc.temperature = sampling.temperature if sampling.do_sample else None
-    gc.top_p = sampling.top_p if sampling.do_sample else None
-    gc.top_k = sampling.top_k if sampling.do_sample and sampling.top_k else None
+    # Sampling runs as greedy decoding over per-sample noised scores (batchgen.sampling), so
+    # generate's own warpers and shared RNG stay off; samples are expanded as separate rows.
+    gc.do_sample = False
+    gc.temperature = None
+    gc.top_p = None
+    gc.top_k = None
     gc.repetition_penalty = (
         sampling.repetition_penalty if sampling.repetition_penalty != 1 else None
     )
-    gc.num_return_sequences = sampling.num_return_sequences
+    gc.num_return_sequences = 1
     gc.pad_token_id = pad_id
     gc.eos_token_id = sorted(eos_ids)
     gc.stop_strings = list(sampling.stop) or None
@@ -60,7 +63,7 @@ def generation_config(model, sampling: SamplingConfig, pad_id: int, eos_ids: set
 class Engine:
     """Static batching over ``model.generate``, one call per batch of prompt records."""
 
-    def __init__(self, model, tokenizer, sampling: SamplingConfig):
+    def __init__(self, model, tokenizer, sampling: SamplingConfig, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = sampling
@@ -70,27 +73,36 @@ class Engine:
         # Set once on the model so generate() neither warns about a missing pad id per batch nor
         # falls back to the repo's own sampling defaults.
         model.generation_config = generation_config(model, sampling, self.pad_id, self.eos_ids)
+        if compile:
+            # A static cache gives decoding fixed shapes; generate() then compiles the forward.
+            model.generation_config.cache_implementation = "static"
         self.device = next(model.parameters()).device
+        self.padded_tokens = 0  # pad slots in prompt batches, for the padding-waste figure
 
     def generate(self, records: list[PromptRecord], seed: int) -> list[list[Sample]]:
-        """Generate ``num_return_sequences`` samples for each record, in record order."""
-        padded = self.tokenizer.pad(
-            {"input_ids": [r.token_ids for r in records]}, padding=True, return_tensors="pt"
-        )
-        input_ids = padded["input_ids"].to(self.device)  # (B, T)
-        attention_mask = padded["attention_mask"].to(self.device)  # (B, T), 0 on pads
-        torch.manual_seed(seed)
+        """Generate ``num_return_sequences`` samples for each record, in record order.
+
+        Each sample draws its randomness from its own key (``seed``, row id, sample index), so
+        the result does not depend on which records share the batch.
+        """
+        n = self.sampling.num_return_sequences
+        rows = [r.token_ids for r in records for _ in range(n)]  # R = B*n rows
+        padded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        input_ids = padded["input_ids"].to(self.device)  # (R, T)
+        attention_mask = padded["attention_mask"].to(self.device)  # (R, T), 0 on pads
+        # Processors see the decoder's ids: the prompt for decoder-only models, only the
+        # decoder start token for encoder-decoder ones.
+        width = 1 if self.encoder_decoder else input_ids.shape[1]
+        keys = sample_keys(seed, [r.id for r in records], n)
+        procs = sampling_processors(self.sampling, keys, width, self.device)
         extra = {"tokenizer": self.tokenizer} if self.sampling.stop else {}
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, **extra
-            )  # (B*n, T+N) decoder-only; (B*n, 1+N) encoder-decoder
-        # An encoder-decoder output starts with the decoder start token instead of the prompt.
-        new_tokens = (
-            out[:, 1:] if self.encoder_decoder else out[:, input_ids.shape[1] :]
-        )  # (B*n, N)
+                input_ids=input_ids, attention_mask=attention_mask, logits_processor=procs, **extra
+            )  # (R, width + N)
+        new_tokens = out[:, width:]  # (R, N)
+        self.padded_tokens += int((attention_mask == 0).sum())
         samples = [self._finish(row) for row in new_tokens.tolist()]
-        n = self.sampling.num_return_sequences
         return [samples[i * n : (i + 1) * n] for i in range(len(records))]
 
     def _finish(self, ids: list[int]) -> Sample:

@@ -184,6 +184,17 @@ def resolve_device_dtype(cfg: ModelConfig) -> tuple[str, str]:
     return device, dtype
 
 
+def attention(cfg: ModelConfig, device: str, dtype: str) -> str:
+    """The attention kernel: flash-attn 2 where it can run, else PyTorch's SDPA."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    import importlib.util
+
+    flash = importlib.util.find_spec("flash_attn") is not None
+    half = dtype in ("float16", "bfloat16")
+    return "flash_attention_2" if flash and half and device.startswith("cuda") else "sdpa"
+
+
 def load_model(source: ModelSource, config, cfg: ModelConfig, device: str, dtype: str):
     """Load the weights with the causal-LM or seq2seq class the config calls for, in eval mode."""
     import torch
@@ -199,7 +210,7 @@ def load_model(source: ModelSource, config, cfg: ModelConfig, device: str, dtype
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             dtype=getattr(torch, dtype),
-            use_safetensors=None,
+            attn_implementation=attention(cfg, device, dtype),
         )
     except (OSError, ValueError) as e:
         raise ModelError(

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchgen import data, manifest, models, prompts
+from batchgen.batching import BatchRunner, choose_engine
 from batchgen.config import JobConfig, validate
+from batchgen.continuous import ContinuousEngine
 from batchgen.engine import Engine
 from batchgen.errors import ConfigError
 from batchgen.progress import Progress, Totals, format_summary
-from batchgen.sharding import Shard, derive_seed, plan_batches, plan_shards
+from batchgen.sharding import Shard, plan_shards
 from batchgen.writer import output_schema, shard_metadata, write_json_atomic, write_shard
 
 
@@ -32,6 +34,7 @@ class Prepared:
     shards: list[Shard]
     done: set[int]
     parts: dict
+    engine: str
     kept_types: dict = field(default_factory=dict)
 
 
@@ -68,37 +71,33 @@ def prepare(cfg: JobConfig) -> Prepared:
     records, skipped = prompts.apply_length_policy(
         records, room, cfg.runner.on_long_prompt, tokenizer
     )
+    encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
     return Prepared(
-        cfg,
-        out_dir,
-        source,
-        model_config,
-        tokenizer,
-        device,
-        dtype,
-        records,
-        skipped,
-        plan_shards(len(rows), cfg.output.rows_per_shard),
-        done,
-        parts,
-        rows.kept_types,
+        cfg=cfg,
+        out_dir=out_dir,
+        source=source,
+        model_config=model_config,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        records=records,
+        skipped=skipped,
+        shards=plan_shards(len(rows), cfg.output.rows_per_shard),
+        done=done,
+        parts=parts,
+        engine=choose_engine(cfg.runner, cfg.sampling, encoder_decoder, device),
+        kept_types=rows.kept_types,
     )
 
 
-def _shard_rows(engine: Engine, p: Prepared, shard: Shard, records, progress: Progress):
+def _shard_rows(batcher: BatchRunner, records, progress: Progress):
     """Generate one shard; returns its output rows (row order, then sample order) and totals."""
-    results = {}
+    results = batcher.run(records, progress.update)
     totals = Totals()
-    for b, batch in enumerate(plan_batches(records, p.cfg.runner.batch_size)):
-        samples = engine.generate(batch, seed=derive_seed(p.cfg.seed, shard.index, b))
-        tokens = 0
-        for record, outs in zip(batch, samples, strict=True):
-            results[record.index] = (record, outs)
-            tokens += sum(s.completion_tokens for s in outs)
-        progress.update(len(batch), tokens)
+    by_index = {r.index: r for r in records}
     out = []
     for index in sorted(results):
-        record, outs = results[index]
+        record, outs = by_index[index], results[index]
         totals.rows += 1
         totals.prompt_tokens += len(record.token_ids)
         for k, s in enumerate(outs):
@@ -149,11 +148,15 @@ def generate(p: Prepared) -> dict:
     gen_seconds = 0.0
     if pending:
         model = models.load_model(p.source, p.model_config, p.cfg.model, p.device, p.dtype)
-        engine = Engine(model, p.tokenizer, p.cfg.sampling)
+        if p.engine == "continuous":
+            engine = ContinuousEngine(model, p.tokenizer, p.cfg.sampling)
+        else:
+            engine = Engine(model, p.tokenizer, p.cfg.sampling, compile=p.cfg.runner.compile)
+        batcher = BatchRunner(engine, p.cfg.runner, p.cfg.sampling, p.cfg.seed)
         progress = Progress(sum(s.stop - s.start for s in pending), p.cfg.runner.progress)
         for shard in pending:
             started = time.perf_counter()
-            rows, totals = _shard_rows(engine, p, shard, by_shard[shard.index], progress)
+            rows, totals = _shard_rows(batcher, by_shard[shard.index], progress)
             gen_seconds += time.perf_counter() - started
             skipped = skipped_by_shard.get(shard.index, [])
             totals.skipped = len(skipped)

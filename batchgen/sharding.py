@@ -39,12 +39,36 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
 
-def plan_batches(records: list[PromptRecord], batch_size: int) -> list[list[PromptRecord]]:
+def plan_batches(
+    records: list[PromptRecord],
+    batch_size: int,
+    max_batch_tokens: int | None = None,
+    new_tokens: int = 0,
+    samples: int = 1,
+) -> list[list[PromptRecord]]:
     """Group a shard's records into batches of similar prompt length.
 
-    Sorting by length (longest first, ties by row index) keeps padding low and makes a batch
-    that runs out of memory show up at the start; the plan depends only on the records, so a
-    resumed shard is batched exactly as before. Callers restore row order from ``index``.
+    Sorting by length (longest first, ties by row index) keeps padding low and puts the most
+    memory-hungry batch first, where an out-of-memory shows at once. A batch holds at most
+    ``batch_size`` records and, when ``max_batch_tokens`` is set, at most that many token slots
+    (rows x samples x (longest prompt + new tokens)): short prompts travel in large batches,
+    long ones in small. A record too long for the budget alone still gets a batch of its own.
+    Callers restore row order from ``index``.
     """
     ordered = sorted(records, key=lambda r: (-len(r.token_ids), r.index))
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    batches: list[list[PromptRecord]] = []
+    for record in ordered:
+        batch = batches[-1] if batches else None
+        if (
+            batch
+            and len(batch) < batch_size
+            and (
+                max_batch_tokens is None
+                or (len(batch) + 1) * samples * (len(batch[0].token_ids) + new_tokens)
+                <= max_batch_tokens
+            )
+        ):
+            batch.append(record)
+        else:
+            batches.append([record])
+    return batches

@@ -1,0 +1,290 @@
+"""Throughput benchmark: batchgen's engines against transformers' pipeline, side by side in one run.
+
+Every method runs on the same model, prompts and token budget, after a warm-up, and is reported
+as output tokens/s, padding waste, peak memory and the ratio to the baseline (the textbook
+``pipeline("text-generation")`` called one prompt at a time).
+
+    python scripts/bench.py                      # CPU default: embedded SmolLM2, 64 chat prompts
+    python scripts/bench.py --fixed-length       # exactly N new tokens per prompt
+    python scripts/bench.py --gpu                # GPU: Qwen2.5-0.5B architecture, random bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from batchgen import models
+from batchgen.batching import BatchRunner
+from batchgen.config import DatasetConfig, ModelConfig, RunnerConfig, SamplingConfig
+from batchgen.continuous import ContinuousEngine
+from batchgen.data import Rows
+from batchgen.engine import Engine
+from batchgen.manifest import versions
+from batchgen.prompts import build_records
+
+REPO = Path(__file__).resolve().parent.parent
+FILLER = (
+    "Background: the committee reviewed the quarterly figures, the supplier contracts and the "
+    "feedback collected from customers in three regions, and asked for a short written answer. "
+)
+
+
+def make_prompts(n: int) -> list[str]:
+    """``n`` chat prompts from a few words to several hundred, deterministic."""
+    sample = [
+        json.loads(line)["prompt"]
+        for line in (REPO / "batchgen/data/sample_prompts.jsonl").read_text().splitlines()
+    ]
+    # Context length cycles through 0..15 filler paragraphs (~30 words each): up to ~450 words.
+    return [FILLER * ((i * 7) % 16) + sample[i % len(sample)] for i in range(n)]
+
+
+def peak_rss_reset() -> None:
+    """Reset the process's peak resident memory (Linux), so each method's peak is its own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory when on CUDA, else the peak resident set size, in MiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def load(args):
+    """Model, tokenizer and records (rendered with the chat template) for the workload."""
+    if args.gpu:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+        src = models.convert_gguf(
+            models.resolve_source(ModelConfig(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+        )
+        tok = AutoTokenizer.from_pretrained(src.location)
+        # Qwen2.5-0.5B-Instruct's architecture with random weights (no hub on these machines).
+        config = Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
+    else:
+        cfg = ModelConfig(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        src = models.convert_gguf(models.resolve_source(cfg))
+        config, tok = models.load_config_and_tokenizer(src, cfg)
+        device, dtype = models.resolve_device_dtype(cfg)
+        model = models.load_model(src, config, cfg, device, dtype)
+    tok.padding_side = "left"
+    texts = make_prompts(args.prompts)
+    rows = Rows(columns={"prompt": texts}, kept_types={}, source="bench")
+    records = build_records(rows, DatasetConfig(prompt_column="prompt"), tok, chat=True)
+    return model, tok, texts, records
+
+
+def fix_length(model, engine=None) -> None:
+    """Never stop at EOS: every sequence generates exactly max_new_tokens."""
+    model.generation_config.eos_token_id = None
+    if engine is not None:
+        engine.eos_ids = set()
+
+
+def run_pipeline(model, tok, texts, args, batch_size):
+    """transformers.pipeline over chat messages; returns (outputs, padded prompt tokens)."""
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    chats = [[{"role": "user", "content": t}] for t in texts]
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_full_text": False}
+    if args.fixed_length:
+        kwargs["min_new_tokens"] = args.max_new_tokens
+    if batch_size == 1:
+        outs = [pipe(c, **kwargs)[0]["generated_text"] for c in chats]
+    else:
+        outs = [o[0]["generated_text"] for o in pipe(chats, batch_size=batch_size, **kwargs)]
+    lengths = [
+        len(tok.apply_chat_template(c, add_generation_prompt=True)["input_ids"]) for c in chats
+    ]
+    pads = sum(
+        max(chunk) * len(chunk) - sum(chunk)
+        for chunk in (lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size))
+    )
+    return [o if isinstance(o, str) else o[-1]["content"] for o in outs], pads
+
+
+def run_batchgen(model, tok, records, args, engine_name, batch_size, budget):
+    """One batchgen engine over all records; returns (outputs, padded prompt tokens)."""
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
+    cls = ContinuousEngine if engine_name == "continuous" else Engine
+    engine = cls(model, tok, sampling)
+    if args.fixed_length:
+        fix_length(model, engine)
+    runner = RunnerConfig(batch_size=batch_size, max_batch_tokens=budget, engine=engine_name)
+    results = BatchRunner(engine, runner, sampling, seed=0).run(records, lambda r, t: None)
+    return [results[r.index][0].text for r in records], engine.padded_tokens
+
+
+def measure(name, fn, warm, tok, prompt_tokens) -> dict:
+    """Warm up on a few prompts, then time the full run."""
+    warm()
+    sync()
+    peak_rss_reset()
+    start = time.perf_counter()
+    outputs, pads = fn()
+    sync()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outputs)
+    result = {
+        "method": name,
+        "seconds": seconds,
+        "output_tokens": tokens,
+        "tokens_per_second": tokens / seconds,
+        "padding_waste": pads / prompt_tokens,
+        "peak_memory_mb": peak_memory_mb(),
+        "outputs": outputs,
+    }
+    print(
+        f"  {name:<34} {tokens:>7} tok {seconds:8.1f} s {tokens / seconds:9.1f} tok/s "
+        f"pad {pads / prompt_tokens:6.1%}",
+        flush=True,
+    )
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="Qwen2.5-0.5B architecture on CUDA")
+    parser.add_argument("--prompts", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--fixed-length", action="store_true")
+    parser.add_argument("--batch-sizes", type=int, nargs="+")
+    parser.add_argument("--skip-baseline", action="store_true", help="omit the one-at-a-time run")
+    parser.add_argument("--json", type=Path, default=REPO / "docs/benchmarks.json")
+    parser.add_argument("--markdown", type=Path, default=REPO / "docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA device")
+    args.prompts = args.prompts or (1024 if args.gpu else 64)
+    args.max_new_tokens = args.max_new_tokens or (256 if args.gpu else 64)
+    args.batch_sizes = args.batch_sizes or ([32, 64, 128, 256, 512] if args.gpu else [16, 32, 64])
+    args.fixed_length = args.fixed_length or args.gpu  # a random model would rarely stop anyway
+
+    model, tok, texts, records = load(args)
+    prompt_tokens = sum(len(r.token_ids) for r in records)
+    print(
+        f"workload: {len(records)} prompts, {prompt_tokens} prompt tokens "
+        f"({min(len(r.token_ids) for r in records)}-{max(len(r.token_ids) for r in records)} "
+        f"each), max_new_tokens={args.max_new_tokens}, fixed_length={args.fixed_length}"
+    )
+    few_texts, few = texts[:4], records[:4]
+    warm_args = argparse.Namespace(**{**vars(args), "max_new_tokens": 4})
+    methods = []
+    if not args.skip_baseline:
+        methods.append(
+            (
+                "pipeline, one prompt at a time",
+                lambda: run_pipeline(model, tok, texts, args, 1),
+                lambda: run_pipeline(model, tok, few_texts, warm_args, 1),
+            )
+        )
+    methods.append(
+        (
+            "pipeline(batch_size=16)",
+            lambda: run_pipeline(model, tok, texts, args, 16),
+            lambda: run_pipeline(model, tok, few_texts, warm_args, 16),
+        )
+    )
+    for b in args.batch_sizes:
+        methods.append(
+            (
+                f"batchgen static, batch {b}",
+                lambda b=b: run_batchgen(model, tok, records, args, "static", b, None),
+                lambda b=b: run_batchgen(model, tok, few, warm_args, "static", b, None),
+            )
+        )
+    methods.append(
+        (
+            "batchgen continuous",
+            lambda: run_batchgen(model, tok, records, args, "continuous", 1, None),
+            lambda: run_batchgen(model, tok, few, warm_args, "continuous", 1, None),
+        )
+    )
+    original = copy.deepcopy(model.generation_config)
+    results = []
+    for name, fn, warm in methods:
+        results.append(measure(name, fn, warm, tok, prompt_tokens))
+        # Engines install their own generation config; each method starts from the model's.
+        model.generation_config = copy.deepcopy(original)
+    report(args, results, records)
+    return 0
+
+
+def report(args, results, records) -> None:
+    """Print the table and write JSON plus markdown with the machine and versions."""
+    base = results[0]["tokens_per_second"]
+    reference = results[0]["outputs"]
+    same = [sum(a == b for a, b in zip(r["outputs"], reference, strict=True)) for r in results]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    machine = f"{device or platform.machine()}, {torch.get_num_threads()} threads"
+    header = (
+        f"{len(records)} prompts, max_new_tokens={args.max_new_tokens}, "
+        f"{'fixed length' if args.fixed_length else 'stop at EOS'}; {machine}"
+    )
+    lines = [
+        f"### {'GPU' if args.gpu else 'CPU'}: {header}",
+        "",
+        f"Versions: {json.dumps(versions())}",
+        "",
+        "| method | output tok/s | x baseline | prompt padding | peak MiB | same as first |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r, eq in zip(results, same, strict=True):
+        lines.append(
+            f"| {r['method']} | {r['tokens_per_second']:.1f} | "
+            f"{r['tokens_per_second'] / base:.2f} | {r['padding_waste']:.1%} | "
+            f"{r['peak_memory_mb']:.0f} | {eq}/{len(reference)} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": machine,
+        "versions": versions(),
+        "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
+    }
+    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    old = args.markdown.read_text() if args.markdown.exists() else "# Benchmarks\n"
+    args.markdown.write_text(old.rstrip() + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
