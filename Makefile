@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# Throughput of every engine against transformers' pipeline, side by side (scripts/bench.py).
+bench: install
+	$(PY) scripts/bench.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check batchgen tests scripts

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -11,9 +14,14 @@ from batchgen.config import RunnerConfig, SamplingConfig
 from batchgen.continuous import ContinuousEngine
 from batchgen.engine import Engine, Sample
 from batchgen.errors import ConfigError
-from batchgen.prompts import PromptRecord
+from batchgen.prompts import PromptRecord, Skipped
 from batchgen.sharding import plan_batches
 
+log = logging.getLogger(__name__)
+
+# Rows failing one after another, each alone, before the job stops: past this it is the model or
+# the device that is broken, not the rows.
+FAILING_STREAK_LIMIT = 8
 # Clean batches after an out-of-memory before the token budget grows back by GROWTH.
 GROW_AFTER = 8
 GROWTH = 1.25
@@ -49,6 +57,10 @@ def choose_engine(
         auto_ok = not unsupported and device.split(":")[0] in AUTO_CONTINUOUS_DEVICES
         return "continuous" if auto_ok else "static"
     return runner.engine
+
+
+class Interrupted(Exception):
+    """A stop was requested (signal, Ctrl-C) between two batches."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -92,25 +104,44 @@ def batch_tokens(batch: list[PromptRecord], sampling: SamplingConfig) -> int:
 class BatchRunner:
     """Feeds records to an engine in planned batches; one instance lives for the whole job."""
 
-    def __init__(self, engine: Engine, runner: RunnerConfig, sampling: SamplingConfig, seed: int):
+    def __init__(
+        self,
+        engine: Engine,
+        runner: RunnerConfig,
+        sampling: SamplingConfig,
+        seed: int,
+        stop: threading.Event | None = None,
+    ):
         self.engine = engine
         self.runner = runner
         self.sampling = sampling
         self.seed = seed
         self.budget = Budget(runner.max_batch_tokens)
+        self.stop = stop or threading.Event()
+        self.failing_streak = 0
 
     def run(
         self, records: list[PromptRecord], on_rows: Callable[[int, int], None]
-    ) -> dict[int, list[Sample]]:
+    ) -> tuple[dict[int, list[Sample]], list[Skipped]]:
         """Generate every record; ``on_rows(rows, tokens)`` reports progress as batches finish.
 
         Returns:
-            row index -> that row's samples.
+            (row index -> that row's samples, rows that failed alone with the error)
+
+        Raises:
+            Interrupted: ``stop`` was set; the records are not all done.
+            Exception: the error of a run of failing rows (see FAILING_STREAK_LIMIT).
         """
-        if isinstance(self.engine, ContinuousEngine):
-            outs = self.engine.generate(records, self.seed, on_row=lambda t: on_rows(1, t))
-            return {r.index: o for r, o in zip(records, outs, strict=True)}
+        if isinstance(self.engine, ContinuousEngine) and not self.stop.is_set():
+            try:
+                outs = self.engine.generate_all(records, self.seed, on_row=lambda t: on_rows(1, t))
+                return {r.index: o for r, o in zip(records, outs, strict=True)}, []
+            except Exception as e:  # noqa: BLE001 - the static path below handles rows one by one
+                log.warning(
+                    "continuous batching failed (%s); redoing the shard in static batches", e
+                )
         results: dict[int, list[Sample]] = {}
+        failed: list[Skipped] = []
         batches = plan_batches(
             records,
             self.runner.batch_size,
@@ -119,22 +150,39 @@ class BatchRunner:
             self.sampling.num_return_sequences,
         )
         for batch in batches:
+            if self.stop.is_set():
+                raise Interrupted
             for record, outs in self._generate(batch):
-                results[record.index] = outs
-            on_rows(len(batch), sum(s.completion_tokens for r in batch for s in results[r.index]))
-        return results
+                if isinstance(outs, Skipped):
+                    failed.append(outs)
+                else:
+                    results[record.index] = outs
+            tokens = sum(s.completion_tokens for r in batch for s in results.get(r.index, []))
+            on_rows(len(batch), tokens)
+        return results, failed
 
-    def _generate(self, batch: list[PromptRecord]) -> list[tuple[PromptRecord, list[Sample]]]:
+    def _generate(self, batch: list[PromptRecord]) -> list[tuple[PromptRecord, Any]]:
         try:
             outs = self.engine.generate(batch, self.seed)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e) or len(batch) == 1:
-                raise
+        except Exception as e:  # noqa: BLE001 - any row may be the culprit; isolate it
+            if len(batch) == 1:
+                return [(batch[0], self._failed(batch[0], e))]
+            if is_out_of_memory(e):
+                self.budget.shrink(batch_tokens(batch, self.sampling))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             # Outputs do not depend on batch composition, so halves give the same samples.
-            self.budget.shrink(batch_tokens(batch, self.sampling))
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             half = len(batch) // 2
             return self._generate(batch[:half]) + self._generate(batch[half:])
         self.budget.succeeded()
+        self.failing_streak = 0
         return list(zip(batch, outs, strict=True))
+
+    def _failed(self, record: PromptRecord, error: Exception) -> Skipped:
+        self.failing_streak += 1
+        if self.failing_streak >= FAILING_STREAK_LIMIT:
+            raise error  # not a bad row: generation itself is broken
+        log.warning("row %s failed alone and is recorded as failed: %s", record.id, error)
+        return Skipped(
+            record.index, record.id, f"generation failed: {type(error).__name__}: {error}"
+        )

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PROMPT_POLICIES = ("error", "truncate_left", "skip")
+BAD_ROW_POLICIES = ("error", "skip")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 ENGINES = ("auto", "static", "continuous")
@@ -82,6 +83,8 @@ class RunnerConfig:
     # Static KV cache + torch.compile'd decoding for the static engine (CUDA; pays a warm-up).
     compile: bool = False
     on_long_prompt: str = "error"
+    # Rows without a usable prompt (null, empty, not a string, malformed messages).
+    on_bad_row: str = "error"
     progress: bool = True
 
 
@@ -162,6 +165,11 @@ def validate(cfg: JobConfig) -> None:
         r.on_long_prompt in PROMPT_POLICIES,
         "runner.on_long_prompt",
         f"must be one of {PROMPT_POLICIES}, got {r.on_long_prompt!r}",
+    )
+    _check(
+        r.on_bad_row in BAD_ROW_POLICIES,
+        "runner.on_bad_row",
+        f"must be one of {BAD_ROW_POLICIES}, got {r.on_bad_row!r}",
     )
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
     _check(bool(o.dir), "output.dir", "must be set")

@@ -34,9 +34,12 @@ def cache_config(records: list[PromptRecord], max_new_tokens: int, device: torch
 
 
 class ContinuousEngine(Engine):
-    """Same interface as :class:`Engine`; give it a whole shard at a time."""
+    """An :class:`Engine` that also serves a whole shard at once with :meth:`generate_all`.
 
-    def generate(
+    Its inherited ``generate`` is the static path, the fallback for a shard that fails here.
+    """
+
+    def generate_all(
         self,
         records: list[PromptRecord],
         seed: int,

@@ -47,6 +47,7 @@ def fingerprint_parts(cfg: JobConfig, chat: bool, dtype: str, digest: str, num_r
             "id_column": d.id_column,
             "keep_columns": list(d.keep_columns),
             "on_long_prompt": cfg.runner.on_long_prompt,
+            "on_bad_row": cfg.runner.on_bad_row,
         },
         "data": {"source": d.path, "rows": num_rows, "digest": digest},
         "layout": {

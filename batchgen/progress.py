@@ -16,6 +16,7 @@ class Totals:
     rows: int = 0
     samples: int = 0
     skipped: int = 0
+    failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: dict[str, int] = field(default_factory=dict)
@@ -25,6 +26,7 @@ class Totals:
         self.rows += other.rows
         self.samples += other.samples
         self.skipped += other.skipped
+        self.failed += other.failed
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         for k, v in other.finish_reasons.items():
@@ -73,7 +75,7 @@ def format_summary(summary: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(t["finish_reasons"].items())) or "-"
     lines = [
         "batchgen summary",
-        f"  rows        {t['rows']:,} generated, {t['skipped']:,} skipped "
+        f"  rows        {t['rows']:,} generated, {t['skipped']:,} skipped, {t['failed']:,} failed "
         f"({summary['shards_done']}/{summary['shards_total']} shards complete)",
         f"  samples     {t['samples']:,} (finish: {reasons})",
         f"  tokens      {t['prompt_tokens']:,} prompt, {t['completion_tokens']:,} completion",

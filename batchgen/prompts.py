@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchgen.config import DatasetConfig
-from batchgen.data import Rows
+from batchgen.data import Rows, template_fields
 from batchgen.errors import ConfigError, DataError
 
 
@@ -23,7 +23,7 @@ class PromptRecord:
 
 @dataclass
 class Skipped:
-    """A row left out by the long-prompt policy, reported in the summary."""
+    """A row left out (bad prompt, too long) or failed, reported in errors.jsonl and the summary."""
 
     index: int
     id: str
@@ -66,7 +66,7 @@ def _row_ids(rows: Rows, cfg: DatasetConfig) -> list[str]:
     return ids
 
 
-def _check_messages(value: Any, row_id: str, column: str) -> list[dict[str, str]]:
+def _messages_problem(value: Any) -> str | None:
     ok = (
         isinstance(value, list)
         and value
@@ -77,73 +77,123 @@ def _check_messages(value: Any, row_id: str, column: str) -> list[dict[str, str]
             for m in value
         )
     )
-    if not ok:
-        raise DataError(
-            f"dataset.messages_column={column!r}, row id {row_id!r}: expected a non-empty list of "
-            f"{{role, content}} string pairs (OpenAI chat format), got {str(value)[:120]!r}."
-        )
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    if ok:
+        return None
+    return (
+        "expected a non-empty list of {role, content} string pairs (OpenAI chat format), "
+        f"got {str(value)[:80]!r}"
+    )
 
 
-def _user_texts(rows: Rows, cfg: DatasetConfig, ids: list[str]) -> list[str]:
-    if cfg.template:
-        keys = list(rows.columns)
-        return [
-            cfg.template.format_map({k: rows.columns[k][i] for k in keys}) for i in range(len(ids))
-        ]
-    column = rows.columns[cfg.prompt_column]
-    for i, value in enumerate(column):
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(
-                f"dataset.prompt_column={cfg.prompt_column!r}, row id {ids[i]!r}: expected a "
-                f"non-empty string, got {value!r}."
-            )
-    return list(column)
+def _text_problem(value: Any) -> str | None:
+    if value is None:
+        return "missing (null)"
+    if not isinstance(value, str):
+        return f"not a string: {type(value).__name__} {str(value)[:40]!r}"
+    return None if value.strip() else "empty"
+
+
+def _user_turns(rows: Rows, cfg: DatasetConfig, n: int) -> tuple[list[str | None], list[str]]:
+    """Each row's user text, or None with a reason for a row that has none."""
+    texts: list[str | None] = []
+    problems: list[str] = []
+    fields = template_fields(cfg.template) if cfg.template else [cfg.prompt_column]
+    for i in range(n):
+        values = {k: rows.columns[k][i] for k in fields}
+        if cfg.template:  # any value formats; only a missing one leaves a hole in the prompt
+            bad = {k: "missing (null)" for k, v in values.items() if v is None}
+        else:
+            bad = {k: why for k, v in values.items() if (why := _text_problem(v))}
+        if bad:
+            key = "dataset.template field" if cfg.template else "dataset.prompt_column"
+            problems.append("; ".join(f"{key} {k!r}: {why}" for k, why in bad.items()))
+            texts.append(None)
+            continue
+        problems.append("")
+        texts.append(cfg.template.format_map(values) if cfg.template else values[fields[0]])
+    return texts, problems
 
 
 def render_texts(
     rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str | None], list[str]]:
     """Render every row to the text the model sees.
 
     Returns:
-        (ids, texts): one id and one prompt string per row, in row order.
+        (ids, texts, problems): per row, in row order, its id, its prompt string (None for a
+        bad row) and why it is bad ("" for a good row).
     """
     ids = _row_ids(rows, cfg)
+    n = len(ids)
     if cfg.messages_column:
         column = rows.columns[cfg.messages_column]
+        problems = [
+            f"dataset.messages_column {cfg.messages_column!r}: {why}"
+            if (why := _messages_problem(v))
+            else ""
+            for v in column
+        ]
         conversations = [
-            _check_messages(v, ids[i], cfg.messages_column) for i, v in enumerate(column)
+            None if problems[i] else [{"role": m["role"], "content": m["content"]} for m in v]
+            for i, v in enumerate(column)
         ]
     else:
-        user = _user_texts(rows, cfg, ids)
+        user, problems = _user_turns(rows, cfg, n)
         if not chat:
-            return ids, user
-        conversations = [[{"role": "user", "content": text}] for text in user]
+            return ids, user, problems
+        conversations = [None if t is None else [{"role": "user", "content": t}] for t in user]
     if cfg.system_prompt:
         system = {"role": "system", "content": cfg.system_prompt}
-        conversations = [c if c[0]["role"] == "system" else [system, *c] for c in conversations]
+        conversations = [
+            c if c is None or c[0]["role"] == "system" else [system, *c] for c in conversations
+        ]
     texts = [
-        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+        None
+        if c is None
+        else tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
         for c in conversations
     ]
-    return ids, texts
+    return ids, texts, problems
 
 
-def build_records(rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool) -> list[PromptRecord]:
-    """Render and tokenize every row.
+def build_records(
+    rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool
+) -> tuple[list[PromptRecord], list[Skipped]]:
+    """Render and tokenize every row; rows without a usable prompt come back as bad rows.
 
     Text rendered by a chat template already carries the model's BOS and markers, so it is
     tokenized without adding special tokens again; raw text gets the tokenizer's usual ones.
+
+    Returns:
+        (records, bad rows), both in row order.
     """
-    ids, texts = render_texts(rows, cfg, tokenizer, chat)
+    ids, texts, problems = render_texts(rows, cfg, tokenizer, chat)
+    good = [i for i, t in enumerate(texts) if t is not None]
     rendered_by_template = chat or bool(cfg.messages_column)
-    encoded = tokenizer(texts, add_special_tokens=not rendered_by_template)["input_ids"]
+    encoded = tokenizer([texts[i] for i in good], add_special_tokens=not rendered_by_template)
     kept = {c: rows.columns[c] for c in cfg.keep_columns}
-    return [
-        PromptRecord(i, ids[i], texts[i], list(encoded[i]), {c: v[i] for c, v in kept.items()})
-        for i in range(len(ids))
+    records = [
+        PromptRecord(i, ids[i], texts[i], list(tokens), {c: v[i] for c, v in kept.items()})
+        for i, tokens in zip(good, encoded["input_ids"], strict=True)
     ]
+    bad = [Skipped(i, ids[i], problems[i]) for i, t in enumerate(texts) if t is None]
+    return records, bad
+
+
+def apply_bad_row_policy(bad: list[Skipped], policy: str) -> list[Skipped]:
+    """``error``: refuse the job before generation, listing the rows; ``skip``: pass them on.
+
+    Raises:
+        DataError: with ``error`` when there are bad rows.
+    """
+    if not bad or policy == "skip":
+        return bad
+    listed = "; ".join(f"id {b.id!r}: {b.reason}" for b in bad[:10])
+    more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+    raise DataError(
+        f"{len(bad)} row(s) have no usable prompt: {listed}{more}. Fix the data, or set "
+        "runner.on_bad_row=skip to leave them out (they are listed in errors.jsonl)."
+    )
 
 
 def apply_length_policy(

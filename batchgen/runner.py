@@ -61,16 +61,18 @@ def prepare(cfg: JobConfig) -> Prepared:
     source = models.convert_gguf(source)
     model_config, tokenizer = models.load_config_and_tokenizer(source, cfg.model)
     chat = prompts.uses_chat_template(cfg.dataset, tokenizer)
-    records = prompts.build_records(rows, cfg.dataset, tokenizer, chat)
+    records, bad = prompts.build_records(rows, cfg.dataset, tokenizer, chat)
+    bad = prompts.apply_bad_row_policy(bad, cfg.runner.on_bad_row)
     device, dtype = models.resolve_device_dtype(cfg.model)
     digest = manifest.data_digest(records)
     parts = manifest.fingerprint_parts(cfg, chat, dtype, digest, len(records))
     done = manifest.check_resume(out_dir, parts)
     context = models.context_length(model_config, tokenizer, cfg.model)
     room = context - cfg.sampling.max_new_tokens if context else None
-    records, skipped = prompts.apply_length_policy(
+    records, too_long = prompts.apply_length_policy(
         records, room, cfg.runner.on_long_prompt, tokenizer
     )
+    skipped = sorted(bad + too_long, key=lambda s: s.index)
     encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
     return Prepared(
         cfg=cfg,
@@ -92,8 +94,8 @@ def prepare(cfg: JobConfig) -> Prepared:
 
 def _shard_rows(batcher: BatchRunner, records, progress: Progress):
     """Generate one shard; returns its output rows (row order, then sample order) and totals."""
-    results = batcher.run(records, progress.update)
-    totals = Totals()
+    results, failed = batcher.run(records, progress.update)
+    totals = Totals(failed=len(failed))
     by_index = {r.index: r for r in records}
     out = []
     for index in sorted(results):
@@ -118,7 +120,7 @@ def _shard_rows(batcher: BatchRunner, records, progress: Progress):
                     **record.kept,
                 }
             )
-    return out, totals
+    return out, totals, failed
 
 
 def _run_metadata(p: Prepared) -> dict:
@@ -156,7 +158,7 @@ def generate(p: Prepared) -> dict:
         progress = Progress(sum(s.stop - s.start for s in pending), p.cfg.runner.progress)
         for shard in pending:
             started = time.perf_counter()
-            rows, totals = _shard_rows(batcher, by_shard[shard.index], progress)
+            rows, totals, failed = _shard_rows(batcher, by_shard[shard.index], progress)
             gen_seconds += time.perf_counter() - started
             skipped = skipped_by_shard.get(shard.index, [])
             totals.skipped = len(skipped)
@@ -169,6 +171,7 @@ def generate(p: Prepared) -> dict:
                     "stop": shard.stop,
                     "totals": totals.to_dict(),
                     "skipped": [{"id": s.id, "reason": s.reason} for s in skipped],
+                    "failed": [{"id": s.id, "reason": s.reason} for s in failed],
                 },
             }
             schema = output_schema(p.kept_types, shard_meta)

@@ -106,7 +106,7 @@ def load(args):
     tok.padding_side = "left"
     texts = make_prompts(args.prompts)
     rows = Rows(columns={"prompt": texts}, kept_types={}, source="bench")
-    records = build_records(rows, DatasetConfig(prompt_column="prompt"), tok, chat=True)
+    records, _ = build_records(rows, DatasetConfig(prompt_column="prompt"), tok, chat=True)
     return model, tok, texts, records
 
 
@@ -148,7 +148,7 @@ def run_batchgen(model, tok, records, args, engine_name, batch_size, budget):
     if args.fixed_length:
         fix_length(model, engine)
     runner = RunnerConfig(batch_size=batch_size, max_batch_tokens=budget, engine=engine_name)
-    results = BatchRunner(engine, runner, sampling, seed=0).run(records, lambda r, t: None)
+    results, _ = BatchRunner(engine, runner, sampling, seed=0).run(records, lambda r, t: None)
     return [results[r.index][0].text for r in records], engine.padded_tokens
 
 

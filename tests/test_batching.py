@@ -69,7 +69,9 @@ def load(path, sampling):
     return models.load_model(source, config, cfg, "cpu", "float32"), tok
 
 
-def texts_of(results, records):
+def texts_of(run_result, records):
+    results, failed = run_result
+    assert failed == []
     return [[s.text for s in results[r.index]] for r in records]
 
 
@@ -144,20 +146,37 @@ def test_out_of_memory_splits_batch_and_keeps_outputs(tiny_models, monkeypatch):
     assert 0 < runner.budget.current <= batch_tokens(sorted_records[4:8], sampling) // 2
 
 
-def test_single_row_out_of_memory_is_raised(tiny_models, monkeypatch):
+def test_row_failing_alone_is_recorded_and_neighbours_survive(tiny_models, monkeypatch):
     sampling = SamplingConfig(max_new_tokens=4)
     model, tok = load(tiny_models["chat"], sampling)
     engine = Engine(model, tok, sampling)
+    records = recs(tok, 6)
+    expected = texts_of(
+        BatchRunner(Engine(model, tok, sampling), RunnerConfig(batch_size=6), sampling, 0).run(
+            records, lambda r, t: None
+        ),
+        records,
+    )
+    real = engine.generate
 
-    def oom(batch, seed):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+    def poisoned(batch, seed):
+        if any(r.id == "r3" for r in batch):
+            raise torch.OutOfMemoryError("CUDA out of memory (a huge row)")
+        return real(batch, seed)
 
-    monkeypatch.setattr(engine, "generate", oom)
-    with pytest.raises(torch.OutOfMemoryError):
-        BatchRunner(engine, RunnerConfig(batch_size=4), sampling, 0).run(recs(tok, 1), print)
+    monkeypatch.setattr(engine, "generate", poisoned)
+    results, failed = BatchRunner(engine, RunnerConfig(batch_size=6), sampling, 0).run(
+        records, lambda r, t: None
+    )
+    assert [(f.id, f.index) for f in failed] == [("r3", 3)]
+    assert "generation failed: OutOfMemoryError" in failed[0].reason
+    assert sorted(results) == [0, 1, 2, 4, 5]
+    assert [[s.text for s in results[r.index]] for r in records if r.id != "r3"] == [
+        e for r, e in zip(records, expected, strict=True) if r.id != "r3"
+    ]
 
 
-def test_other_errors_are_not_split(tiny_models, monkeypatch):
+def test_systematic_failure_stops_the_job(tiny_models, monkeypatch):
     sampling = SamplingConfig(max_new_tokens=4)
     model, tok = load(tiny_models["chat"], sampling)
     engine = Engine(model, tok, sampling)
@@ -165,12 +184,12 @@ def test_other_errors_are_not_split(tiny_models, monkeypatch):
 
     def broken(batch, seed):
         calls.append(len(batch))
-        raise RuntimeError("shape mismatch")
+        raise RuntimeError("device-side assert triggered")
 
     monkeypatch.setattr(engine, "generate", broken)
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        BatchRunner(engine, RunnerConfig(batch_size=4), sampling, 0).run(recs(tok, 4), print)
-    assert calls == [4]
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        BatchRunner(engine, RunnerConfig(batch_size=4), sampling, 0).run(recs(tok, 12), print)
+    assert calls.count(1) == 8  # eight rows failed alone in a row, then it gave up
 
 
 def test_engine_choice():

@@ -7,7 +7,12 @@ import pytest
 from batchgen.config import DatasetConfig
 from batchgen.data import Rows
 from batchgen.errors import ConfigError, DataError
-from batchgen.prompts import apply_length_policy, build_records, uses_chat_template
+from batchgen.prompts import (
+    apply_bad_row_policy,
+    apply_length_policy,
+    build_records,
+    uses_chat_template,
+)
 
 
 def rows(**columns) -> Rows:
@@ -16,7 +21,7 @@ def rows(**columns) -> Rows:
 
 def test_prompt_column_wrapped_as_user_turn_with_system_prompt(smol_tokenizer):
     cfg = DatasetConfig(prompt_column="p", system_prompt="Answer in French.")
-    recs = build_records(rows(p=["Hi there"]), cfg, smol_tokenizer, chat=True)
+    recs, _ = build_records(rows(p=["Hi there"]), cfg, smol_tokenizer, chat=True)
     assert recs[0].text == (
         "<|im_start|>system\nAnswer in French.<|im_end|>\n"
         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
@@ -27,7 +32,7 @@ def test_prompt_column_wrapped_as_user_turn_with_system_prompt(smol_tokenizer):
 def test_messages_column_rendered_with_generation_prompt(smol_tokenizer):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     cfg = DatasetConfig(messages_column="messages", system_prompt="ignored: row has one")
-    recs = build_records(rows(messages=[msgs]), cfg, smol_tokenizer, chat=True)
+    recs, _ = build_records(rows(messages=[msgs]), cfg, smol_tokenizer, chat=True)
     expected = smol_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert recs[0].text == expected
     assert recs[0].text.endswith("<|im_start|>assistant\n")
@@ -42,7 +47,7 @@ def test_no_double_bos_for_template_rendered_text(tiny_models):
     tok.add_bos_token = True
     raw_ids = tok("x")["input_ids"]
     assert raw_ids[0] == tok.bos_token_id  # the tokenizer itself would prepend a BOS
-    recs = build_records(rows(p=["hello"]), DatasetConfig(prompt_column="p"), tok, chat=True)
+    recs, _ = build_records(rows(p=["hello"]), DatasetConfig(prompt_column="p"), tok, chat=True)
     assert recs[0].token_ids.count(tok.bos_token_id) == 1
     assert recs[0].token_ids[0] == tok.bos_token_id
 
@@ -53,7 +58,7 @@ def test_raw_text_for_base_model(tiny_models):
     tok = AutoTokenizer.from_pretrained(tiny_models["base"])
     cfg = DatasetConfig(prompt_column="p")
     assert uses_chat_template(cfg, tok) is False
-    recs = build_records(rows(p=["Once upon a time"]), cfg, tok, chat=False)
+    recs, _ = build_records(rows(p=["Once upon a time"]), cfg, tok, chat=False)
     assert recs[0].text == "Once upon a time"
     assert recs[0].token_ids == tok("Once upon a time")["input_ids"]
 
@@ -78,25 +83,45 @@ def test_template_with_column_fields_and_kept_columns(smol_tokenizer):
         keep_columns=["lang"],
     )
     data = rows(text=["good morning"], lang=["German"], uid=[17])
-    rec = build_records(data, cfg, smol_tokenizer, chat=False)[0]
+    rec = build_records(data, cfg, smol_tokenizer, chat=False)[0][0]
     assert rec.text == "Translate to German: good morning"
     assert rec.id == "17"
     assert rec.kept == {"lang": "German"}
 
 
-@pytest.mark.parametrize("bad", [None, "", "   ", 5])
-def test_bad_prompt_value_names_column_and_row(smol_tokenizer, bad):
-    data = rows(p=["fine", bad], uid=["a", "b"])
-    with pytest.raises(DataError, match=r"dataset.prompt_column='p', row id 'b'"):
-        build_records(data, DatasetConfig(prompt_column="p", id_column="uid"), smol_tokenizer, True)
+@pytest.mark.parametrize(
+    "bad,why", [(None, "missing"), ("", "empty"), ("   ", "empty"), (5, "not a string: int")]
+)
+def test_bad_prompt_rows_are_collected_with_reason(smol_tokenizer, bad, why):
+    data = rows(p=["fine", bad, "also fine"], uid=["a", "b", "c"])
+    cfg = DatasetConfig(prompt_column="p", id_column="uid")
+    recs, bad_rows = build_records(data, cfg, smol_tokenizer, True)
+    assert [r.id for r in recs] == ["a", "c"] and [r.index for r in recs] == [0, 2]
+    assert [(b.index, b.id) for b in bad_rows] == [(1, "b")]
+    assert bad_rows[0].reason.startswith("dataset.prompt_column 'p': " + why)
+    with pytest.raises(DataError, match=r"1 row\(s\) have no usable prompt: id 'b'.*on_bad_row"):
+        apply_bad_row_policy(bad_rows, "error")
+    assert apply_bad_row_policy(bad_rows, "skip") == bad_rows
 
 
 @pytest.mark.parametrize(
-    "bad", [[], "hello", [{"role": "user"}], [{"content": "x"}], [["user", "x"]]]
+    "bad", [[], "hello", [{"role": "user"}], [{"content": "x"}], [["user", "x"]], None]
 )
-def test_bad_messages_name_row(smol_tokenizer, bad):
-    with pytest.raises(DataError, match=r"dataset.messages_column='m', row id '0'"):
-        build_records(rows(m=[bad]), DatasetConfig(messages_column="m"), smol_tokenizer, True)
+def test_bad_messages_are_collected(smol_tokenizer, bad):
+    good = [{"role": "user", "content": "hi"}]
+    recs, bad_rows = build_records(
+        rows(m=[good, bad]), DatasetConfig(messages_column="m"), smol_tokenizer, True
+    )
+    assert [r.id for r in recs] == ["0"]
+    assert [b.id for b in bad_rows] == ["1"]
+    assert "dataset.messages_column 'm': expected a non-empty list" in bad_rows[0].reason
+
+
+def test_template_row_with_null_field_is_bad(smol_tokenizer):
+    cfg = DatasetConfig(prompt_column=None, template="{a} and {b}")
+    recs, bad_rows = build_records(rows(a=["x", "y"], b=[1, None]), cfg, smol_tokenizer, False)
+    assert [r.text for r in recs] == ["x and 1"]
+    assert bad_rows[0].reason == "dataset.template field 'b': missing (null)"
 
 
 def test_duplicate_ids_refused(smol_tokenizer):
@@ -107,7 +132,7 @@ def test_duplicate_ids_refused(smol_tokenizer):
 
 def _long_records(tok):
     data = rows(p=["short", "word " * 50, "tiny", "more words " * 40])
-    return build_records(data, DatasetConfig(prompt_column="p"), tok, chat=False)
+    return build_records(data, DatasetConfig(prompt_column="p"), tok, chat=False)[0]
 
 
 def test_long_prompt_error_lists_ids(smol_tokenizer):
