@@ -50,21 +50,33 @@ def write_shard(
     rows: list[dict[str, Any]],
     schema: pa.Schema,
     compression: str = "zstd",
-) -> Path:
-    """Write ``rows`` as ``out_dir/name`` atomically; returns the final path."""
+) -> bool:
+    """Publish ``rows`` as ``out_dir/name`` atomically, unless that shard already exists.
+
+    The final name is created with a hard link, which fails when it exists: of two workers
+    that generated the same shard (a stolen claim), exactly one publishes; the other's
+    identical copy is dropped.
+
+    Returns:
+        True when this call published the shard, False when it was already there.
+    """
     final = out_dir / name
     tmp = out_dir / f"{name}.tmp-{os.getpid()}"
     table = pa.Table.from_pylist(rows, schema=schema)
     try:
         with tmp.open("wb") as f:
-            pq.write_table(table, f, compression=compression)
+            # Page checksums let a resume tell a damaged shard from a good one (batchgen.verify).
+            pq.write_table(table, f, compression=compression, write_page_checksum=True)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(out_dir)
-    return final
+    return True
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

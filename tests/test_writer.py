@@ -30,7 +30,8 @@ ROW = {
 
 def test_schema_and_metadata_round_trip(tmp_path):
     schema = output_schema({"topic": pa.string()}, {"fingerprint": "abc", "n": 1})
-    path = write_shard(tmp_path, "part-00000.parquet", [ROW], schema)
+    assert write_shard(tmp_path, "part-00000.parquet", [ROW], schema)
+    path = tmp_path / "part-00000.parquet"
     table = pq.read_table(path)
     assert table.column_names == [
         "id",
@@ -50,7 +51,8 @@ def test_schema_and_metadata_round_trip(tmp_path):
 
 def test_empty_shard_keeps_full_schema(tmp_path):
     schema = output_schema({"topic": pa.string()}, {})
-    path = write_shard(tmp_path, "part-00001.parquet", [], schema)
+    write_shard(tmp_path, "part-00001.parquet", [], schema)
+    path = tmp_path / "part-00001.parquet"
     assert pq.read_table(path).schema.names[-1] == "topic"
 
 
@@ -83,3 +85,13 @@ def test_json_atomic(tmp_path):
     write_json_atomic(path, {"a": "写"})
     write_json_atomic(path, {"a": 2})
     assert path.read_text().strip().startswith("{") and os.listdir(tmp_path) == ["run.json"]
+
+
+def test_second_publisher_of_a_shard_loses(tmp_path):
+    schema = output_schema({}, {"who": "first"})
+    row = {k: v for k, v in ROW.items() if k != "topic"}
+    assert write_shard(tmp_path, "part-00004.parquet", [row], schema) is True
+    other = output_schema({}, {"who": "second"})
+    assert write_shard(tmp_path, "part-00004.parquet", [row, row], other) is False
+    assert shard_metadata(tmp_path / "part-00004.parquet") == {"who": "first"}
+    assert os.listdir(tmp_path) == ["part-00004.parquet"]
