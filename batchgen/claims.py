@@ -1,0 +1,371 @@
+"""Work stealing through claim files with leases on a shared filesystem.
+
+Shard ``k`` is claimed by creating ``OUT/claims/part-0000k.claim`` with ``O_CREAT|O_EXCL``, which
+exactly one creator wins, also on NFS. It holds JSON ``{owner, host, pid, rank, claimed_at,
+expires_at}``; a heartbeat pushes ``expires_at`` forward while the worker lives.
+
+An expired claim is taken over by creating the next generation (``part-0000k.1.claim``,
+``part-0000k.2.claim``, ...) with ``O_EXCL`` again; the highest generation is the shard's claim.
+Nothing is ever renamed or deleted, so exactly one of several racing stealers wins and there is
+no instant at which the shard looks free. (Renaming the stale file aside and recreating it has
+such an instant: a late stealer can move a fresh claim away while a newcomer claims the empty
+name, and both win.) Claims never end in ``.parquet``. Leases assume that the hosts' clocks agree
+to well within a quarter of the lease.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CLAIMS_DIR = "claims"
+CLAIM_RE = re.compile(r"^part-(\d{5,})(?:\.(\d+))?\.claim$")
+DEFAULT_LEASE = 60.0
+# A claim is rewritten in place, and trusted for publishing, only while this share of its lease
+# is left: a stealer that read it just before must not find it expired after the rewrite.
+RENEW_MARGIN = 0.25
+
+_FIELDS = ("owner", "host", "pid", "rank", "claimed_at", "expires_at")
+
+log = logging.getLogger(__name__)
+
+
+def claim_path(out_dir: Path, index: int, generation: int = 0) -> Path:
+    """The claim file of shard ``index``: ``claims/part-{index:05d}[.{generation}].claim``."""
+    tag = f".{generation}" if generation else ""
+    return Path(out_dir) / CLAIMS_DIR / f"part-{index:05d}{tag}.claim"
+
+
+def default_owner(rank: int) -> str:
+    """An owner id unique to this process: ``host:pid:rank``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{rank}"
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """One read of a claim file: its mtime and, when it parses, its content."""
+
+    mtime: float
+    info: dict[str, Any] | None
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
+    try:
+        info = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    ok = (
+        isinstance(info, dict)
+        and isinstance(info.get("owner"), str)
+        and isinstance(info.get("expires_at"), (int, float))
+    )
+    return info if ok else None
+
+
+def _look(path: Path) -> _Seen | None:
+    """Read a claim file; None when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        mtime = os.fstat(f.fileno()).st_mtime
+        return _Seen(mtime, _parse(f.read()))
+
+
+def _expired(seen: _Seen, now: float, lease: float) -> bool:
+    if seen.info is not None:
+        return now >= seen.info["expires_at"]
+    # Unreadable: a creator between O_EXCL and its write, or one that died there. Only its age
+    # tells the two apart.
+    return now - seen.mtime > lease
+
+
+def _top(out_dir: Path, index: int, start: int = 0) -> int | None:
+    """The highest generation of a shard's claim, probing up from ``start`` (known to exist)."""
+    if not claim_path(out_dir, index, start).exists():
+        return None
+    g = start
+    while claim_path(out_dir, index, g + 1).exists():
+        g += 1
+    return g
+
+
+class ClaimStore:
+    """This worker's claims on shards of one output folder.
+
+    Thread-safe: a ``Heartbeat`` thread may ``renew`` while the main thread claims and releases.
+    The files are the truth; ``held()`` is this worker's view, corrected by ``renew`` and
+    ``owns``. Typical use: ``try_claim(k)``; check that shard ``k`` is not published yet;
+    generate; ``owns(k)`` right before publishing; publish; ``release(k)``.
+
+    Args:
+        out_dir: the run's output folder (claims go to ``out_dir/claims/``).
+        owner: this worker's id, unique among all workers; see ``default_owner``.
+        lease_seconds: how long a claim lives without renewal.
+        clock: seconds since the epoch; a fake one in tests.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        owner: str,
+        lease_seconds: float = DEFAULT_LEASE,
+        clock: Callable[[], float] = time.time,
+    ):
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+        self.out_dir = Path(out_dir)
+        self.owner = owner
+        self.lease_seconds = float(lease_seconds)
+        self.clock = clock
+        self._held: dict[int, int] = {}  # shard index -> generation of our claim file
+        self._lock = threading.Lock()
+        (self.out_dir / CLAIMS_DIR).mkdir(parents=True, exist_ok=True)
+
+    def _payload(self, claimed_at: float, expires_at: float, released: bool = False) -> bytes:
+        rank = self.owner.rpartition(":")[2]
+        info = {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": int(rank) if rank.isdigit() else None,
+            "claimed_at": claimed_at,
+            "expires_at": expires_at,
+        }
+        if released:
+            info["released"] = True
+        return json.dumps(info).encode()
+
+    def _create(self, index: int, generation: int, claimed_at: float | None = None) -> bool:
+        path = claim_path(self.out_dir, index, generation)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        now = self.clock()
+        claimed_at = now if claimed_at is None else claimed_at
+        # No fsync: exclusion comes from O_EXCL, and a claim cut short by a host crash is
+        # unreadable, which expires by its mtime.
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._payload(claimed_at, now + self.lease_seconds))
+        self._held[index] = generation
+        return True
+
+    def _rewrite(self, path: Path, payload: bytes) -> None:
+        tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+
+    def _ours(self, index: int, generation: int) -> _Seen | None:
+        """Our claim file if it is still the shard's claim (no later generation), else None."""
+        if claim_path(self.out_dir, index, generation + 1).exists():
+            return None
+        seen = _look(claim_path(self.out_dir, index, generation))
+        if seen is None or seen.info is None or seen.info["owner"] != self.owner:
+            return None
+        return seen
+
+    def _safe_until(self, seen: _Seen) -> float:
+        return seen.info["expires_at"] - RENEW_MARGIN * self.lease_seconds
+
+    def try_claim(self, index: int) -> bool:
+        """Claim shard ``index`` if nobody holds a live claim on it.
+
+        Creates the claim atomically; if the shard's claim has expired (an unreadable claim
+        file: once its mtime is older than the lease), creates the next generation, which
+        exactly one of several racing workers wins. Claiming a shard this worker already holds
+        live is a no-op that returns True.
+
+        Returns:
+            True when this worker now holds the claim.
+        """
+        with self._lock:
+            top = _top(self.out_dir, index, self._held.get(index, 0))
+            if top is None:
+                return self._create(index, 0)
+            seen = _look(claim_path(self.out_dir, index, top))
+            if seen is None:  # removed behind our back (a cleanup of claims/): stay away
+                return False
+            now = self.clock()
+            if not _expired(seen, now, self.lease_seconds):
+                if seen.info is not None and seen.info["owner"] == self.owner:
+                    self._held[index] = top
+                    return True
+                return False
+            return self._create(index, top + 1)
+
+    def _renew_one(self, index: int, generation: int) -> bool:
+        seen = self._ours(index, generation)
+        if seen is None:
+            return False
+        now = self.clock()
+        if now < self._safe_until(seen):
+            path = claim_path(self.out_dir, index, generation)
+            self._rewrite(path, self._payload(seen.info["claimed_at"], now + self.lease_seconds))
+            return True
+        # Late (a stalled heartbeat): a stealer may be judging the old expiry right now, so
+        # extend by a new generation, which a racing stealer cannot also create.
+        return self._create(index, generation + 1, seen.info["claimed_at"])
+
+    def renew(self) -> set[int]:
+        """Extend the lease of every claim this worker still owns.
+
+        Claims taken over by another worker (or otherwise no longer ours) are dropped from
+        ``held()``.
+
+        Returns:
+            The shards held after renewal.
+        """
+        with self._lock:
+            for index, generation in sorted(self._held.items()):
+                if not self._renew_one(index, generation):
+                    del self._held[index]
+            return set(self._held)
+
+    def owns(self, index: int) -> bool:
+        """Whether this worker may publish shard ``index`` now.
+
+        Re-reads the claim: True when it is ours, no later generation exists, and at least a
+        quarter of the lease is left (so no other worker can take it over while the shard is
+        renamed into place). A claim found taken over is dropped from ``held()``; one that is
+        merely close to expiry stays held and becomes publishable after ``renew()``.
+        """
+        with self._lock:
+            generation = self._held.get(index)
+            if generation is None:
+                return False
+            seen = self._ours(index, generation)
+            if seen is None:
+                del self._held[index]
+                return False
+            return self.clock() < self._safe_until(seen)
+
+    def _release(self, index: int) -> None:
+        generation = self._held.pop(index, None)
+        seen = None if generation is None else self._ours(index, generation)
+        if seen is not None:
+            # Expire it rather than delete it: generations must stay contiguous.
+            payload = self._payload(seen.info["claimed_at"], self.clock(), released=True)
+            self._rewrite(claim_path(self.out_dir, index, generation), payload)
+
+    def release(self, index: int) -> None:
+        """Give up the claim on ``index`` (marked released, free to claim at once).
+
+        A claim that is no longer ours is left alone.
+        """
+        with self._lock:
+            self._release(index)
+
+    def release_all(self) -> None:
+        """Give up every claim this worker holds (on exit or preemption)."""
+        with self._lock:
+            for index in sorted(self._held):
+                self._release(index)
+
+    def held(self) -> set[int]:
+        """The shards this worker believes it holds (no file access)."""
+        with self._lock:
+            return set(self._held)
+
+    @staticmethod
+    def describe(
+        out_dir: Path,
+        lease_seconds: float = DEFAULT_LEASE,
+        clock: Callable[[], float] = time.time,
+    ) -> list[dict[str, Any]]:
+        """The current claim (highest generation) of every claimed shard, for status reports.
+
+        Args:
+            out_dir: the run's output folder.
+            lease_seconds: the lease assumed for unreadable claim files (judged by mtime).
+            clock: seconds since the epoch.
+
+        Returns:
+            One dict per shard, sorted by index: ``index``, ``generation``, ``owner``, ``host``,
+            ``pid``, ``rank``, ``claimed_at``, ``expires_at`` (None for an unreadable file),
+            ``released``, and ``expired`` (True for released claims too).
+        """
+        folder = Path(out_dir) / CLAIMS_DIR
+        if not folder.is_dir():
+            return []
+        tops: dict[int, int] = {}
+        for entry in folder.iterdir():
+            m = CLAIM_RE.match(entry.name)
+            if m:
+                index, generation = int(m.group(1)), int(m.group(2) or 0)
+                tops[index] = max(generation, tops.get(index, 0))
+        found = []
+        now = clock()
+        for index, generation in sorted(tops.items()):
+            seen = _look(claim_path(out_dir, index, generation))
+            if seen is None:
+                continue
+            info = seen.info or {}
+            found.append(
+                {
+                    "index": index,
+                    "generation": generation,
+                    **{k: info.get(k) for k in _FIELDS},
+                    "released": bool(info.get("released")),
+                    "expired": _expired(seen, now, lease_seconds),
+                }
+            )
+        return found
+
+
+class Heartbeat:
+    """A daemon thread that renews a store's claims every third of the lease.
+
+    Use as ``with Heartbeat(store): ...`` or ``start()`` / ``stop()``. A failed renewal is logged
+    and retried at the next beat: a brief NFS hiccup must not end the heartbeat.
+
+    Args:
+        store: the claims to keep alive.
+        interval: seconds between renewals; a third of the store's lease by default.
+    """
+
+    def __init__(self, store: ClaimStore, interval: float | None = None):
+        self.store = store
+        self.interval = store.lease_seconds / 3 if interval is None else interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.renew()
+            except OSError as e:
+                log.warning("batchgen: renewing shard claims failed (%s); retrying", e)
+
+    def start(self) -> Heartbeat:
+        """Start beating; returns self."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="batchgen-heartbeat")
+            self._thread.daemon = True
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop beating and wait for the thread to end."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,244 @@
+"""``python -m batchgen.status OUTPUT_DIR``: how far a run is, from its output folder alone.
+
+Reads ``run.json``, the footers of the published shards and the claim files, and nothing else
+(no config, no model, no scheduler), so it works from a login node while workers run. Exit
+status: 0 when every shard is done, 1 while some are not, 2 when the folder is not a batchgen
+output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchgen.claims import DEFAULT_LEASE, ClaimStore
+from batchgen.errors import BatchgenError
+from batchgen.manifest import RUN_FILE
+from batchgen.progress import Totals
+from batchgen.writer import finished_shards, shard_metadata
+
+EXIT_COMPLETE, EXIT_INCOMPLETE, EXIT_NOT_OUTPUT = 0, 1, 2
+
+
+class NotAnOutputDir(BatchgenError):
+    """The folder lacks a readable ``run.json`` that says how many shards the run has."""
+
+
+def _load_run(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / RUN_FILE
+    if not out_dir.is_dir():
+        raise NotAnOutputDir(f"{str(out_dir)!r} is not a folder.")
+    try:
+        run = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotAnOutputDir(
+            f"{str(out_dir)!r} has no {RUN_FILE}: not a batchgen output folder, or no run has "
+            f"started in it yet."
+        ) from None
+    except (OSError, ValueError) as e:
+        raise NotAnOutputDir(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(run, dict) or "fingerprint" not in run:
+        raise NotAnOutputDir(f"{path} has no fingerprint: not written by batchgen.")
+    return run
+
+
+def _layout(run: dict[str, Any], path: Path) -> tuple[int, int, int]:
+    """Total shards, total rows and rows per shard of the run."""
+    parts = run.get("fingerprint_parts") or {}
+    rows = (parts.get("data") or {}).get("rows")
+    per_shard = (parts.get("layout") or {}).get("rows_per_shard") or (
+        (run.get("config") or {}).get("output") or {}
+    ).get("rows_per_shard")
+    total = (run.get("summary") or {}).get("shards_total")
+    if rows is None or not per_shard:
+        raise NotAnOutputDir(f"{path} does not record the row count and rows per shard.")
+    if total is None:
+        total = math.ceil(rows / per_shard)
+    return total, rows, per_shard
+
+
+def _throughput(done: list[dict], run: dict[str, Any]) -> dict[str, Any]:
+    """Rows/s and tokens/s, from the publication times of the shards when there are two."""
+    timed = sorted(done, key=lambda s: s["mtime"])
+    span = timed[-1]["mtime"] - timed[0]["mtime"] if len(timed) > 1 else 0.0
+    if span > 0:
+        # The first shard's work happened before the first mtime: it is outside the span.
+        later = timed[1:]
+        return {
+            "rows_per_second": sum(s["rows"] for s in later) / span,
+            "completion_tokens_per_second": sum(s["completion_tokens"] for s in later) / span,
+            "source": "shard times",
+        }
+    this_run = (run.get("summary") or {}).get("this_run") or {}
+    seconds = this_run.get("generate_seconds") or 0.0
+    if seconds > 0:
+        return {
+            "rows_per_second": (this_run.get("rows", 0) + this_run.get("skipped", 0)) / seconds,
+            "completion_tokens_per_second": this_run.get("completion_tokens", 0) / seconds,
+            "source": RUN_FILE,
+        }
+    return {"rows_per_second": None, "completion_tokens_per_second": None, "source": None}
+
+
+def collect(
+    out_dir: Path,
+    lease_seconds: float = DEFAULT_LEASE,
+    clock: Callable[[], float] = time.time,
+) -> dict[str, Any]:
+    """Gather the state of the run in ``out_dir``.
+
+    Args:
+        out_dir: the run's output folder.
+        lease_seconds: lease assumed for unreadable claim files (judged by their mtime).
+        clock: seconds since the epoch.
+
+    Returns:
+        A JSON-serialisable report: ``complete``, ``shards`` (``total``, ``done``, ``claimed``,
+        ``expired``, ``pending``), ``rows`` (``total``, ``done``, ``remaining``), ``totals``
+        (summed shard totals), ``workers`` (per claim owner: live and expired shard indices),
+        ``foreign`` (shard files of another fingerprint or unreadable), ``throughput`` and
+        ``eta_seconds``.
+
+    Raises:
+        NotAnOutputDir: no folder, no usable ``run.json``.
+    """
+    out_dir = Path(out_dir)
+    run = _load_run(out_dir)
+    total, num_rows, per_shard = _layout(run, out_dir / RUN_FILE)
+    totals, done, foreign = Totals(), [], []
+    for index, path in sorted(finished_shards(out_dir).items()):
+        try:
+            meta = shard_metadata(path)
+            shard = meta["shard"]
+            mtime = path.stat().st_mtime
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            foreign.append(path.name)
+            continue
+        if meta.get("fingerprint") != run["fingerprint"] or index >= total:
+            foreign.append(path.name)
+            continue
+        totals.add(Totals(**shard["totals"]))
+        rows = shard["stop"] - shard["start"]
+        tokens = shard["totals"]["completion_tokens"]
+        done.append({"index": index, "rows": rows, "completion_tokens": tokens, "mtime": mtime})
+    done_set = {s["index"] for s in done}
+    workers: dict[str, dict[str, Any]] = {}
+    claimed = expired = 0
+    for c in ClaimStore.describe(out_dir, lease_seconds, clock):
+        if c["index"] in done_set or c["index"] >= total or c["released"]:
+            continue
+        key = c["owner"] or "(unreadable claim)"
+        w = workers.setdefault(
+            key,
+            {**{k: c[k] for k in ("owner", "host", "pid", "rank")}, "shards": [], "expired": []},
+        )
+        w["expired" if c["expired"] else "shards"].append(c["index"])
+        expired += c["expired"]
+        claimed += not c["expired"]
+    rows_done = sum(s["rows"] for s in done)
+    remaining = num_rows - rows_done
+    speed = _throughput(done, run)
+    rate = speed["rows_per_second"]
+    return {
+        "output_dir": str(out_dir),
+        "fingerprint": run["fingerprint"],
+        "run_status": run.get("status"),
+        "complete": len(done) == total,
+        "shards": {
+            "total": total,
+            "done": len(done),
+            "claimed": claimed,
+            "expired": expired,
+            "pending": total - len(done) - claimed - expired,
+        },
+        "rows": {"total": num_rows, "done": rows_done, "remaining": remaining},
+        "rows_per_shard": per_shard,
+        "totals": totals.to_dict(),
+        "workers": sorted(workers.values(), key=lambda w: (w["rank"] is None, w["rank"] or 0)),
+        "foreign": foreign,
+        "throughput": speed,
+        "eta_seconds": remaining / rate if rate else (0.0 if remaining == 0 else None),
+    }
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The report of ``collect`` as aligned lines for the terminal."""
+    sh, rows, t, speed = report["shards"], report["rows"], report["totals"], report["throughput"]
+    lines = [
+        f"batchgen status  {report['output_dir']}",
+        f"  run         {report['run_status']}, fingerprint {report['fingerprint']}",
+        f"  shards      {sh['done']}/{sh['total']} done, {sh['claimed']} claimed, "
+        f"{sh['expired']} expired claims, {sh['pending']} pending",
+    ]
+    for i, w in enumerate(report["workers"]):
+        live = f"{len(w['shards'])} claimed {w['shards']}" if w["shards"] else "0 claimed"
+        gone = f", EXPIRED {w['expired']} (to be redone)" if w["expired"] else ""
+        label = "workers" if i == 0 else ""
+        lines.append(f"  {label:<11} {w['owner'] or '(unreadable claim)'}  {live}{gone}")
+    lines += [
+        f"  rows        {rows['done']:,}/{rows['total']:,} done ({t['skipped']:,} skipped), "
+        f"{t['samples']:,} samples",
+        f"  tokens      {t['prompt_tokens']:,} prompt, {t['completion_tokens']:,} completion",
+    ]
+    if speed["source"]:
+        lines.append(
+            f"  throughput  {speed['completion_tokens_per_second']:,.1f} tokens/s, "
+            f"{speed['rows_per_second']:,.2f} rows/s (from {speed['source']})"
+        )
+    if report["complete"]:
+        lines.append("  complete    every shard is done")
+    else:
+        eta = report["eta_seconds"]
+        left = sh["total"] - sh["done"]
+        when = _duration(eta) if eta is not None else "unknown (no throughput yet)"
+        lines.append(f"  eta         {when} for {left} shards ({rows['remaining']:,} rows)")
+    if report["foreign"]:
+        lines.append(
+            f"  foreign     {len(report['foreign'])} shard files of another run or unreadable"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the status of a run; returns the exit status (0 complete, 1 not yet, 2 no run)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m batchgen.status",
+        description="Progress of a batchgen run, read from its output folder alone.",
+    )
+    parser.add_argument("output_dir", type=Path, help="the run's output.dir")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        help="seconds after which an unreadable claim file counts as expired (default 60)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = collect(args.output_dir, args.lease)
+    except NotAnOutputDir as e:
+        print(f"batchgen.status: error: {e}", file=sys.stderr)
+        return EXIT_NOT_OUTPUT
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_COMPLETE if report["complete"] else EXIT_INCOMPLETE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The status command on hand-built output folders: shards, claims, totals, rate, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from batchgen.claims import ClaimStore
+from batchgen.status import collect, format_status, main
+from batchgen.writer import output_schema, write_json_atomic, write_shard
+
+ROWS, PER_SHARD = 23, 5  # five shards, the last of 3 rows
+T0 = 1_700_000_000.0
+
+
+def run_json(out, status="running", summary=None, fingerprint="fp1"):
+    payload = {
+        "fingerprint": fingerprint,
+        "fingerprint_parts": {
+            "data": {"rows": ROWS},
+            "layout": {"rows_per_shard": PER_SHARD},
+        },
+        "config": {"output": {"rows_per_shard": PER_SHARD}},
+        "status": status,
+    }
+    if summary:
+        payload["summary"] = summary
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "run.json", payload)
+
+
+def shard(out, index, mtime, tokens_per_row=4, fingerprint="fp1", skipped=0):
+    start, stop = index * PER_SHARD, min((index + 1) * PER_SHARD, ROWS)
+    n = stop - start - skipped
+    rows = [
+        {
+            "id": f"r{i}",
+            "sample_index": 0,
+            "prompt": "p",
+            "response": "r",
+            "finish_reason": "length",
+            "prompt_tokens": 2,
+            "completion_tokens": tokens_per_row,
+        }
+        for i in range(start, start + n)
+    ]
+    totals = {
+        "rows": n,
+        "samples": n,
+        "skipped": skipped,
+        "prompt_tokens": 2 * n,
+        "completion_tokens": tokens_per_row * n,
+        "finish_reasons": {"length": n},
+    }
+    meta = {
+        "fingerprint": fingerprint,
+        "shard": {"index": index, "start": start, "stop": stop, "totals": totals},
+    }
+    name = f"part-{index:05d}.parquet"
+    assert write_shard(out, name, rows, output_schema({}, meta))
+    os.utime(out / name, (mtime, mtime))
+
+
+class Clock:
+    t = T0 + 100
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def half_done(tmp_path):
+    """Shards 0 and 2 done 10 s apart; 1 claimed live, 3 expired, 4 released; 0 claimed stale."""
+    out = tmp_path / "out"
+    run_json(out)
+    shard(out, 0, T0)
+    shard(out, 2, T0 + 10, tokens_per_row=6, skipped=1)
+    clock = Clock()
+    alive = ClaimStore(out, "nodeA:11:0", clock=clock)
+    dead = ClaimStore(out, "nodeB:22:1", clock=lambda: clock.t - 100)
+    assert alive.try_claim(1) and alive.try_claim(0)
+    assert dead.try_claim(3) and dead.try_claim(4)
+    dead.release(4)
+    return out, clock
+
+
+def test_counts_shards_claims_rows_and_tokens(half_done):
+    out, clock = half_done
+    report = collect(out, clock=clock)
+    assert report["shards"] == {"total": 5, "done": 2, "claimed": 1, "expired": 1, "pending": 1}
+    assert report["rows"] == {"total": 23, "done": 10, "remaining": 13}
+    assert report["totals"]["rows"] == 9 and report["totals"]["skipped"] == 1
+    assert report["totals"]["completion_tokens"] == 5 * 4 + 4 * 6
+    assert [(w["owner"], w["rank"], w["shards"], w["expired"]) for w in report["workers"]] == [
+        ("nodeA:11:0", 0, [1], []),
+        ("nodeB:22:1", 1, [], [3]),
+    ]
+    assert not report["complete"] and report["run_status"] == "running"
+
+
+def test_rate_from_shard_times_and_eta(half_done):
+    out, clock = half_done
+    report = collect(out, clock=clock)
+    # Only shard 2 was produced inside the 10 s between the two publications.
+    assert report["throughput"] == {
+        "rows_per_second": 0.5,
+        "completion_tokens_per_second": 2.4,
+        "source": "shard times",
+    }
+    assert report["eta_seconds"] == pytest.approx(26.0)
+
+
+def test_text_and_json_output_and_exit_status(half_done, capsys, monkeypatch):
+    out, clock = half_done
+    text = format_status(collect(out, clock=clock))
+    assert "2/5 done, 1 claimed, 1 expired claims, 1 pending" in text
+    assert "nodeB:22:1  0 claimed, EXPIRED [3] (to be redone)" in text
+    assert "10/23 done (1 skipped), 9 samples" in text
+    assert "2.4 tokens/s, 0.50 rows/s (from shard times)" in text
+    assert "eta         26 s for 3 shards (13 rows)" in text
+    monkeypatch.setattr(time, "time", clock)
+    assert main([str(out), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["shards"]["done"] == 2
+
+
+def test_complete_run_exits_zero_with_rate_from_run_json(tmp_path, capsys):
+    out = tmp_path / "out"
+    summary = {
+        "shards_total": 5,
+        "this_run": {"rows": 23, "skipped": 0, "completion_tokens": 92, "generate_seconds": 4.0},
+    }
+    run_json(out, status="complete", summary=summary)
+    for i in range(5):
+        shard(out, i, T0)  # same mtime: no span to measure
+    report = collect(out)
+    assert report["complete"] and report["eta_seconds"] == 0.0
+    assert report["throughput"]["completion_tokens_per_second"] == 23.0
+    assert report["throughput"]["source"] == "run.json"
+    assert main([str(out)]) == 0
+    assert "every shard is done" in capsys.readouterr().out
+
+
+def test_shards_of_another_fingerprint_do_not_count(tmp_path):
+    out = tmp_path / "out"
+    run_json(out)
+    shard(out, 0, T0)
+    shard(out, 1, T0 + 5, fingerprint="other")
+    (out / "part-00002.parquet").write_text("not parquet")
+    report = collect(out)
+    assert report["shards"]["done"] == 1 and report["shards"]["pending"] == 4
+    assert report["foreign"] == ["part-00001.parquet", "part-00002.parquet"]
+    assert report["throughput"]["source"] is None and report["eta_seconds"] is None
+    assert "eta         unknown" in format_status(report)
+
+
+@pytest.mark.parametrize("setup", ["missing", "empty", "not-json", "no-fingerprint", "no-rows"])
+def test_not_an_output_folder_exits_two(tmp_path, capsys, setup):
+    out = tmp_path / "out"
+    if setup != "missing":
+        out.mkdir()
+    if setup == "not-json":
+        (out / "run.json").write_text("{")
+    elif setup == "no-fingerprint":
+        (out / "run.json").write_text("{}")
+    elif setup == "no-rows":
+        (out / "run.json").write_text('{"fingerprint": "x"}')
+    assert main([str(out)]) == 2
+    assert "batchgen.status: error:" in capsys.readouterr().err
+
+
+def test_runs_as_a_module(half_done):
+    out, _ = half_done
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchgen.status", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.startswith(f"batchgen status  {out}")
