@@ -83,9 +83,23 @@ def _look(path: Path) -> _Seen | None:
         return _Seen(mtime, _parse(f.read()))
 
 
+def _dead_here(info: dict[str, Any]) -> bool:
+    """Whether the claim's holder ran on this host and has exited (a killed or crashed worker):
+    its claim need not sit out the lease, so a restarted run resumes at once."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _expired(seen: _Seen, now: float, lease: float) -> bool:
     if seen.info is not None:
-        return now >= seen.info["expires_at"]
+        return now >= seen.info["expires_at"] or _dead_here(seen.info)
     # Unreadable: a creator between O_EXCL and its write, or one that died there. Only its age
     # tells the two apart.
     return now - seen.mtime > lease

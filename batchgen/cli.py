@@ -39,10 +39,13 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Run one batch generation job; a user error prints one paragraph and exits with 2."""
-    from batchgen.runner import run
+    from batchgen.runner import Stopped, run
 
     try:
         run(to_job_config(cfg))
+    except Stopped as e:
+        print(f"batchgen: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except BatchgenError as e:
         print(f"batchgen: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -79,6 +79,8 @@ class RunnerConfig:
     batch_size: int = 16
     # Token slots per batch (rows x samples x (longest prompt + max_new_tokens)); None: no bound.
     max_batch_tokens: int | None = None
+    # A batch closes before its pad tokens exceed this fraction of its prompt tokens; None: off.
+    max_padding: float | None = 0.1
     engine: str = "auto"
     # Static KV cache + torch.compile'd decoding for the static engine (CUDA; pays a warm-up).
     compile: bool = False
@@ -86,6 +88,14 @@ class RunnerConfig:
     # Rows without a usable prompt (null, empty, not a string, malformed messages).
     on_bad_row: str = "error"
     progress: bool = True
+    # Data parallel: this worker's rank and the number of workers; None: from the environment
+    # (Slurm array or srun, torchrun, Kubernetes indexed jobs), else 0 of 1.
+    rank: int | None = None
+    world_size: int | None = None
+    # Seconds a shard claim lives without a heartbeat; a dead worker's shard is redone after it.
+    lease_seconds: float = 120.0
+    # After its own shards, a worker takes unfinished shards whose claims are free or expired.
+    steal: bool = True
 
 
 @dataclass
@@ -155,6 +165,11 @@ def validate(cfg: JobConfig) -> None:
     )
     _check(d.limit is None or d.limit >= 1, "dataset.limit", "must be at least 1 when set")
     _check(r.batch_size >= 1, "runner.batch_size", "must be at least 1")
+    _check(
+        r.max_padding is None or r.max_padding >= 0,
+        "runner.max_padding",
+        "must be >= 0 when set",
+    )
     _check(r.engine in ENGINES, "runner.engine", f"must be one of {ENGINES}, got {r.engine!r}")
     _check(
         r.max_batch_tokens is None or r.max_batch_tokens >= 1,
@@ -171,5 +186,6 @@ def validate(cfg: JobConfig) -> None:
         "runner.on_bad_row",
         f"must be one of {BAD_ROW_POLICIES}, got {r.on_bad_row!r}",
     )
+    _check(r.lease_seconds > 0, "runner.lease_seconds", "must be > 0")
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
     _check(bool(o.dir), "output.dir", "must be set")

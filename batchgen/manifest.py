@@ -12,7 +12,6 @@ from typing import Any
 from batchgen.config import JobConfig
 from batchgen.errors import ResumeError
 from batchgen.prompts import PromptRecord
-from batchgen.writer import finished_shards, shard_metadata
 
 RUN_FILE = "run.json"
 
@@ -83,7 +82,8 @@ def describe_difference(old: dict, new: dict) -> str:
     return "\n".join(lines) or "  (settings recorded without details)"
 
 
-def _refuse(out_dir: Path, where: str, old_parts: dict, new_parts: dict) -> ResumeError:
+def refuse(out_dir: Path, where: str, old_parts: dict, new_parts: dict) -> ResumeError:
+    """The error for a folder that holds another config's run, listing what differs."""
     return ResumeError(
         f"output.dir={str(out_dir)!r} holds a run with a different config fingerprint ({where}); "
         f"resuming would mix outputs of two configs. What differs (recorded -> now):\n"
@@ -93,24 +93,20 @@ def _refuse(out_dir: Path, where: str, old_parts: dict, new_parts: dict) -> Resu
     )
 
 
-def check_resume(out_dir: Path, parts: dict) -> set[int]:
-    """Verify that ``out_dir`` is empty or holds this very run; return its finished shards.
+def check_run_file(out_dir: Path, parts: dict) -> None:
+    """Refuse an output folder whose ``run.json`` records another config fingerprint.
+
+    Finished shards carry the fingerprint too and are checked one by one on resume
+    (``batchgen.verify``), which also covers a folder whose ``run.json`` was lost.
 
     Raises:
-        ResumeError: ``run.json`` or any finished shard records another fingerprint.
+        ResumeError: naming what differs.
     """
-    fp = fingerprint(parts)
     run_file = out_dir / RUN_FILE
     if run_file.is_file():
         recorded = json.loads(run_file.read_text())
-        if recorded.get("fingerprint") != fp:
-            raise _refuse(out_dir, RUN_FILE, recorded.get("fingerprint_parts", {}), parts)
-    done = finished_shards(out_dir)
-    for _, path in sorted(done.items()):
-        meta = shard_metadata(path)
-        if meta.get("fingerprint") != fp:
-            raise _refuse(out_dir, path.name, meta.get("fingerprint_parts", {}), parts)
-    return set(done)
+        if recorded.get("fingerprint") != fingerprint(parts):
+            raise refuse(out_dir, RUN_FILE, recorded.get("fingerprint_parts", {}), parts)
 
 
 def versions() -> dict[str, str]:

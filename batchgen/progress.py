@@ -19,6 +19,7 @@ class Totals:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    padded_tokens: int = 0  # pad slots in prompt batches (static engine)
     finish_reasons: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Totals) -> None:
@@ -29,6 +30,7 @@ class Totals:
         self.failed += other.failed
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.padded_tokens += other.padded_tokens
         for k, v in other.finish_reasons.items():
             self.finish_reasons[k] = self.finish_reasons.get(k, 0) + v
 
@@ -72,16 +74,21 @@ def format_summary(summary: dict) -> str:
     """The closing summary as aligned lines for the terminal."""
     t = summary["totals"]
     this = summary["this_run"]
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in summary.get("phases", {}).items()) or "-"
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(t["finish_reasons"].items())) or "-"
     lines = [
         "batchgen summary",
         f"  rows        {t['rows']:,} generated, {t['skipped']:,} skipped, {t['failed']:,} failed "
         f"({summary['shards_done']}/{summary['shards_total']} shards complete)",
         f"  samples     {t['samples']:,} (finish: {reasons})",
-        f"  tokens      {t['prompt_tokens']:,} prompt, {t['completion_tokens']:,} completion",
+        f"  tokens      {t['prompt_tokens']:,} prompt, {t['completion_tokens']:,} completion, "
+        f"padding waste {summary.get('padding_waste', 0.0):.1%}",
         f"  this run    {this['rows']:,} rows, {this['completion_tokens']:,} tokens in "
         f"{this['generate_seconds']:.1f} s = {this['tokens_per_second']:,.1f} tokens/s "
         f"(wall {summary['wall_seconds']:.1f} s, {summary['shards_resumed']} shards resumed)",
+        f"  phases      {phases}",
         f"  outputs     {summary['output_dir']}/part-*.parquet",
     ]
+    if t["skipped"] or t["failed"]:
+        lines.append(f"  errors      {summary['output_dir']}/errors.jsonl (ids and reasons)")
     return "\n".join(lines)

@@ -45,6 +45,7 @@ def plan_batches(
     max_batch_tokens: int | None = None,
     new_tokens: int = 0,
     samples: int = 1,
+    max_padding: float | None = None,
 ) -> list[list[PromptRecord]]:
     """Group a shard's records into batches of similar prompt length.
 
@@ -53,22 +54,38 @@ def plan_batches(
     ``batch_size`` records and, when ``max_batch_tokens`` is set, at most that many token slots
     (rows x samples x (longest prompt + new tokens)): short prompts travel in large batches,
     long ones in small. A record too long for the budget alone still gets a batch of its own.
-    Callers restore row order from ``index``.
+    With ``max_padding``, a batch also closes before its pad tokens would exceed that fraction
+    of its real prompt tokens. Callers restore row order from ``index``.
     """
     ordered = sorted(records, key=lambda r: (-len(r.token_ids), r.index))
     batches: list[list[PromptRecord]] = []
+    real = 0  # prompt tokens in the open batch
     for record in ordered:
-        batch = batches[-1] if batches else None
-        if (
-            batch
-            and len(batch) < batch_size
-            and (
-                max_batch_tokens is None
-                or (len(batch) + 1) * samples * (len(batch[0].token_ids) + new_tokens)
-                <= max_batch_tokens
-            )
+        size = len(record.token_ids)
+        if batches and _fits(
+            batches[-1],
+            size,
+            real,
+            batch_size,
+            max_batch_tokens,
+            new_tokens * samples,
+            samples,
+            max_padding,
         ):
-            batch.append(record)
+            batches[-1].append(record)
+            real += size
         else:
             batches.append([record])
+            real = size
     return batches
+
+
+def _fits(batch, size, real, batch_size, max_batch_tokens, new_slots, samples, max_padding):
+    """Whether a record of ``size`` prompt tokens may join ``batch`` (longest first)."""
+    rows = len(batch) + 1
+    longest = len(batch[0].token_ids)
+    if rows > batch_size:
+        return False
+    if max_batch_tokens is not None and rows * (samples * longest + new_slots) > max_batch_tokens:
+        return False
+    return max_padding is None or rows * longest - (real + size) <= max_padding * (real + size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchgen import models
+from batchgen import batching, models
 from batchgen.batching import BatchRunner, Budget, batch_tokens, choose_engine
 from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
 from batchgen.continuous import ContinuousEngine
@@ -43,6 +43,15 @@ def test_plan_respects_batch_size_and_token_budget_and_keeps_every_row():
         [20, 12, 7],
         [5, 3, 1],
     ]
+
+
+def test_plan_bounds_padding():
+    records = fake_records([100, 95, 90, 60, 58, 10, 9])
+    batches = plan_batches(records, batch_size=8, max_padding=0.1)
+    assert [[len(r.token_ids) for r in b] for b in batches] == [[100, 95, 90], [60, 58], [10, 9]]
+    for b in batches:
+        lengths = [len(r.token_ids) for r in b]
+        assert max(lengths) * len(b) - sum(lengths) <= 0.1 * sum(lengths)
 
 
 def test_plan_without_budget_is_length_sorted_chunks():
@@ -192,8 +201,11 @@ def test_systematic_failure_stops_the_job(tiny_models, monkeypatch):
     assert calls.count(1) == 8  # eight rows failed alone in a row, then it gave up
 
 
-def test_engine_choice():
+def test_engine_choice(monkeypatch):
     greedy, sampled = SamplingConfig(), SamplingConfig(do_sample=True)
+    assert choose_engine(RunnerConfig(engine="auto"), greedy, False, "cpu") == "static"
+    assert choose_engine(RunnerConfig(engine="continuous"), greedy, False, "cpu") == "continuous"
+    monkeypatch.setattr(batching, "AUTO_CONTINUOUS_DEVICES", ("cpu",))
     assert choose_engine(RunnerConfig(engine="auto"), greedy, False, "cpu") == "continuous"
     assert choose_engine(RunnerConfig(engine="auto"), sampled, False, "cpu") == "static"
     assert choose_engine(RunnerConfig(engine="auto"), greedy, True, "cpu") == "static"

@@ -1,0 +1,60 @@
+"""Graceful stop on SIGTERM, SIGUSR1 (Slurm's warning before a time limit or preemption) and Ctrl-C.
+
+The handler only sets a flag; the shard loop checks it between batches, abandons the shard in
+progress (nothing half-written is ever published), releases its claims and exits with 128 + the
+signal's number; a handler that was there before (submitit's requeue) is then called. A second
+Ctrl-C interrupts at once, for a user who really means it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+# SIGUSR2 is what submitit (Hydra's Slurm launcher) asks Slurm to send before a time limit.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+
+class StopRequested:
+    """Installs the handlers on enter and restores the previous ones on exit."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.event.is_set():
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.event.set()
+
+    def __enter__(self) -> StopRequested:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def chain(self) -> None:
+        """Hand the signal on to the handler installed before ours, once the folder is clean.
+
+        Under submitit that handler requeues the Slurm job (and exits); Ctrl-C is not chained.
+        """
+        previous = self._previous.get(self.signum)
+        if self.signum != signal.SIGINT and callable(previous):
+            previous(self.signum, None)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention, 128 + signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + (self.signum or signal.SIGTERM)
+
+    @property
+    def name(self) -> str:
+        """The signal's name, for messages."""
+        return signal.Signals(self.signum).name if self.signum else "stop"
