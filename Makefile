@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 # The CPU build of torch lies on this machine's disk; a GPU box may override, e.g. TORCH="torch==2.13.0".
 TORCH ?= torch==2.13.0
 ARGS ?=
+# Data-parallel workers for `make slurm` (one Slurm array task each).
+WORKERS ?= 4
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench slurm clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +25,13 @@ run: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# Submit the job as a Slurm array of $(WORKERS) workers through Hydra's submitit launcher;
+# waits until every task has ended. LAUNCHER=local runs the same sweep without Slurm.
+LAUNCHER ?= slurm
+slurm: install
+	$(PY) -m batchgen -m hydra/launcher=$(LAUNCHER) "runner.rank=range($(WORKERS))" \
+		runner.world_size=$(WORKERS) $(ARGS)
 
 # Throughput of every engine against transformers' pipeline, side by side (scripts/bench.py).
 bench: install

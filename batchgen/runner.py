@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from batchgen.worker import ShardLoop, ShardWork
 from batchgen.workers import WorkerInfo, resolve_worker
 from batchgen.writer import finished_shards, shard_metadata
 
-log = logging.getLogger(__name__)
+# Errors writing the output folder that the user fixes outside batchgen (space, permissions).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 class Stopped(BatchgenError):
@@ -216,8 +216,6 @@ def generate(p: Prepared) -> dict:
                 loop.run(work)
             except Interrupted:
                 stop_signal = stop
-            except OSError as e:
-                raise _write_error(p.out_dir, e) from e
             finally:
                 progress.close()
                 this_run = loop.result
@@ -259,6 +257,10 @@ def run(cfg: JobConfig) -> dict:
     prepared = prepare(cfg)
     try:
         summary = generate(prepared)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise _write_error(prepared.out_dir, e) from e
     finally:
         prepared.lock.release()
     summary["wall_seconds"] = time.perf_counter() - started

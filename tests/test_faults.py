@@ -1,0 +1,290 @@
+"""Fault injection: kills, damaged shards, a second runner, signals, unwritable and full disks,
+bad rows. Each compares the final folder with an uninterrupted run or asserts the exact outcome."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen.errors import DataError
+from batchgen.runner import run
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+SETTINGS = [
+    "sampling.do_sample=true",
+    "sampling.max_new_tokens=32",
+    "output.rows_per_shard=1",
+    "runner.batch_size=2",
+    "runner.progress=false",
+    "dataset.id_column=uid",
+]
+
+
+def cli(model, data, out, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "batchgen",
+        f"model.name_or_path={model}",
+        "model.gguf_file=null",
+        "dataset=local",
+        f"dataset.path={data}",
+        f"output.dir={out}",
+        *SETTINGS,
+        *extra,
+    ]
+
+
+def rows(out: Path) -> list[dict]:
+    return [r for f in sorted(out.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def shards(out: Path) -> int:
+    return len(list(out.glob("part-*.parquet"))) if out.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("faults") / "prompts.jsonl"
+    with path.open("w") as f:
+        for i in range(24):
+            f.write(
+                json.dumps({"uid": f"u{i}", "prompt": f"tell me {i} " + "more " * (i % 7)}) + "\n"
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, data, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("reference") / "out"
+    subprocess.run(cli(tiny_models["chat"], data, out), env=ENV, check=True, capture_output=True)
+    return rows(out)
+
+
+def test_sigkill_at_twenty_random_points_loses_and_duplicates_nothing(
+    tiny_models, data, reference, tmp_path
+):
+    out = tmp_path / "out"
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(20):
+        target = shards(out) + rng.choice([0, 0, 1, 1, 2])
+        proc = subprocess.Popen(
+            cli(tiny_models["chat"], data, out),
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while shards(out) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.4))  # anywhere: start-up, a batch, a write, a rename
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if shards(out) == 24:
+            break
+    assert kills >= 15, f"only {kills} kills landed before the run finished"
+    final = subprocess.run(
+        cli(tiny_models["chat"], data, out), env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert final.returncode == 0, final.stderr
+    assert rows(out) == reference
+    assert all(p.suffix != ".parquet" or p.name.startswith("part-") for p in out.iterdir())
+
+
+def test_truncated_and_corrupted_shards_are_regenerated(tiny_models, data, reference, tmp_path):
+    out = tmp_path / "out"
+    subprocess.run(cli(tiny_models["chat"], data, out), env=ENV, check=True, capture_output=True)
+    cut = out / "part-00003.parquet"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a copy cut short
+    flipped = out / "part-00007.parquet"
+    raw = bytearray(flipped.read_bytes())
+    footer = pq.ParquetFile(flipped).metadata.serialized_size
+    middle = (len(raw) - footer - 8) // 2  # inside the data pages, ahead of the footer
+    raw[middle : middle + 16] = bytes(b ^ 0xFF for b in raw[middle : middle + 16])
+    flipped.write_bytes(bytes(raw))
+    again = subprocess.run(
+        cli(tiny_models["chat"], data, out), env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert "part-00003.parquet is damaged" in again.stdout
+    assert "part-00007.parquet is damaged" in again.stdout
+    assert "22 shards resumed" in again.stdout
+    assert rows(out) == reference
+    moved = sorted(p.name.split(".corrupt-")[0] for p in out.glob("*.corrupt-*"))
+    assert moved == ["part-00003.parquet", "part-00007.parquet"]
+
+
+def test_second_runner_on_the_same_folder_is_refused(tiny_models, data, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        cli(tiny_models["chat"], data, out, "sampling.max_new_tokens=200"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".run-rank0-of1.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = subprocess.run(
+            cli(tiny_models["chat"], data, out, "sampling.max_new_tokens=200"),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert f"pid {first.pid}" in second.stderr and "batchgen: error:" in second.stderr
+
+
+def test_sigterm_and_ctrl_c_stop_cleanly_and_resume(tiny_models, data, reference, tmp_path):
+    out = tmp_path / "out"
+    for sig, code, name in ((signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")):
+        proc = subprocess.Popen(
+            cli(tiny_models["chat"], data, out),
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        start = shards(out)
+        deadline = time.monotonic() + 120
+        while shards(out) < start + 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == code, stderr
+        assert f"stopped by {name}" in stderr and "Rerun the same command to resume" in stderr
+        assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+        claims = [json.loads(p.read_text()) for p in (out / "claims").iterdir()]
+        assert all(c.get("released") for c in claims), claims
+        assert not (out / ".run-rank0-of1.lock").exists()
+        assert 0 < shards(out) < 24
+    done = subprocess.run(
+        cli(tiny_models["chat"], data, out), env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert rows(out) == reference
+
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here to simulate the disk: {result.stderr.strip()}")
+
+
+def test_read_only_output_folder(tiny_models, data, tmp_path):
+    ro = tmp_path / "ro"
+    _mount_tmpfs(ro, "ro,size=1m")
+    try:
+        result = subprocess.run(
+            cli(tiny_models["chat"], data, ro), env=ENV, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        subprocess.run(["umount", str(ro)])
+    assert result.returncode == 2
+    assert "output.dir=" in result.stderr and "Read-only file system" in result.stderr
+
+
+def test_disk_full_keeps_finished_shards_and_resumes(tiny_models, data, reference, tmp_path):
+    small = tmp_path / "small"
+    _mount_tmpfs(small, "size=48k")
+    out = small / "out"
+    try:
+        result = subprocess.run(
+            cli(tiny_models["chat"], data, out),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr
+        assert (
+            "the disk is full" in result.stderr
+            and "Every finished shard is intact" in result.stderr
+        )
+        kept = shards(out)
+        assert 0 < kept < 24
+        moved = tmp_path / "moved"
+        shutil.copytree(out, moved)
+    finally:
+        subprocess.run(["umount", str(small)])
+    assert not list(moved.glob("*.tmp-*"))
+    done = subprocess.run(
+        cli(tiny_models["chat"], data, moved), env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{kept} shards resumed" in done.stdout
+    assert rows(moved) == reference
+
+
+def test_each_bad_row_kind_is_skipped_and_logged(tiny_models, make_job, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    lines = [
+        {"uid": "ok-1", "prompt": "fine"},
+        {"uid": "null", "prompt": None},
+        {"uid": "empty", "prompt": ""},
+        {"uid": "blank", "prompt": "   "},
+        {"uid": "long", "prompt": "word " * 400},
+        {"uid": "absent"},
+    ]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    cfg = make_job(
+        tiny_models["base"],
+        data,
+        out,
+        runner__on_bad_row="skip",
+        runner__on_long_prompt="skip",
+        sampling__max_new_tokens=4,
+    )
+    summary = run(cfg)
+    assert [r["id"] for r in rows(out)] == ["ok-1"]
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["id"], e["kind"]) for e in errors] == [
+        ("null", "skipped"),
+        ("empty", "skipped"),
+        ("blank", "skipped"),
+        ("long", "skipped"),
+        ("absent", "skipped"),
+    ]
+    reasons = [e["reason"] for e in errors]
+    assert reasons[0] == reasons[4] == "dataset.prompt_column 'prompt': missing (null)"
+    assert reasons[1] == reasons[2] == "dataset.prompt_column 'prompt': empty"
+    assert reasons[3].startswith("prompt longer than 252 tokens")
+    assert summary["totals"]["skipped"] == 5 and summary["totals"]["rows"] == 1
+
+    refused = make_job(tiny_models["base"], data, tmp_path / "out2", sampling__max_new_tokens=4)
+    with pytest.raises(DataError, match=r"4 row\(s\) have no usable prompt: id 'null'"):
+        run(refused)
+    assert not list((tmp_path / "out2").glob("*.parquet"))
+
+
+def test_non_string_prompts_are_bad_rows(tiny_models, make_job, tmp_path):
+    data = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"uid": ["a", "b"], "prompt": [1, 2]}), data)
+    out = tmp_path / "out"
+    summary = run(make_job(tiny_models["base"], data, out, runner__on_bad_row="skip"))
+    assert summary["totals"]["skipped"] == 2 and rows(out) == []
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert errors[0]["reason"] == "dataset.prompt_column 'prompt': not a string: int '1'"
