@@ -54,38 +54,48 @@ def plan_batches(
     ``batch_size`` records and, when ``max_batch_tokens`` is set, at most that many token slots
     (rows x samples x (longest prompt + new tokens)): short prompts travel in large batches,
     long ones in small. A record too long for the budget alone still gets a batch of its own.
-    With ``max_padding``, a batch also closes before its pad tokens would exceed that fraction
-    of its real prompt tokens. Callers restore row order from ``index``.
+    With ``max_padding``, a batch also closes before the shard's pad tokens so far would exceed
+    that fraction of its real prompt tokens. Callers restore row order from ``index``.
     """
     ordered = sorted(records, key=lambda r: (-len(r.token_ids), r.index))
     batches: list[list[PromptRecord]] = []
-    real = 0  # prompt tokens in the open batch
+    pads = real = 0  # over the closed batches, for the padding bound
     for record in ordered:
         size = len(record.token_ids)
         if batches and _fits(
             batches[-1],
             size,
+            pads,
             real,
             batch_size,
             max_batch_tokens,
-            new_tokens * samples,
+            new_tokens,
             samples,
             max_padding,
         ):
             batches[-1].append(record)
-            real += size
         else:
+            if batches:
+                longest = len(batches[-1][0].token_ids)
+                pads += sum(longest - len(r.token_ids) for r in batches[-1])
+                real += sum(len(r.token_ids) for r in batches[-1])
             batches.append([record])
-            real = size
     return batches
 
 
-def _fits(batch, size, real, batch_size, max_batch_tokens, new_slots, samples, max_padding):
-    """Whether a record of ``size`` prompt tokens may join ``batch`` (longest first)."""
+def _fits(batch, size, pads, real, batch_size, max_batch_tokens, new_tokens, samples, max_padding):
+    """Whether a record of ``size`` prompt tokens may join the open ``batch`` (longest first).
+
+    The padding bound is on the shard so far, not per batch: the long prompts that come first
+    leave room for a few uneven batches later, which keeps batches large.
+    """
     rows = len(batch) + 1
     longest = len(batch[0].token_ids)
     if rows > batch_size:
         return False
-    if max_batch_tokens is not None and rows * (samples * longest + new_slots) > max_batch_tokens:
+    if max_batch_tokens is not None and rows * samples * (longest + new_tokens) > max_batch_tokens:
         return False
-    return max_padding is None or rows * longest - (real + size) <= max_padding * (real + size)
+    if max_padding is None:
+        return True
+    batch_real = sum(len(r.token_ids) for r in batch) + size
+    return pads + rows * longest - batch_real <= max_padding * (real + batch_real)

@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         parser.error("--gpu needs a CUDA device")
     args.prompts = args.prompts or (1024 if args.gpu else 64)
     args.max_new_tokens = args.max_new_tokens or (256 if args.gpu else 64)
-    args.batch_sizes = args.batch_sizes or ([32, 64, 128, 256, 512] if args.gpu else [16, 32, 64])
+    args.batch_sizes = args.batch_sizes or ([32, 64, 128, 256, 512] if args.gpu else [16, 32])
     args.fixed_length = args.fixed_length or args.gpu  # a random model would rarely stop anyway
 
     model, tok, texts, records = load(args)

@@ -235,3 +235,20 @@ def test_eight_processes_racing_for_one_shard_one_wins(tmp_path, existing):
     generation = 0 if existing == "none" else 1
     assert read_claim(tmp_path, 0, generation)["owner"] == winners[0]
     assert len(claim_files(tmp_path)) == generation + 1
+
+
+def test_claim_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    from batchgen.claims import ClaimStore
+
+    code = (
+        "import sys; from pathlib import Path; from batchgen.claims import ClaimStore;"
+        "assert ClaimStore(Path(sys.argv[1]), 'dead:1:0', lease_seconds=3600).try_claim(3)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    live = ClaimStore(tmp_path, "live:2:0", lease_seconds=3600)
+    assert live.try_claim(3)  # the holder exited: its hour-long lease does not block a restart
+    other = ClaimStore(tmp_path, "other:3:0", lease_seconds=3600)
+    assert not other.try_claim(3)  # a live holder's claim stands
