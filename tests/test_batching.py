@@ -74,6 +74,13 @@ def test_budget_halves_and_grows_back():
     assert budget.current == 1000
 
 
+def unbounded(engine, batch_size, sampling, seed):
+    """A BatchRunner whose batches are bounded by size alone, so tests know their shapes."""
+    return BatchRunner(
+        engine, RunnerConfig(batch_size=batch_size, max_padding=None), sampling, seed
+    )
+
+
 def load(path, sampling):
     cfg = ModelConfig(name_or_path=str(path))
     source = models.resolve_source(cfg)
@@ -122,7 +129,7 @@ def test_sampling_is_batch_invariant(tiny_models):
         runs.append(texts_of(runner.run(records, lambda r, t: None), records))
     assert runs[0] == runs[1] == runs[2]
     assert any(a != b for a, b in runs[0])  # two samples of a row differ
-    other_seed = BatchRunner(Engine(model, tok, sampling), RunnerConfig(batch_size=8, max_padding=None), sampling, 4)
+    other_seed = unbounded(Engine(model, tok, sampling), 8, sampling, 4)
     assert texts_of(other_seed.run(records, lambda r, t: None), records) != runs[0]
 
 
@@ -131,9 +138,7 @@ def test_out_of_memory_splits_batch_and_keeps_outputs(tiny_models, monkeypatch):
     model, tok = load(tiny_models["chat"], sampling)
     records = recs(tok, 8)
     expected = texts_of(
-        BatchRunner(Engine(model, tok, sampling), RunnerConfig(batch_size=8, max_padding=None), sampling, 0).run(
-            records, lambda r, t: None
-        ),
+        unbounded(Engine(model, tok, sampling), 8, sampling, 0).run(records, lambda r, t: None),
         records,
     )
     engine = Engine(model, tok, sampling)
@@ -147,7 +152,7 @@ def test_out_of_memory_splits_batch_and_keeps_outputs(tiny_models, monkeypatch):
         return real(batch, seed)
 
     monkeypatch.setattr(engine, "generate", flaky)
-    runner = BatchRunner(engine, RunnerConfig(batch_size=8, max_padding=None), sampling, seed=0)
+    runner = unbounded(engine, 8, sampling, 0)
     progress = []
     got = texts_of(runner.run(records, lambda r, t: progress.append(r)), records)
     assert got == expected
@@ -164,9 +169,7 @@ def test_row_failing_alone_is_recorded_and_neighbours_survive(tiny_models, monke
     engine = Engine(model, tok, sampling)
     records = recs(tok, 6)
     expected = texts_of(
-        BatchRunner(Engine(model, tok, sampling), RunnerConfig(batch_size=6, max_padding=None), sampling, 0).run(
-            records, lambda r, t: None
-        ),
+        unbounded(Engine(model, tok, sampling), 6, sampling, 0).run(records, lambda r, t: None),
         records,
     )
     real = engine.generate
@@ -177,9 +180,7 @@ def test_row_failing_alone_is_recorded_and_neighbours_survive(tiny_models, monke
         return real(batch, seed)
 
     monkeypatch.setattr(engine, "generate", poisoned)
-    results, failed = BatchRunner(engine, RunnerConfig(batch_size=6, max_padding=None), sampling, 0).run(
-        records, lambda r, t: None
-    )
+    results, failed = unbounded(engine, 6, sampling, 0).run(records, lambda r, t: None)
     assert [(f.id, f.index) for f in failed] == [("r3", 3)]
     assert "generation failed: OutOfMemoryError" in failed[0].reason
     assert sorted(results) == [0, 1, 2, 4, 5]
