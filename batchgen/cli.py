@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 import hydra
@@ -19,12 +21,29 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 ConfigStore.instance().store(name="base_config", node=JobConfig)
 
 
+def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
+    types = typing.get_type_hints(schema)  # resolves the postponed annotations
+    unknown = []
+    for key in node:
+        if key not in types:
+            unknown.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(types[key]) and isinstance(node[key], DictConfig):
+            unknown += _unknown_keys(node[key], types[key], f"{prefix}{key}.")
+    return unknown
+
+
 def to_job_config(cfg: DictConfig) -> JobConfig:
     """Resolve interpolations and turn the composed config into the typed dataclasses.
 
     Raises:
-        ConfigError: a mandatory value (``???``) was left unset.
+        ConfigError: a mandatory value (``???``) was left unset, or a key was added with ``+``
+            that the schema does not know (such as ``_target_``): it would be silently dropped.
     """
+    unknown = _unknown_keys(cfg, JobConfig)
+    if unknown:
+        raise ConfigError(
+            f"{', '.join(unknown)}: not a batchgen setting (see `python -m batchgen --cfg job`)."
+        )
     try:
         job = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:

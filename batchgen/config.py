@@ -80,8 +80,9 @@ class RunnerConfig:
     # Token slots per batch (rows x samples x (longest prompt + max_new_tokens)); None: no bound.
     max_batch_tokens: int | None = None
     # Batches close before the shard's pad tokens exceed this share of its prompt tokens
-    # (None: off). Padding costs prefill compute; 0.15 measured best on the CPU (bench.py).
-    max_padding: float | None = 0.15
+    # (None: off). Off by default: on the CPU a padded prompt token cost far less than the
+    # decoding steps of an extra batch (docs/benchmarks.md); large GPU batches may want 0.15.
+    max_padding: float | None = None
     engine: str = "auto"
     # Static KV cache + torch.compile'd decoding for the static engine (CUDA; pays a warm-up).
     compile: bool = False

@@ -295,3 +295,20 @@ def test_validate_names_the_key(overrides, key):
 )
 def test_validate_accepts_the_neighbouring_good_values(overrides):
     validate(compose_job(*overrides))
+
+
+@pytest.mark.parametrize(
+    "override,key", [("+model._target_=os.system", "model._target_"), ("+_target_=x", "_target_")]
+)
+def test_config_strings_never_reach_instantiation(override, key):
+    # The schema is closed: a key added with `+` (a `_target_` above all) is refused, and
+    # nothing in batchgen calls hydra.utils.instantiate, eval or exec on config values.
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: not a batchgen setting"):
+        cli.to_job_config(compose_cfg(override, "output.dir=/tmp/x"))
+    sources = "".join(p.read_text() for p in Path(cli.__file__).parent.glob("*.py"))
+    assert not re.search(r"instantiate\(|(?<![.\w])(eval|exec)\(", sources)
+
+
+def test_remote_code_is_off_unless_asked():
+    job = cli.to_job_config(compose_cfg("output.dir=/tmp/x"))
+    assert job.model.trust_remote_code is False
