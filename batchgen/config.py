@@ -98,6 +98,8 @@ class RunnerConfig:
     lease_seconds: float = 120.0
     # After its own shards, a worker takes unfinished shards whose claims are free or expired.
     steal: bool = True
+    # CPU threads for torch; None: Slurm's SLURM_CPUS_PER_TASK when set, else torch's default.
+    threads: int | None = None
 
 
 @dataclass
@@ -189,5 +191,6 @@ def validate(cfg: JobConfig) -> None:
         f"must be one of {BAD_ROW_POLICIES}, got {r.on_bad_row!r}",
     )
     _check(r.lease_seconds > 0, "runner.lease_seconds", "must be > 0")
+    _check(r.threads is None or r.threads >= 1, "runner.threads", "must be at least 1 when set")
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
     _check(bool(o.dir), "output.dir", "must be set")
