@@ -170,7 +170,12 @@ def build_records(
     ids, texts, problems = render_texts(rows, cfg, tokenizer, chat)
     good = [i for i, t in enumerate(texts) if t is not None]
     rendered_by_template = chat or bool(cfg.messages_column)
-    encoded = tokenizer([texts[i] for i in good], add_special_tokens=not rendered_by_template)
+    # (A fast tokenizer fails on an empty list: every row may be bad.)
+    encoded = (
+        tokenizer([texts[i] for i in good], add_special_tokens=not rendered_by_template)
+        if good
+        else {"input_ids": []}
+    )
     kept = {c: rows.columns[c] for c in cfg.keep_columns}
     records = [
         PromptRecord(i, ids[i], texts[i], list(tokens), {c: v[i] for c, v in kept.items()})

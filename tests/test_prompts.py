@@ -160,3 +160,10 @@ def test_long_prompt_truncate_left_keeps_the_end(smol_tokenizer):
 def test_no_room_for_prompt(smol_tokenizer):
     with pytest.raises(ConfigError, match="max_new_tokens"):
         apply_length_policy(_long_records(smol_tokenizer), 0, "error", smol_tokenizer)
+
+
+def test_every_row_bad_gives_no_records(smol_tokenizer):
+    recs, bad_rows = build_records(
+        rows(p=[None, ""]), DatasetConfig(prompt_column="p"), smol_tokenizer, True
+    )
+    assert recs == [] and [b.id for b in bad_rows] == ["0", "1"]
