@@ -7,12 +7,11 @@ it at any time and a resumed or multi-worker run never counts a row twice.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from batchgen import manifest
 from batchgen.progress import Totals
-from batchgen.writer import finished_shards, shard_metadata, write_json_atomic
+from batchgen.writer import finished_shards, shard_metadata, write_json_atomic, write_text_atomic
 
 ERRORS_FILE = "errors.jsonl"
 
@@ -28,6 +27,14 @@ def read_shards(out_dir: Path) -> dict[int, dict]:
     return shards
 
 
+def add_totals(shards: dict[int, dict]) -> Totals:
+    """The totals of the given shards (as returned by ``read_shards``), added up."""
+    totals = Totals()
+    for meta in shards.values():
+        totals.add(Totals(**meta["totals"]))
+    return totals
+
+
 def write_errors(out_dir: Path, shards: dict[int, dict]) -> int:
     """Rewrite ``errors.jsonl``: one line per skipped or failed row, in row order."""
     lines = []
@@ -35,12 +42,8 @@ def write_errors(out_dir: Path, shards: dict[int, dict]) -> int:
         for kind in ("skipped", "failed"):
             for row in shards[index].get(kind, []):
                 lines.append({**row, "kind": kind, "shard": index})
-    path = out_dir / ERRORS_FILE
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        for line in lines:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    write_text_atomic(out_dir / ERRORS_FILE, text)
     return len(lines)
 
 
@@ -54,9 +57,7 @@ def summarize(
 ) -> dict:
     """The run summary: totals over every finished shard plus this process's own numbers."""
     shards = read_shards(out_dir)
-    totals = Totals()
-    for meta in shards.values():
-        totals.add(Totals(**meta["totals"]))
+    totals = add_totals(shards)
     write_errors(out_dir, shards)
     generate = phases.get("generate", 0.0)
     return {

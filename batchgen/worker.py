@@ -114,7 +114,8 @@ class ShardLoop:
         """Process shards until all are published; raises ``Interrupted`` on a stop request."""
         own = assign_shards(sorted(work), self.worker.rank, self.worker.world_size)
         # Stealers start from the far end of the others' lists, where their owners arrive last.
-        others = [i for i in sorted(work, reverse=True) if i not in set(own)] if self.steal else []
+        mine = set(own)
+        others = [i for i in sorted(work, reverse=True) if i not in mine] if self.steal else []
         order = own + others
         with Heartbeat(self.store):
             try:

@@ -79,15 +79,19 @@ def write_shard(
     return True
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Replace a JSON file atomically (temp file, fsync, rename)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a text file atomically (temp file, fsync, rename)."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with tmp.open("w") as f:
-        json.dump(payload, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Replace a JSON file atomically (temp file, fsync, rename)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def finished_shards(out_dir: Path) -> dict[int, Path]:
