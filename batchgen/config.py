@@ -76,7 +76,11 @@ class DatasetConfig:
 class RunnerConfig:
     """How the work is batched and what happens to prompts that do not fit."""
 
-    batch_size: int = 16
+    # Rows decoded together. Prompts are prefilled apart, in chunks of similar length
+    # (batchgen.prefill), so a large batch costs no prompt padding; it costs KV-cache memory.
+    batch_size: int = 64
+    # Padded prompt tokens per prefill forward pass (one long prompt alone may exceed it).
+    prefill_tokens: int = 2048
     # Token slots per batch (rows x samples x (longest prompt + max_new_tokens)); None: no bound.
     max_batch_tokens: int | None = None
     # Batches close before the shard's pad tokens exceed this share of its prompt tokens
@@ -169,6 +173,7 @@ def validate(cfg: JobConfig) -> None:
     )
     _check(d.limit is None or d.limit >= 1, "dataset.limit", "must be at least 1 when set")
     _check(r.batch_size >= 1, "runner.batch_size", "must be at least 1")
+    _check(r.prefill_tokens >= 1, "runner.prefill_tokens", "must be at least 1")
     _check(
         r.max_padding is None or r.max_padding >= 0,
         "runner.max_padding",

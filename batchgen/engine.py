@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from batchgen.config import SamplingConfig
+from batchgen.prefill import prefill
 from batchgen.prompts import PromptRecord
 from batchgen.sampling import sample_keys, sampling_processors
 
@@ -63,7 +64,14 @@ def generation_config(model, sampling: SamplingConfig, pad_id: int, eos_ids: set
 class Engine:
     """Static batching over ``model.generate``, one call per batch of prompt records."""
 
-    def __init__(self, model, tokenizer, sampling: SamplingConfig, compile: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        sampling: SamplingConfig,
+        compile: bool = False,
+        prefill_tokens: int = 2048,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = sampling
@@ -73,11 +81,16 @@ class Engine:
         # Set once on the model so generate() neither warns about a missing pad id per batch nor
         # falls back to the repo's own sampling defaults.
         model.generation_config = generation_config(model, sampling, self.pad_id, self.eos_ids)
-        if compile:
-            # A static cache gives decoding fixed shapes; generate() then compiles the forward.
-            model.generation_config.cache_implementation = "static"
+        # generate() compiles the forward whenever it decodes from a static cache on a GPU; with
+        # a fresh shape per batch that is a recompile per batch, so only when asked for.
+        model.generation_config.disable_compile = not compile
+        self.compile = compile
+        self.prefill_tokens = prefill_tokens
         self.device = next(model.parameters()).device
-        self.padded_tokens = 0  # pad slots in prompt batches, for the padding-waste figure
+        self.padded_tokens = 0  # pad slots computed in prompt prefill, for the padding-waste figure
+        # Pad slots held in the decode batches' KV caches (left of shorter prompts): never
+        # computed, but read (masked) at every decoding step.
+        self.cache_pad_slots = 0
 
     def generate(self, records: list[PromptRecord], seed: int) -> list[list[Sample]]:
         """Generate ``num_return_sequences`` samples for each record, in record order.
@@ -97,13 +110,30 @@ class Engine:
         procs = sampling_processors(self.sampling, keys, width, self.device)
         extra = {"tokenizer": self.tokenizer} if self.sampling.stop else {}
         with torch.inference_mode():
+            extra.update(self._cache(records, attention_mask))
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, logits_processor=procs, **extra
             )  # (R, width + N)
         new_tokens = out[:, width:]  # (R, N)
-        self.padded_tokens += int((attention_mask == 0).sum())
+        self.cache_pad_slots += int((attention_mask == 0).sum())
         samples = [self._finish(row) for row in new_tokens.tolist()]
         return [samples[i * n : (i + 1) * n] for i in range(len(records))]
+
+    def _cache(self, records: list[PromptRecord], attention_mask: torch.Tensor) -> dict:
+        """generate() arguments for the KV cache: prefilled in chunks where the model allows.
+
+        Otherwise generate() prefills the padded batch itself, pads included.
+        """
+        filled = None
+        if not self.encoder_decoder:
+            prompts = [r.token_ids for r in records]
+            n, new = self.sampling.num_return_sequences, self.sampling.max_new_tokens
+            filled = prefill(self.model, prompts, n, self.pad_id, new, self.prefill_tokens)
+        if filled is None:
+            self.padded_tokens += int((attention_mask == 0).sum())
+            return {"cache_implementation": "static"} if self.compile else {}
+        self.padded_tokens += filled.pad_slots
+        return {"cache": filled.cache}
 
     def _finish(self, ids: list[int]) -> Sample:
         """Cut one generated row at its end, decode it and say why it ended."""

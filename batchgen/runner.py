@@ -197,7 +197,14 @@ def _engine(p: Prepared):
     p.phases["load"] = time.perf_counter() - started
     if p.engine == "continuous":
         return ContinuousEngine(model, p.tokenizer, p.cfg.sampling)
-    return Engine(model, p.tokenizer, p.cfg.sampling, compile=p.cfg.runner.compile)
+    runner = p.cfg.runner
+    return Engine(
+        model,
+        p.tokenizer,
+        p.cfg.sampling,
+        compile=runner.compile,
+        prefill_tokens=runner.prefill_tokens,
+    )
 
 
 def generate(p: Prepared) -> dict:
