@@ -28,7 +28,7 @@ GROWTH = 1.25
 
 
 # Devices where continuous batching beat static batching in scripts/bench.py (docs/benchmarks.md).
-# On the CPU it lost (2.3x vs 6.1x the baseline); no GPU run has been measured yet.
+# On the CPU it lost (0.89x vs 4.66x the baseline); no GPU run has been measured yet.
 AUTO_CONTINUOUS_DEVICES: tuple[str, ...] = ()
 
 

@@ -83,12 +83,12 @@ class RunnerConfig:
     prefill_tokens: int = 2048
     # Token slots per batch (rows x samples x (longest prompt + max_new_tokens)); None: no bound.
     max_batch_tokens: int | None = None
-    # Batches close before the shard's pad tokens exceed this share of its prompt tokens
-    # (None: off). Off by default: on the CPU a padded prompt token cost far less than the
-    # decoding steps of an extra batch (docs/benchmarks.md); large GPU batches may want 0.15.
+    # Batches close before the pad slots in the shard's decode KV caches (left of shorter
+    # prompts; prefill computes few of them) exceed this share of its prompt tokens (None: off).
+    # Off by default: the extra batches' decoding steps cost more (docs/benchmarks.md).
     max_padding: float | None = None
     engine: str = "auto"
-    # Static KV cache + torch.compile'd decoding for the static engine (CUDA; pays a warm-up).
+    # torch.compile'd decoding for the static engine (CUDA; pays a warm-up per cache length).
     compile: bool = False
     on_long_prompt: str = "error"
     # Rows without a usable prompt (null, empty, not a string, malformed messages).

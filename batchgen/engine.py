@@ -15,6 +15,10 @@ from batchgen.prefill import prefill
 from batchgen.prompts import PromptRecord
 from batchgen.sampling import sample_keys, sampling_processors
 
+# With runner.compile, KV-cache lengths are rounded up to a multiple of this, so batches of
+# similar prompt lengths reuse one compiled decoding step.
+COMPILE_CACHE_BUCKET = 256
+
 
 @dataclass
 class Sample:
@@ -81,8 +85,8 @@ class Engine:
         # Set once on the model so generate() neither warns about a missing pad id per batch nor
         # falls back to the repo's own sampling defaults.
         model.generation_config = generation_config(model, sampling, self.pad_id, self.eos_ids)
-        # generate() compiles the forward whenever it decodes from a static cache on a GPU; with
-        # a fresh shape per batch that is a recompile per batch, so only when asked for.
+        # generate() compiles the forward whenever it decodes from a static cache on a GPU; a
+        # fresh shape is a recompile, so only when asked for, with cache lengths in buckets.
         model.generation_config.disable_compile = not compile
         self.compile = compile
         self.prefill_tokens = prefill_tokens
@@ -128,7 +132,8 @@ class Engine:
         if not self.encoder_decoder:
             prompts = [r.token_ids for r in records]
             n, new = self.sampling.num_return_sequences, self.sampling.max_new_tokens
-            filled = prefill(self.model, prompts, n, self.pad_id, new, self.prefill_tokens)
+            bucket = COMPILE_CACHE_BUCKET if self.compile else 1
+            filled = prefill(self.model, prompts, n, self.pad_id, new, self.prefill_tokens, bucket)
         if filled is None:
             self.padded_tokens += int((attention_mask == 0).sum())
             return {"cache_implementation": "static"} if self.compile else {}

@@ -7,12 +7,16 @@ are copied, right-aligned, into one static cache for the whole batch; ``generate
 each prompt's last token and decodes from that cache. Left of each row's prompt the cache holds
 zeros that the attention mask hides, exactly where left padding would have been.
 
+The tokens every prompt of the batch starts with (a system prompt, few-shot examples, a chat
+template's header) are computed once and copied in front of each row, not once per row.
+
 Shapes: B rows, T longest prompt, b rows of a chunk, t its longest prompt minus the last token,
 H key/value heads, D head dim, N new tokens.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +49,19 @@ def prefill_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return chunks
 
 
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens all ``prompts`` share, short of the shortest one's last token."""
+    common = os.path.commonprefix(prompts)  # element-wise, so it works on token lists
+    return min(len(common), min(len(p) for p in prompts) - 1)
+
+
 @dataclass
 class Prefilled:
     """A static cache holding every row's prompt but its last token, ending at position T-1."""
 
     cache: StaticCache
     pad_slots: int  # pad tokens computed by the chunks' forward passes
+    shared: int  # leading tokens common to every prompt, computed once
 
 
 def left_pad(rows: list[list[int]], width: int, pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -64,13 +75,21 @@ def left_pad(rows: list[list[int]], width: int, pad_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
+@torch.inference_mode()
 def prefill(
-    model, prompts: list[list[int]], copies: int, pad_id: int, new_tokens: int, max_tokens: int
+    model,
+    prompts: list[list[int]],
+    copies: int,
+    pad_id: int,
+    new_tokens: int,
+    max_tokens: int,
+    cache_multiple: int = 1,
 ) -> Prefilled | None:
     """Prefill ``prompts`` chunk by chunk into one static cache of T-1+N positions.
 
     Each prompt is computed once and fills ``copies`` consecutive cache rows (B = prompts x
-    copies), one per sample.
+    copies), one per sample. The cache length is rounded up to ``cache_multiple``, so that a
+    compiled decoding step sees few distinct shapes.
 
     Returns None where this does not apply, and the caller generates the plain way: prompts of
     one token (nothing to prefill) and models whose cache is not made of plain static layers
@@ -79,39 +98,76 @@ def prefill(
     longest = max(len(p) for p in prompts)
     if longest < 2:
         return None
-    cache = StaticCache(config=model.config, max_cache_len=longest - 1 + new_tokens)
+    length = -(-(longest - 1 + new_tokens) // cache_multiple) * cache_multiple
+    cache = StaticCache(config=model.config, max_cache_len=length)
     if not all(type(layer) is StaticLayer for layer in cache.layers):
         return None
     device = next(model.parameters()).device
     end = longest - 1  # every row's cached prompt ends here; its last token goes at T-1
+    shared = shared_prefix(prompts)
+    rows = len(prompts) * copies
+    prefix = _forward(model, torch.tensor([prompts[0][:shared]], device=device)) if shared else []
+    _allocate(cache, prefix, rows)
     pad_slots = 0
-    for chunk in prefill_chunks([len(p) - 1 for p in prompts], max_tokens):
-        width = len(prompts[chunk[0]]) - 1
+    for chunk in prefill_chunks([len(p) - 1 - shared for p in prompts], max_tokens):
+        width = len(prompts[chunk[0]]) - 1 - shared
         if width == 0:
-            break  # longest first: the rest are one-token prompts, with nothing to cache
-        ids, mask = left_pad([prompts[i][:-1] for i in chunk], width, pad_id, device)  # (b, t)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=DynamicCache(config=model.config),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        index = torch.tensor([i * copies + c for i in chunk for c in range(copies)], device=device)
-        for layer, part in zip(cache.layers, out.cache.layers, strict=True):
-            keys = part.keys.repeat_interleave(copies, dim=0)  # (b*copies, H, t, D)
-            values = part.values.repeat_interleave(copies, dim=0)
-            if not layer.is_initialized:
-                rows = len(prompts) * copies
-                layer.lazy_initialization(
-                    keys.new_empty((rows, keys.shape[1], 0, keys.shape[-1])),
-                    values.new_empty((rows, values.shape[1], 0, values.shape[-1])),
-                )
-            layer.keys[index, :, end - width : end] = keys
-            layer.values[index, :, end - width : end] = values
+            break  # longest first: the rest are the prefix plus a last token, nothing more
+        suffixes = [prompts[i][shared:-1] for i in chunk]
+        ids, mask = left_pad(suffixes, width, pad_id, device)  # (b, t)
         pad_slots += int((mask == 0).sum())
+        if shared:  # the prefix, then the pads, then each row's own tokens
+            mask = torch.cat([mask.new_ones((len(chunk), shared)), mask], dim=-1)  # (b, P+t)
+        past = [
+            (k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix
+        ]
+        parts = _forward(model, ids, mask, past)
+        _allocate(cache, parts, rows)
+        index = torch.tensor([i * copies + c for i in chunk for c in range(copies)], device=device)
+        for layer, (keys, values) in zip(cache.layers, parts, strict=True):
+            layer.keys[index, :, end - width : end] = keys[:, :, -width:].repeat_interleave(
+                copies, dim=0
+            )  # (b*copies, H, t, D)
+            layer.values[index, :, end - width : end] = values[:, :, -width:].repeat_interleave(
+                copies, dim=0
+            )
+    for i, prompt in enumerate(prompts if shared else ()):  # each row: prefix, then its own
+        start = end - (len(prompt) - 1)
+        for layer, (keys, values) in zip(cache.layers, prefix, strict=True):
+            layer.keys[i * copies : (i + 1) * copies, :, start : start + shared] = keys
+            layer.values[i * copies : (i + 1) * copies, :, start : start + shared] = values
     for layer in cache.layers:
         layer.cumulative_length.fill_(end)
-    return Prefilled(cache, pad_slots)
+    return Prefilled(cache, pad_slots, shared)
+
+
+def _forward(model, ids, mask=None, past=()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values, (b, H, P+t, D) per layer, of ``ids`` after the cached ``past`` ones.
+
+    Positions count real tokens only, as generate() numbers left-padded rows.
+    """
+    if mask is None:
+        mask = torch.ones((ids.shape[0], ids.shape[1]), dtype=torch.long, device=ids.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]  # (b, t)
+    cache = DynamicCache(config=model.config)
+    for layer_idx, (keys, values) in enumerate(past):
+        cache.update(keys, values, layer_idx)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return [(layer.keys, layer.values) for layer in out.cache.layers]
+
+
+def _allocate(cache: StaticCache, like: list, rows: int) -> None:
+    """Allocate each layer's (rows, H, T-1+N, D) tensors once, shaped like a forward pass's."""
+    for layer, (keys, values) in zip(cache.layers, like, strict=False):
+        if not layer.is_initialized:
+            layer.lazy_initialization(
+                keys.new_empty((rows, keys.shape[1], 0, keys.shape[-1])),
+                values.new_empty((rows, values.shape[1], 0, values.shape[-1])),
+            )

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -32,20 +33,40 @@ from batchgen.manifest import versions
 from batchgen.prompts import build_records
 
 REPO = Path(__file__).resolve().parent.parent
-FILLER = (
-    "Background: the committee reviewed the quarterly figures, the supplier contracts and the "
-    "feedback collected from customers in three regions, and asked for a short written answer. "
-)
+# Context sentences, drawn in a different order for each prompt: long prompts differ from their
+# first words on, so the only prefix all prompts share is the chat template's header.
+CONTEXT = [
+    "The committee reviewed the quarterly figures and asked for a short written answer by Friday.",
+    "Supplier contracts in three regions were renegotiated after the shipping costs doubled.",
+    "Customer feedback from the spring survey mentioned slow delivery and unclear invoices.",
+    "A pilot project in the northern warehouse cut picking errors by a fifth over six weeks.",
+    "The finance team flagged two duplicate payments and a missing credit note in March.",
+    "Hiring for the support desk stalled while the new training programme was being written.",
+    "Energy prices fell in the second half, but the heating contract still runs until next year.",
+    "Two competitors launched cheaper subscription plans aimed at small independent shops.",
+    "The board wants a plan for the website outage that cost a full day of online orders.",
+    "Returns rose after the packaging change, mostly for fragile items shipped abroad.",
+    "An audit found that laptops in the sales office had not received security updates.",
+    "The marketing budget moved from printed catalogues to short videos and search ads.",
+    "Staff asked for clearer rules on remote work after the office lease was shortened.",
+    "A key customer in the food sector asked for carbon figures for every delivery route.",
+    "The legacy stock system will be switched off once the inventory data has been migrated.",
+    "Several suppliers now require payment within fifteen days instead of the usual thirty.",
+]
 
 
 def make_prompts(n: int) -> list[str]:
-    """``n`` chat prompts from a few words to several hundred, deterministic."""
+    """``n`` chat prompts from a few words to several hundred tokens, deterministic."""
     sample = [
         json.loads(line)["prompt"]
         for line in (REPO / "batchgen/data/sample_prompts.jsonl").read_text().splitlines()
     ]
-    # Context length cycles through 0..15 filler paragraphs (~30 words each): up to ~450 words.
-    return [FILLER * ((i * 7) % 16) + sample[i % len(sample)] for i in range(n)]
+    prompts = []
+    for i in range(n):
+        # 0 to 30 context sentences (~18 tokens each), drawn anew per prompt, then a question.
+        context = random.Random(i).choices(CONTEXT, k=2 * ((i * 7) % 16))
+        prompts.append(" ".join([*context, sample[i % len(sample)]]))
+    return prompts
 
 
 def peak_rss_reset() -> None:

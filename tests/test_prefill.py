@@ -37,7 +37,12 @@ def load(path, sampling: SamplingConfig, prefill_tokens: int = 4096) -> Engine:
     return Engine(model, tok, sampling, prefill_tokens=prefill_tokens)
 
 
-def records(tok, texts=TEXTS):
+def records(tok, texts=TEXTS, chat=False):
+    """Raw prompts, or chat prompts that all start with the template's system header."""
+    if chat:
+        chats = [[{"role": "user", "content": t}] for t in texts]
+        ids = [tok.apply_chat_template(c, add_generation_prompt=True)["input_ids"] for c in chats]
+        return [PromptRecord(i, str(i), t, ids[i]) for i, t in enumerate(texts)]
     return [PromptRecord(i, str(i), t, tok(t)["input_ids"]) for i, t in enumerate(texts)]
 
 
@@ -72,11 +77,12 @@ def test_similar_lengths_share_a_chunk():
 
 @pytest.mark.parametrize("model", ["chat", "nopad"])
 @pytest.mark.parametrize("prefill_tokens", [1, 64, 4096])
+@pytest.mark.parametrize("chat", [False, True])
 def test_greedy_from_prefilled_cache_equals_plain_generate(
-    tiny_models, monkeypatch, model, prefill_tokens
+    tiny_models, monkeypatch, model, prefill_tokens, chat
 ):
     engine = load(tiny_models[model], SamplingConfig(max_new_tokens=10), prefill_tokens)
-    recs = records(engine.tokenizer)
+    recs = records(engine.tokenizer, chat=chat)
     chunked = engine.generate(recs, seed=0)
     padded_by_chunks = engine.padded_tokens
     reference = plain(engine, recs, 0, monkeypatch)
@@ -90,7 +96,7 @@ def test_samples_from_prefilled_cache_equal_plain_generate(tiny_models, monkeypa
         do_sample=True, temperature=1.0, top_p=0.9, num_return_sequences=3, max_new_tokens=8
     )
     engine = load(tiny_models["chat"], sampling, prefill_tokens=32)
-    recs = records(engine.tokenizer)
+    recs = records(engine.tokenizer, chat=True)
     chunked = engine.generate(recs, seed=7)
     assert chunked == plain(engine, recs, 7, monkeypatch)
     # Each prompt is prefilled once for its three samples, yet the samples differ.
@@ -112,13 +118,16 @@ def test_stop_strings_and_repetition_penalty_survive_prefill(tiny_models, monkey
     assert chunked[1][0].finish_reason == "stop" and stop not in chunked[1][0].text
 
 
-def test_cache_layout_matches_left_padded_prefill(tiny_models):
-    """The cache holds each row's prompt right-aligned at T-1, as one padded forward would."""
+@pytest.mark.parametrize("chat", [False, True])
+def test_cache_layout_matches_one_prompt_alone(tiny_models, chat):
+    """The cache holds each row's prompt right-aligned at T-1, as its own forward pass makes it."""
     from transformers import DynamicCache
 
     engine = load(tiny_models["chat"], SamplingConfig(max_new_tokens=4), prefill_tokens=16)
-    prompts = [r.token_ids for r in records(engine.tokenizer)]
+    prompts = [r.token_ids for r in records(engine.tokenizer, chat=chat)]
     filled = prefill(engine.model, prompts, 2, engine.pad_id, 4, 16)
+    # The chat template's header is computed once for all rows; raw texts share nothing.
+    assert (filled.shared > 10) if chat else (filled.shared == 0)
     longest = max(len(p) for p in prompts)
     with torch.inference_mode():
         for i, p in enumerate(prompts):
@@ -126,11 +135,14 @@ def test_cache_layout_matches_left_padded_prefill(tiny_models):
             if not p[:-1]:
                 continue
             out = engine.model(input_ids=ids, cache=DynamicCache(config=engine.model.config))
+            # Keys and values; pads left of the prompt stay empty.
             for layer, ref in zip(filled.cache.layers, out.cache.layers, strict=True):
                 for copy in (2 * i, 2 * i + 1):
                     cached = layer.keys[copy, :, longest - len(p) : longest - 1]
                     torch.testing.assert_close(cached, ref.keys[0], rtol=1e-4, atol=1e-5)
-                    assert not layer.keys[copy, :, : longest - len(p)].any()  # pads stay empty
+                    values = layer.values[copy, :, longest - len(p) : longest - 1]
+                    torch.testing.assert_close(values, ref.values[0], rtol=1e-4, atol=1e-5)
+                    assert not layer.keys[copy, :, : longest - len(p)].any()
     assert int(filled.cache.get_seq_length()) == longest - 1
 
 
@@ -157,3 +169,16 @@ def test_one_token_prompts_and_sliding_windows_fall_back(tiny_models, tmp_path):
     engine = load(tmp_path, SamplingConfig(max_new_tokens=4))
     recs = records(engine.tokenizer)
     assert all(s[0].completion_tokens for s in engine.generate(recs, seed=0))
+
+
+def test_compile_buckets_the_cache_length_without_changing_outputs(tiny_models):
+    sampling = SamplingConfig(max_new_tokens=6)
+    engine = load(tiny_models["chat"], sampling)
+    recs = records(engine.tokenizer, chat=True)
+    prompts = [r.token_ids for r in recs]
+    filled = prefill(engine.model, prompts, 1, engine.pad_id, 6, 2048, cache_multiple=256)
+    assert {layer.max_cache_len for layer in filled.cache.layers} == {256}
+    reference = engine.generate(recs, seed=0)
+    compiled = Engine(engine.model, engine.tokenizer, sampling, compile=True)  # no-op on the CPU
+    assert not compiled.model.generation_config.disable_compile
+    assert compiled.generate(recs, seed=0) == reference
