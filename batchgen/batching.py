@@ -143,7 +143,30 @@ class BatchRunner:
                 )
         results: dict[int, list[Sample]] = {}
         failed: list[Skipped] = []
-        batches = plan_batches(
+        pending = records
+        while pending:
+            planned_with = self.budget.current
+            batches = self._plan(pending)
+            pending = []
+            for i, batch in enumerate(batches):
+                if self.stop.is_set():
+                    raise Interrupted
+                for record, outs in self._generate(batch):
+                    if isinstance(outs, Skipped):
+                        failed.append(outs)
+                    else:
+                        results[record.index] = outs
+                tokens = sum(s.completion_tokens for r in batch for s in results.get(r.index, []))
+                on_rows(len(batch), tokens)
+                if self.budget.current != planned_with:
+                    # Re-plan the rest: each batch planned before an out-of-memory would run
+                    # out again before splitting.
+                    pending = [r for later in batches[i + 1 :] for r in later]
+                    break
+        return results, failed
+
+    def _plan(self, records: list[PromptRecord]) -> list[list[PromptRecord]]:
+        return plan_batches(
             records,
             self.runner.batch_size,
             self.budget.current,
@@ -151,19 +174,9 @@ class BatchRunner:
             self.sampling.num_return_sequences,
             self.runner.max_padding,
         )
-        for batch in batches:
-            if self.stop.is_set():
-                raise Interrupted
-            for record, outs in self._generate(batch):
-                if isinstance(outs, Skipped):
-                    failed.append(outs)
-                else:
-                    results[record.index] = outs
-            tokens = sum(s.completion_tokens for r in batch for s in results.get(r.index, []))
-            on_rows(len(batch), tokens)
-        return results, failed
 
     def _generate(self, batch: list[PromptRecord]) -> list[tuple[PromptRecord, Any]]:
+        outs = None
         try:
             outs = self.engine.generate(batch, self.seed)
         except Exception as e:  # noqa: BLE001 - any row may be the culprit; isolate it
@@ -171,8 +184,11 @@ class BatchRunner:
                 return [(batch[0], self._failed(batch[0], e))]
             if is_out_of_memory(e):
                 self.budget.shrink(batch_tokens(batch, self.sampling))
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+        if outs is None:
+            # Out of the except block, the error's traceback no longer holds the failed
+            # attempt's tensors (its KV cache), so the halves get that memory back.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             # Outputs do not depend on batch composition, so halves give the same samples.
             half = len(batch) // 2
             return self._generate(batch[:half]) + self._generate(batch[half:])

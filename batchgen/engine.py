@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from batchgen.config import SamplingConfig
-from batchgen.prefill import prefill
+from batchgen.prefill import prefill, supports_prefill
 from batchgen.prompts import PromptRecord
 from batchgen.sampling import sample_keys, sampling_processors
 
@@ -59,6 +59,10 @@ def generation_config(model, sampling: SamplingConfig, pad_id: int, eos_ids: set
         sampling.repetition_penalty if sampling.repetition_penalty != 1 else None
     )
     gc.num_return_sequences = 1
+    # Decoding from the prefilled cache needs it; repos saved with gradient checkpointing say
+    # use_cache=false, and some name a cache of their own, which generate() refuses with ours.
+    gc.use_cache = True
+    gc.cache_implementation = None
     gc.pad_token_id = pad_id
     gc.eos_token_id = sorted(eos_ids)
     gc.stop_strings = list(sampling.stop) or None
@@ -90,6 +94,8 @@ class Engine:
         model.generation_config.disable_compile = not compile
         self.compile = compile
         self.prefill_tokens = prefill_tokens
+        self.chunked_prefill = supports_prefill(model)
+        self.cache_len = 0  # with compile: the longest cache so far, which later batches reuse
         self.device = next(model.parameters()).device
         self.padded_tokens = 0  # pad slots computed in prompt prefill, for the padding-waste figure
         # Pad slots held in the decode batches' KV caches (left of shorter prompts): never
@@ -129,13 +135,20 @@ class Engine:
         Otherwise generate() prefills the padded batch itself, pads included.
         """
         filled = None
-        if not self.encoder_decoder:
+        if self.chunked_prefill:
             prompts = [r.token_ids for r in records]
-            n, new = self.sampling.num_return_sequences, self.sampling.max_new_tokens
-            bucket = COMPILE_CACHE_BUCKET if self.compile else 1
-            filled = prefill(self.model, prompts, n, self.pad_id, new, self.prefill_tokens, bucket)
+            n = self.sampling.num_return_sequences
+            length = attention_mask.shape[1] - 1 + self.sampling.max_new_tokens
+            if self.compile:  # one shape for as many batches as possible
+                length = max(
+                    self.cache_len, -(-length // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET
+                )
+                self.cache_len = length
+            filled = prefill(self.model, prompts, n, self.pad_id, length, self.prefill_tokens)
         if filled is None:
-            self.padded_tokens += int((attention_mask == 0).sum())
+            # Pad slots per prompt, as the chunks count them: each of its samples repeats them.
+            width = attention_mask.shape[1]
+            self.padded_tokens += sum(width - len(r.token_ids) for r in records)
             return {"cache_implementation": "static"} if self.compile else {}
         self.padded_tokens += filled.pad_slots
         return {"cache": filled.cache}

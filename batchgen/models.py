@@ -184,15 +184,19 @@ def resolve_device_dtype(cfg: ModelConfig) -> tuple[str, str]:
     return device, dtype
 
 
-def attention(cfg: ModelConfig, device: str, dtype: str) -> str:
-    """The attention kernel: flash-attn 2 where it can run, else PyTorch's SDPA."""
+def attention(cfg: ModelConfig, device: str, dtype: str) -> str | None:
+    """The attention kernel: flash-attn 2 where it can run, else transformers' default.
+
+    That default is PyTorch's SDPA wherever the architecture has it, and the eager kernel for
+    those that lack it (RWKV, for one, which an explicit ``"sdpa"`` would refuse to load).
+    """
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     import importlib.util
 
     flash = importlib.util.find_spec("flash_attn") is not None
     half = dtype in ("float16", "bfloat16")
-    return "flash_attention_2" if flash and half and device.startswith("cuda") else "sdpa"
+    return "flash_attention_2" if flash and half and device.startswith("cuda") else None
 
 
 def load_model(source: ModelSource, config, cfg: ModelConfig, device: str, dtype: str):

@@ -5,7 +5,7 @@ wants no padding: it is compute-bound, and every pad slot is computed like a rea
 batch's prompts are prefilled in chunks of near-equal length, and each chunk's keys and values
 are copied, right-aligned, into one static cache for the whole batch; ``generate`` then feeds
 each prompt's last token and decodes from that cache. Left of each row's prompt the cache holds
-zeros that the attention mask hides, exactly where left padding would have been.
+zeros or a chunk's pad keys, which the attention mask hides, as it would hide left padding.
 
 The tokens every prompt of the batch starts with (a system prompt, few-shot examples, a chat
 template's header) are computed once and copied in front of each row, not once per row.
@@ -16,6 +16,7 @@ H key/value heads, D head dim, N new tokens.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,22 @@ def prefill_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
         chunks.append([i])
         real = lengths[i]
     return chunks
+
+
+def supports_prefill(model) -> bool:
+    """Whether ``model`` takes and returns transformers' KV ``cache`` with explicit positions.
+
+    Encoder-decoders, recurrent models (RWKV, Mamba: no default cache) and remote code (whose
+    forward may take other arguments) generate the plain way.
+    """
+    params = inspect.signature(model.forward).parameters
+    return (
+        not model.config.is_encoder_decoder
+        and model._supports_default_dynamic_cache()
+        and not model.is_remote_code()
+        and "cache" in params
+        and "position_ids" in params
+    )
 
 
 def shared_prefix(prompts: list[list[int]]) -> int:
@@ -81,25 +98,22 @@ def prefill(
     prompts: list[list[int]],
     copies: int,
     pad_id: int,
-    new_tokens: int,
+    cache_len: int,
     max_tokens: int,
-    cache_multiple: int = 1,
 ) -> Prefilled | None:
-    """Prefill ``prompts`` chunk by chunk into one static cache of T-1+N positions.
+    """Prefill ``prompts`` chunk by chunk into one static cache of ``cache_len`` positions.
 
-    Each prompt is computed once and fills ``copies`` consecutive cache rows (B = prompts x
-    copies), one per sample. The cache length is rounded up to ``cache_multiple``, so that a
-    compiled decoding step sees few distinct shapes.
+    ``cache_len`` must hold T-1 prompt tokens plus the new ones. Each prompt is computed once
+    and fills ``copies`` consecutive cache rows (B = prompts x copies), one per sample.
 
     Returns None where this does not apply, and the caller generates the plain way: prompts of
-    one token (nothing to prefill) and models whose cache is not made of plain static layers
-    (sliding-window or recurrent layers).
+    one token (nothing to prefill) and caches not made of plain static layers (sliding windows).
+    The caller checks :func:`supports_prefill` first.
     """
     longest = max(len(p) for p in prompts)
     if longest < 2:
         return None
-    length = -(-(longest - 1 + new_tokens) // cache_multiple) * cache_multiple
-    cache = StaticCache(config=model.config, max_cache_len=length)
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
     if not all(type(layer) is StaticLayer for layer in cache.layers):
         return None
     device = next(model.parameters()).device

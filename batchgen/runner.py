@@ -195,10 +195,9 @@ def _engine(p: Prepared):
     started = time.perf_counter()
     model = models.load_model(p.source, p.model_config, p.cfg.model, p.device, p.dtype)
     p.phases["load"] = time.perf_counter() - started
-    if p.engine == "continuous":
-        return ContinuousEngine(model, p.tokenizer, p.cfg.sampling)
+    cls = ContinuousEngine if p.engine == "continuous" else Engine
     runner = p.cfg.runner
-    return Engine(
+    return cls(
         model,
         p.tokenizer,
         p.cfg.sampling,

@@ -163,6 +163,58 @@ def test_out_of_memory_splits_batch_and_keeps_outputs(tiny_models, monkeypatch):
     assert 0 < runner.budget.current <= batch_tokens(sorted_records[4:8], sampling) // 2
 
 
+def test_after_out_of_memory_the_rest_of_the_shard_is_replanned(tiny_models, monkeypatch):
+    sampling = SamplingConfig(max_new_tokens=6)
+    model, tok = load(tiny_models["chat"], sampling)
+    records = recs(tok, 16)
+    expected = texts_of(
+        unbounded(Engine(model, tok, sampling), 4, sampling, 0).run(records, lambda r, t: None),
+        records,
+    )
+    engine = Engine(model, tok, sampling)
+    real = engine.generate
+    first = plan_batches(records, 4, new_tokens=6)[0]
+    memory = batch_tokens(first, sampling) // 2  # token slots that fit on the "device"
+    ooms = []
+
+    def flaky(batch, seed):
+        if batch_tokens(batch, sampling) > memory:
+            ooms.append(len(batch))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch, seed)
+
+    monkeypatch.setattr(engine, "generate", flaky)
+    runner = unbounded(engine, 4, sampling, 0)
+    assert texts_of(runner.run(records, lambda r, t: None), records) == expected
+    # One out-of-memory; the rest is planned under the halved budget, so it never recurs.
+    assert ooms == [4] and runner.budget.splits == 1
+
+
+def test_failed_attempt_memory_is_released_before_the_halves_run(tiny_models, monkeypatch):
+    import weakref
+
+    sampling = SamplingConfig(max_new_tokens=4)
+    model, tok = load(tiny_models["chat"], sampling)
+    engine = Engine(model, tok, sampling)
+    real = engine.generate
+    attempts, alive = [], []
+
+    class Cache:  # stands for the KV cache a failed attempt allocated
+        pass
+
+    def flaky(batch, seed):
+        alive.append(sum(ref() is not None for ref in attempts))
+        cache = Cache()
+        attempts.append(weakref.ref(cache))
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(batch, seed)
+
+    monkeypatch.setattr(engine, "generate", flaky)
+    unbounded(engine, 4, sampling, 0).run(recs(tok, 4), lambda r, t: None)
+    assert len(alive) == 7 and alive == [0] * 7  # 4 -> 2+2 -> 1+1+1+1
+
+
 def test_row_failing_alone_is_recorded_and_neighbours_survive(tiny_models, monkeypatch):
     sampling = SamplingConfig(max_new_tokens=4)
     model, tok = load(tiny_models["chat"], sampling)

@@ -11,7 +11,7 @@ from batchgen import engine as engine_module
 from batchgen import models
 from batchgen.config import ModelConfig, SamplingConfig
 from batchgen.engine import Engine
-from batchgen.prefill import PAD_TOLERANCE, prefill, prefill_chunks
+from batchgen.prefill import PAD_TOLERANCE, prefill, prefill_chunks, supports_prefill
 from batchgen.prompts import PromptRecord
 
 # From one word to a few hundred tokens, so chunks of several lengths form.
@@ -125,24 +125,22 @@ def test_cache_layout_matches_one_prompt_alone(tiny_models, chat):
 
     engine = load(tiny_models["chat"], SamplingConfig(max_new_tokens=4), prefill_tokens=16)
     prompts = [r.token_ids for r in records(engine.tokenizer, chat=chat)]
-    filled = prefill(engine.model, prompts, 2, engine.pad_id, 4, 16)
+    longest = max(len(p) for p in prompts)
+    filled = prefill(engine.model, prompts, 2, engine.pad_id, longest - 1 + 4, 16)
     # The chat template's header is computed once for all rows; raw texts share nothing.
     assert (filled.shared > 10) if chat else (filled.shared == 0)
-    longest = max(len(p) for p in prompts)
     with torch.inference_mode():
         for i, p in enumerate(prompts):
             ids = torch.tensor([p[:-1]])
             if not p[:-1]:
                 continue
             out = engine.model(input_ids=ids, cache=DynamicCache(config=engine.model.config))
-            # Keys and values; pads left of the prompt stay empty.
             for layer, ref in zip(filled.cache.layers, out.cache.layers, strict=True):
                 for copy in (2 * i, 2 * i + 1):
                     cached = layer.keys[copy, :, longest - len(p) : longest - 1]
                     torch.testing.assert_close(cached, ref.keys[0], rtol=1e-4, atol=1e-5)
                     values = layer.values[copy, :, longest - len(p) : longest - 1]
                     torch.testing.assert_close(values, ref.values[0], rtol=1e-4, atol=1e-5)
-                    assert not layer.keys[copy, :, : longest - len(p)].any()
     assert int(filled.cache.get_seq_length()) == longest - 1
 
 
@@ -163,7 +161,7 @@ def test_one_token_prompts_and_sliding_windows_fall_back(tiny_models, tmp_path):
             sliding_window=4,
         )
     ).eval()
-    assert prefill(windowed, [[5, 6, 7], [7, 8]], 1, 0, 4, 64) is None
+    assert prefill(windowed, [[5, 6, 7], [7, 8]], 1, 0, 6, 64) is None
     windowed.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(tiny_models["chat"]).save_pretrained(tmp_path)
     engine = load(tmp_path, SamplingConfig(max_new_tokens=4))
@@ -171,14 +169,54 @@ def test_one_token_prompts_and_sliding_windows_fall_back(tiny_models, tmp_path):
     assert all(s[0].completion_tokens for s in engine.generate(recs, seed=0))
 
 
-def test_compile_buckets_the_cache_length_without_changing_outputs(tiny_models):
+def test_compile_reuses_one_bucketed_cache_length_without_changing_outputs(tiny_models):
     sampling = SamplingConfig(max_new_tokens=6)
     engine = load(tiny_models["chat"], sampling)
     recs = records(engine.tokenizer, chat=True)
-    prompts = [r.token_ids for r in recs]
-    filled = prefill(engine.model, prompts, 1, engine.pad_id, 6, 2048, cache_multiple=256)
-    assert {layer.max_cache_len for layer in filled.cache.layers} == {256}
     reference = engine.generate(recs, seed=0)
     compiled = Engine(engine.model, engine.tokenizer, sampling, compile=True)  # no-op on the CPU
     assert not compiled.model.generation_config.disable_compile
     assert compiled.generate(recs, seed=0) == reference
+    assert compiled.cache_len == 256
+    short = sorted(recs, key=lambda r: len(r.token_ids))[:2]
+    assert compiled.generate(short, seed=0) == engine.generate(short, seed=0)
+    assert compiled.cache_len == 256  # shorter batches reuse the longer shape
+
+
+@pytest.mark.parametrize(
+    "setting", [{"use_cache": False}, {"cache_implementation": "dynamic"}], ids=str
+)
+def test_repo_generation_settings_do_not_break_prefill(tiny_models, monkeypatch, setting):
+    """Repos saved with gradient checkpointing say use_cache=false; some name their own cache."""
+    cfg = ModelConfig(name_or_path=str(tiny_models["chat"]))
+    source = models.resolve_source(cfg)
+    config, tok = models.load_config_and_tokenizer(source, cfg)
+    model = models.load_model(source, config, cfg, "cpu", "float32")
+    for key, value in setting.items():
+        setattr(model.generation_config, key, value)
+    engine = Engine(model, tok, SamplingConfig(max_new_tokens=6))
+    recs = records(tok, chat=True)
+    assert engine.generate(recs, seed=0) == plain(engine, recs, 0, monkeypatch)
+    assert engine.padded_tokens < engine.cache_pad_slots  # the chunked path ran
+
+
+def test_recurrent_model_generates_the_plain_way(tiny_models, tmp_path):
+    from transformers import AutoTokenizer, RwkvConfig, RwkvForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
+    torch.manual_seed(0)
+    rwkv = RwkvForCausalLM(
+        RwkvConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            attention_hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+        )
+    ).eval()
+    assert not supports_prefill(rwkv)
+    rwkv.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    engine = load(tmp_path, SamplingConfig(max_new_tokens=4))
+    recs = records(engine.tokenizer)
+    assert all(s[0].completion_tokens for s in engine.generate(recs, seed=0))
