@@ -94,6 +94,12 @@ def texts_of(run_result, records):
     return [[s.text for s in results[r.index]] for r in records]
 
 
+def reference(model, tok, sampling, records, batch_size):
+    """The texts of a clean run at ``batch_size``, with a fresh engine and seed 0."""
+    runner = unbounded(Engine(model, tok, sampling), batch_size, sampling, 0)
+    return texts_of(runner.run(records, lambda r, t: None), records)
+
+
 def test_greedy_equal_across_engines_and_batch_sizes(tiny_models):
     sampling = SamplingConfig(max_new_tokens=10)
     model, tok = load(tiny_models["nopad"], sampling)
@@ -137,10 +143,7 @@ def test_out_of_memory_splits_batch_and_keeps_outputs(tiny_models, monkeypatch):
     sampling = SamplingConfig(max_new_tokens=6)
     model, tok = load(tiny_models["chat"], sampling)
     records = recs(tok, 8)
-    expected = texts_of(
-        unbounded(Engine(model, tok, sampling), 8, sampling, 0).run(records, lambda r, t: None),
-        records,
-    )
+    expected = reference(model, tok, sampling, records, 8)
     engine = Engine(model, tok, sampling)
     real = engine.generate
     sizes = []
@@ -167,10 +170,7 @@ def test_after_out_of_memory_the_rest_of_the_shard_is_replanned(tiny_models, mon
     sampling = SamplingConfig(max_new_tokens=6)
     model, tok = load(tiny_models["chat"], sampling)
     records = recs(tok, 16)
-    expected = texts_of(
-        unbounded(Engine(model, tok, sampling), 4, sampling, 0).run(records, lambda r, t: None),
-        records,
-    )
+    expected = reference(model, tok, sampling, records, 4)
     engine = Engine(model, tok, sampling)
     real = engine.generate
     first = plan_batches(records, 4, new_tokens=6)[0]
@@ -220,10 +220,7 @@ def test_row_failing_alone_is_recorded_and_neighbours_survive(tiny_models, monke
     model, tok = load(tiny_models["chat"], sampling)
     engine = Engine(model, tok, sampling)
     records = recs(tok, 6)
-    expected = texts_of(
-        unbounded(Engine(model, tok, sampling), 6, sampling, 0).run(records, lambda r, t: None),
-        records,
-    )
+    expected = reference(model, tok, sampling, records, 6)
     real = engine.generate
 
     def poisoned(batch, seed):
