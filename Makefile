@@ -8,7 +8,7 @@ ARGS ?=
 # Data-parallel workers for `make slurm` (one Slurm array task each).
 WORKERS ?= 4
 
-.PHONY: install run test lint bench slurm clean
+.PHONY: install run test lint bench bench-scale slurm clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ slurm: install
 # Throughput of every engine against transformers' pipeline, side by side (scripts/bench.py).
 bench: install
 	$(PY) scripts/bench.py $(ARGS)
+
+# A worker's start-up and memory over a 10k- and a 1M-row dataset, side by side (scripts/scale.py).
+bench-scale: install
+	$(PY) scripts/scale.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check batchgen tests scripts

@@ -70,6 +70,9 @@ class DatasetConfig:
     chat_template: str = "auto"
     keep_columns: list[str] = field(default_factory=list)
     limit: int | None = None
+    # Read the dataset as a stream (a hub dataset larger than the disk): never whole, no
+    # up-front checks over every row, no stealing; each worker reads the stream for its shards.
+    streaming: bool = False
 
 
 @dataclass

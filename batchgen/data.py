@@ -1,8 +1,14 @@
-"""Load dataset rows through Hugging Face ``datasets`` and check the columns the config names."""
+"""Open a dataset through Hugging Face ``datasets`` and read it a shard of rows at a time.
+
+Rows stay in Arrow (a memory-mapped cache file) until their shard is generated: opening a
+dataset reads no rows into Python, so start-up and memory follow the shard, not the dataset.
+``dataset.streaming=true`` reads a dataset too large for the disk as a stream instead.
+"""
 
 from __future__ import annotations
 
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +25,65 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 @dataclass
 class Rows:
-    """The rows a job reads: only the columns it needs, in dataset order."""
+    """Consecutive rows of the dataset in Python: only the columns the job needs."""
 
     columns: dict[str, list[Any]]
     # Arrow types of the kept input columns, so an empty shard still has the full schema.
     kept_types: dict[str, pa.DataType]
-    source: str
+    start: int = 0  # dataset index of the first row
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values()))) if self.columns else 0
+
+
+@dataclass
+class Table:
+    """The dataset's needed columns as a memory-mapped Arrow table (a ``datasets.Dataset``)."""
+
+    dataset: Any
+    kept_types: dict[str, pa.DataType]
+    location: str
+
+    def __len__(self) -> int:
+        return self.dataset.num_rows
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column over every row, still in Arrow (for whole-table checks)."""
+        return self.dataset.data.column(name)
+
+    def rows(self, start: int, stop: int) -> Rows:
+        """Rows ``[start, stop)`` in Python."""
+        return Rows(self.dataset[start:stop], self.kept_types, start)
+
+    def take(self, indices: list[int]) -> Rows:
+        """The rows at ``indices`` (sorted, a few), in Python; ``start`` is meaningless here."""
+        return Rows(self.dataset.select(indices).to_dict(), self.kept_types, 0)
+
+
+@dataclass
+class Stream:
+    """A streamed dataset: the needed columns, read in order, never all at once."""
+
+    dataset: Any  # a datasets.IterableDataset
+    kept_types: dict[str, pa.DataType]
+    location: str
+    limit: int | None
+
+    def blocks(self, rows_per_shard: int) -> Iterator[tuple[int, pa.Table]]:
+        """(first row index, Arrow rows) per block of ``rows_per_shard`` rows, in order; the
+        last block may be shorter. Rows stay in Arrow until ``rows`` converts a block."""
+        start = 0
+        for batch in self.dataset.with_format("arrow").iter(batch_size=rows_per_shard):
+            if self.limit is not None:
+                batch = batch.slice(0, max(0, self.limit - start))
+            if batch.num_rows == 0:
+                return
+            yield start, batch
+            start += batch.num_rows
+
+    def rows(self, start: int, block: pa.Table) -> Rows:
+        """One block of ``blocks`` in Python."""
+        return Rows(block.to_pydict(), self.kept_types, start)
 
 
 def template_fields(template: str) -> list[str]:
@@ -55,6 +111,7 @@ def _load(cfg: DatasetConfig, location: str):
 
     datasets.disable_progress_bars()
     path = Path(location)
+    stream = {"streaming": True} if cfg.streaming else {}
     try:
         if path.is_file():
             builder = BUILDERS.get(path.suffix.lower())
@@ -65,12 +122,12 @@ def _load(cfg: DatasetConfig, location: str):
                 )
             if path.stat().st_size == 0:
                 raise DataError(f"dataset.path={location!r} is an empty file: it has no rows.")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **stream)
         if path.is_dir():
-            return datasets.load_dataset(str(path), name=cfg.name, split=cfg.split)
+            return datasets.load_dataset(str(path), name=cfg.name, split=cfg.split, **stream)
         if location.startswith((".", "/", "~")) or path.suffix.lower() in BUILDERS:
             raise DataError(f"dataset.path={location!r}: no such file or folder.")
-        return datasets.load_dataset(location, name=cfg.name, split=cfg.split)
+        return datasets.load_dataset(location, name=cfg.name, split=cfg.split, **stream)
     except DataError:
         raise
     except ValueError as e:
@@ -86,8 +143,10 @@ def _load(cfg: DatasetConfig, location: str):
         ) from e
 
 
-def load_rows(cfg: DatasetConfig) -> Rows:
-    """Load the configured dataset and keep the columns the job needs.
+def open_dataset(cfg: DatasetConfig) -> Table | Stream:
+    """Open the configured dataset, check the columns it names, keep only those.
+
+    Reads no rows: a ``Table`` stays memory mapped, a ``Stream`` is read when iterated.
 
     Raises:
         DataError: the path does not exist, the dataset is empty, or a named column is missing.
@@ -96,21 +155,28 @@ def load_rows(cfg: DatasetConfig) -> Rows:
     ds = _load(cfg, location)
     if isinstance(ds, dict):  # a folder without the requested split name
         raise DataError(f"dataset.split={cfg.split!r}: not found in {location!r}.")
-    if len(ds) == 0:
-        raise DataError(f"dataset.path={location!r} (split {cfg.split!r}) has no rows.")
+    columns = list(ds.column_names or ds.features or [])
     wanted = needed_columns(cfg)
-    missing = [c for c in wanted if c not in ds.column_names]
+    missing = [c for c in wanted if c not in columns]
     if missing:
         keys = _keys_naming(cfg, missing)
         raise DataError(
             f"{', '.join(keys)}: column(s) {missing} not in {location!r}; "
-            f"available columns: {ds.column_names}."
+            f"available columns: {columns}."
         )
-    if cfg.limit is not None:
-        ds = ds.select(range(min(cfg.limit, len(ds))))
     ds = ds.select_columns(wanted)
-    kept = {c: ds.features.arrow_schema.field(c).type for c in cfg.keep_columns}
-    return Rows(columns=ds.to_dict(), kept_types=kept, source=location)
+    if cfg.streaming:
+        return Stream(ds, _arrow_types(ds.features, cfg.keep_columns), location, cfg.limit)
+    if len(ds) == 0:
+        raise DataError(f"dataset.path={location!r} (split {cfg.split!r}) has no rows.")
+    if cfg.limit is not None:
+        ds = ds.select(range(min(cfg.limit, len(ds))))  # contiguous: a slice, no copy
+    return Table(ds, _arrow_types(ds.features, cfg.keep_columns), location)
+
+
+def _arrow_types(features, names: list[str]) -> dict[str, pa.DataType]:
+    schema = features.arrow_schema
+    return {c: schema.field(c).type for c in names}
 
 
 def _keys_naming(cfg: DatasetConfig, missing: list[str]) -> list[str]:

@@ -11,21 +11,17 @@ from typing import Any
 
 from batchgen.config import JobConfig
 from batchgen.errors import ResumeError
-from batchgen.prompts import PromptRecord
 
 RUN_FILE = "run.json"
 
 
-def data_digest(records: list[PromptRecord]) -> str:
-    """Hash of every row's id and rendered prompt: what the model is asked, in order."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r.index, r.id, r.text], ensure_ascii=False).encode())
-    return h.hexdigest()[:16]
+def fingerprint_parts(cfg: JobConfig, chat: bool, dtype: str, num_rows: int | None) -> dict:
+    """Every setting that changes what is generated, grouped by where it comes from.
 
-
-def fingerprint_parts(cfg: JobConfig, chat: bool, dtype: str, digest: str, num_rows: int) -> dict:
-    """Every setting that changes what is generated, grouped by where it comes from."""
+    The rows themselves are not hashed here: each shard records its own rows' digest
+    (``batchgen.shard_inputs``), checked when that shard is resumed, so no worker reads the
+    whole dataset to tell whether it changed. ``num_rows`` is None for a stream.
+    """
     m, d = cfg.model, cfg.dataset
     return {
         "model": {
@@ -48,7 +44,12 @@ def fingerprint_parts(cfg: JobConfig, chat: bool, dtype: str, digest: str, num_r
             "on_long_prompt": cfg.runner.on_long_prompt,
             "on_bad_row": cfg.runner.on_bad_row,
         },
-        "data": {"source": d.path, "rows": num_rows, "digest": digest},
+        "data": {
+            "source": d.path,
+            "name": d.name,
+            "split": d.split,
+            "rows": num_rows,
+        },
         "layout": {
             # Batch size, token budget and engine are left out: each sample's randomness is its
             # own (batchgen.sampling), so batching changes no output beyond floating-point ties.

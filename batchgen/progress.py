@@ -42,7 +42,7 @@ class Totals:
 class Progress:
     """A tqdm bar over input rows whose postfix shows output tokens/s of this process."""
 
-    def __init__(self, total_rows: int, enabled: bool = True):
+    def __init__(self, total_rows: int | None, enabled: bool = True):
         self.start = time.perf_counter()
         self.tokens = 0
         self.bar = tqdm(
@@ -79,7 +79,7 @@ def format_summary(summary: dict) -> str:
     lines = [
         "batchgen summary",
         f"  rows        {t['rows']:,} generated, {t['skipped']:,} skipped, {t['failed']:,} failed "
-        f"({summary['shards_done']}/{summary['shards_total']} shards complete)",
+        f"({summary['shards_done']}/{summary['shards_total'] or '?'} shards complete)",
         f"  samples     {t['samples']:,} (finish: {reasons})",
         f"  tokens      {t['prompt_tokens']:,} prompt, {t['completion_tokens']:,} completion, "
         f"padding waste {summary.get('padding_waste', 0.0):.1%}",

@@ -51,18 +51,22 @@ def uses_chat_template(cfg: DatasetConfig, tokenizer) -> bool:
     return has if cfg.chat_template == "auto" else cfg.chat_template == "on"
 
 
+def duplicate_ids_error(id_column: str, repeated: list[str]) -> DataError:
+    """The error for a ``dataset.id_column`` whose values repeat."""
+    return DataError(
+        f"dataset.id_column={id_column!r} is not unique: e.g. {sorted(set(repeated))[:5]} "
+        "repeat; ids must identify rows for resume and joins."
+    )
+
+
 def _row_ids(rows: Rows, cfg: DatasetConfig) -> list[str]:
-    n = len(rows)
     if not cfg.id_column:
-        return [str(i) for i in range(n)]
+        return [str(rows.start + i) for i in range(len(rows))]
     ids = [str(v) for v in rows.columns[cfg.id_column]]
     seen: set[str] = set()
     dupes = [i for i in ids if i in seen or seen.add(i)]
     if dupes:
-        raise DataError(
-            f"dataset.id_column={cfg.id_column!r} is not unique: e.g. {sorted(set(dupes))[:5]} "
-            "repeat; ids must identify rows for resume and joins."
-        )
+        raise duplicate_ids_error(cfg.id_column, dupes)
     return ids
 
 
@@ -117,11 +121,11 @@ def _user_turns(rows: Rows, cfg: DatasetConfig, n: int) -> tuple[list[str | None
 def render_texts(
     rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool
 ) -> tuple[list[str], list[str | None], list[str]]:
-    """Render every row to the text the model sees.
+    """Render every row to the text the model sees (no tokenizing).
 
     Returns:
-        (ids, texts, problems): per row, in row order, its id, its prompt string (None for a
-        bad row) and why it is bad ("" for a good row).
+        (ids, texts, problems): per row of ``rows``, in order, its id, its prompt string (None
+        for a bad row) and why it is bad ("" for a good row).
     """
     ids = _row_ids(rows, cfg)
     n = len(ids)
@@ -157,17 +161,25 @@ def render_texts(
 
 
 def build_records(
-    rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool
+    rows: Rows,
+    cfg: DatasetConfig,
+    tokenizer,
+    chat: bool,
+    rendered: tuple[list[str], list[str | None], list[str]] | None = None,
 ) -> tuple[list[PromptRecord], list[Skipped]]:
     """Render and tokenize every row; rows without a usable prompt come back as bad rows.
 
     Text rendered by a chat template already carries the model's BOS and markers, so it is
     tokenized without adding special tokens again; raw text gets the tokenizer's usual ones.
 
+    Args:
+        rendered: ``render_texts``'s result for these rows, when the caller has it already.
+
     Returns:
-        (records, bad rows), both in row order.
+        (records, bad rows), both in row order; ``index`` counts from ``rows.start``.
     """
-    ids, texts, problems = render_texts(rows, cfg, tokenizer, chat)
+    ids, texts, problems = rendered or render_texts(rows, cfg, tokenizer, chat)
+    at = rows.start
     good = [i for i, t in enumerate(texts) if t is not None]
     rendered_by_template = chat or bool(cfg.messages_column)
     # (A fast tokenizer fails on an empty list: every row may be bad.)
@@ -178,33 +190,55 @@ def build_records(
     )
     kept = {c: rows.columns[c] for c in cfg.keep_columns}
     records = [
-        PromptRecord(i, ids[i], texts[i], list(tokens), {c: v[i] for c, v in kept.items()})
+        PromptRecord(at + i, ids[i], texts[i], list(tokens), {c: v[i] for c, v in kept.items()})
         for i, tokens in zip(good, encoded["input_ids"], strict=True)
     ]
-    bad = [Skipped(i, ids[i], problems[i]) for i, t in enumerate(texts) if t is None]
+    bad = [Skipped(at + i, ids[i], problems[i]) for i, t in enumerate(texts) if t is None]
     return records, bad
 
 
+def refuse_bad_rows(listed: list[Skipped], total: int) -> None:
+    """Refuse the job over rows without a usable prompt, naming the first of ``total``.
+
+    Raises:
+        DataError: always.
+    """
+    named = "; ".join(f"id {b.id!r}: {b.reason}" for b in listed[:10])
+    more = f" (and {total - 10} more)" if total > 10 else ""
+    raise DataError(
+        f"{total} row(s) have no usable prompt: {named}{more}. Fix the data, or set "
+        "runner.on_bad_row=skip to leave them out (they are listed in errors.jsonl)."
+    )
+
+
 def apply_bad_row_policy(bad: list[Skipped], policy: str) -> list[Skipped]:
-    """``error``: refuse the job before generation, listing the rows; ``skip``: pass them on.
+    """``error``: refuse the job, listing the rows; ``skip``: pass them on.
 
     Raises:
         DataError: with ``error`` when there are bad rows.
     """
-    if not bad or policy == "skip":
-        return bad
-    listed = "; ".join(f"id {b.id!r}: {b.reason}" for b in bad[:10])
-    more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-    raise DataError(
-        f"{len(bad)} row(s) have no usable prompt: {listed}{more}. Fix the data, or set "
-        "runner.on_bad_row=skip to leave them out (they are listed in errors.jsonl)."
-    )
+    if bad and policy != "skip":
+        refuse_bad_rows(bad, len(bad))
+    return bad
+
+
+def check_room(max_prompt_tokens: int | None) -> None:
+    """Refuse a job whose ``max_new_tokens`` leaves no room for a prompt in the context.
+
+    Raises:
+        ConfigError: naming ``sampling.max_new_tokens``.
+    """
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ConfigError(
+            f"sampling.max_new_tokens leaves no room for a prompt in the model's context "
+            f"({max_prompt_tokens} tokens left); lower it or raise model.max_context."
+        )
 
 
 def apply_length_policy(
     records: list[PromptRecord], max_prompt_tokens: int | None, policy: str, tokenizer
 ) -> tuple[list[PromptRecord], list[Skipped]]:
-    """Enforce the context limit on prompts before any generation starts.
+    """Enforce the context limit on a shard's prompts before they are generated.
 
     Args:
         records: rendered prompts.
@@ -220,11 +254,7 @@ def apply_length_policy(
     """
     if max_prompt_tokens is None:
         return records, []
-    if max_prompt_tokens < 1:
-        raise ConfigError(
-            f"sampling.max_new_tokens leaves no room for a prompt in the model's context "
-            f"({max_prompt_tokens} tokens left); lower it or raise model.max_context."
-        )
+    check_room(max_prompt_tokens)
     long = [r for r in records if len(r.token_ids) > max_prompt_tokens]
     if not long:
         return records, []

@@ -1,28 +1,29 @@
-"""The job, in call order: check, load data, render prompts, resume check, generate, summarize."""
+"""The job, in call order: check, open the data, screen it, resume check, generate, summarize."""
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchgen import data, manifest, models, prompts
+from batchgen import data, manifest, models, prompts, screen
 from batchgen.batching import BatchRunner, Interrupted, choose_engine
 from batchgen.config import JobConfig, validate
 from batchgen.continuous import ContinuousEngine
 from batchgen.engine import Engine
 from batchgen.errors import BatchgenError, ConfigError
 from batchgen.lock import RunLock
-from batchgen.progress import Progress, Totals, format_summary
+from batchgen.progress import Progress, format_summary
+from batchgen.shard_inputs import ShardInputs
 from batchgen.sharding import Shard, plan_shards
 from batchgen.signals import StopRequested
 from batchgen.summary import summarize, write_run_file
-from batchgen.verify import OTHER_CONFIG, quarantine, reason_kind, verify_shard
-from batchgen.worker import ShardLoop, ShardWork
+from batchgen.worker import LoopSettings, ShardLoop
 from batchgen.workers import WorkerInfo, resolve_worker
-from batchgen.writer import finished_shards, shard_metadata
+from batchgen.writer import finished_shards
 
 # Errors writing the output folder that the user fixes outside batchgen (space, permissions).
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
@@ -49,13 +50,11 @@ class Prepared:
     tokenizer: object
     device: str
     dtype: str
-    records: list[prompts.PromptRecord]
-    skipped: list[prompts.Skipped]
-    shards: list[Shard]
-    done: set[int]
+    data: data.Table | data.Stream
+    inputs: ShardInputs
+    shards: list[Shard] | None  # None for a stream: its length is known at its end
     parts: dict
     engine: str
-    kept_types: dict = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -73,33 +72,28 @@ def _writable_dir(path: Path) -> Path:
     return path
 
 
-def _verify_finished(out_dir: Path, parts: dict, samples: int) -> set[int]:
-    """Finished shards that can be trusted; damaged ones are moved aside to be generated again.
-
-    Raises:
-        ResumeError: a readable shard of another config.
-    """
-    fp = manifest.fingerprint(parts)
-    done = set()
-    for index, path in sorted(finished_shards(out_dir).items()):
-        reason = verify_shard(path, fp, None, samples)
-        if reason is None:
-            done.add(index)
-        elif reason_kind(reason) == OTHER_CONFIG:
-            recorded = shard_metadata(path).get("fingerprint_parts", {})
-            raise manifest.refuse(out_dir, path.name, recorded, parts)
-        else:
-            moved = quarantine(path)
+def _screen(cfg: JobConfig, table: data.Table, tokenizer, chat: bool, room: int | None) -> None:
+    """The whole-table checks (``batchgen.screen``) that the job's policies make refusals."""
+    d, r = cfg.dataset, cfg.runner
+    screen.check_unique_ids(table, d.id_column)
+    if r.on_bad_row == "error":
+        screen.refuse_bad_rows(table, d, tokenizer, chat)
+    if room is not None and r.on_long_prompt == "error":
+        unchecked = screen.refuse_long_prompts(table, d, tokenizer, chat, room)
+        if unchecked:
             print(
-                f"batchgen: {path.name} is damaged ({reason}); moved to {moved.name}, "
-                "generating it again",
+                f"batchgen: {unchecked:,} prompts may be longer than the {room} tokens left for "
+                "a prompt; each is checked when its shard is reached "
+                "(runner.on_long_prompt=error then stops the job there).",
                 flush=True,
             )
-    return done
 
 
 def prepare(cfg: JobConfig) -> Prepared:
     """Run every check that does not need the model weights, cheapest first; take the lock.
+
+    Reads no rows into Python beyond what the whole-table checks need (``batchgen.screen``
+    works in Arrow): shards are read, rendered and tokenized as the loop reaches them.
 
     Raises:
         BatchgenError: a bad setting, path, column, row or resume conflict, with the culprit named.
@@ -108,7 +102,8 @@ def prepare(cfg: JobConfig) -> Prepared:
     validate(cfg)
     worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
     source = models.resolve_source(cfg.model)
-    rows = data.load_rows(cfg.dataset)
+    table = data.open_dataset(cfg.dataset)
+    streaming = isinstance(table, data.Stream)
     out_dir = _writable_dir(Path(cfg.output.dir))
     lock = RunLock(out_dir, f"run-rank{worker.rank}-of{worker.world_size}")
     lock.acquire()
@@ -116,21 +111,21 @@ def prepare(cfg: JobConfig) -> Prepared:
         source = models.convert_gguf(source)
         model_config, tokenizer = models.load_config_and_tokenizer(source, cfg.model)
         chat = prompts.uses_chat_template(cfg.dataset, tokenizer)
-        records, bad = prompts.build_records(rows, cfg.dataset, tokenizer, chat)
-        bad = prompts.apply_bad_row_policy(bad, cfg.runner.on_bad_row)
         device, dtype = models.resolve_device_dtype(cfg.model)
         if device == "cuda" and worker.local_rank is not None:
             device = f"cuda:{worker.local_rank}"  # torchrun/srun: one GPU per local rank
-        digest = manifest.data_digest(records)
-        parts = manifest.fingerprint_parts(cfg, chat, dtype, digest, len(rows))
+        num_rows = cfg.dataset.limit if streaming else len(table)
+        parts = manifest.fingerprint_parts(cfg, chat, dtype, num_rows)
         manifest.check_run_file(out_dir, parts)
         context = models.context_length(model_config, tokenizer, cfg.model)
         room = context - cfg.sampling.max_new_tokens if context else None
-        records, too_long = prompts.apply_length_policy(
-            records, room, cfg.runner.on_long_prompt, tokenizer
-        )
-        done = _verify_finished(out_dir, parts, cfg.sampling.num_return_sequences)
+        prompts.check_room(room)
+        if not streaming:
+            _screen(cfg, table, tokenizer, chat, room)
         encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
+        inputs = ShardInputs(
+            None if streaming else table, cfg.dataset, cfg.runner, tokenizer, chat, room
+        )
         return Prepared(
             cfg=cfg,
             worker=worker,
@@ -141,14 +136,12 @@ def prepare(cfg: JobConfig) -> Prepared:
             tokenizer=tokenizer,
             device=device,
             dtype=dtype,
-            records=records,
-            skipped=sorted(bad + too_long, key=lambda s: s.index),
-            shards=plan_shards(len(rows), cfg.output.rows_per_shard),
-            done=done,
+            data=table,
+            inputs=inputs,
+            shards=None if streaming else plan_shards(len(table), cfg.output.rows_per_shard),
             parts=parts,
             engine=choose_engine(cfg.runner, cfg.sampling, encoder_decoder, device),
-            kept_types=rows.kept_types,
-            phases={"tokenize": time.perf_counter() - started},
+            phases={"prepare": time.perf_counter() - started},
         )
     except BaseException:
         lock.release()
@@ -164,19 +157,6 @@ def _run_metadata(p: Prepared) -> dict:
         "device": p.device,
         "engine": p.engine,
     }
-
-
-def _work(p: Prepared) -> dict[int, ShardWork]:
-    """The unfinished shards with their records and skipped rows."""
-    per = p.cfg.output.rows_per_shard
-    work = {s.index: ShardWork(s, [], []) for s in p.shards if s.index not in p.done}
-    for r in p.records:
-        if r.index // per in work:
-            work[r.index // per].records.append(r)
-    for s in p.skipped:
-        if s.index // per in work:
-            work[s.index // per].skipped.append(s)
-    return work
 
 
 def _set_threads(threads: int | None) -> None:
@@ -206,56 +186,85 @@ def _engine(p: Prepared):
     )
 
 
+def _loop(p: Prepared, meta: dict, stop, progress: Progress, published: set[int]) -> ShardLoop:
+    r, sampling = p.cfg.runner, p.cfg.sampling
+    settings = LoopSettings(
+        kept_types=p.data.kept_types,
+        compression=p.cfg.output.compression,
+        lease_seconds=r.lease_seconds,
+        # A stream has no random access: a stealer could not read another rank's shard.
+        steal=r.steal and p.shards is not None,
+        samples=sampling.num_return_sequences,
+    )
+    return ShardLoop(
+        p.out_dir,
+        p.worker,
+        p.inputs,
+        lambda: BatchRunner(_engine(p), r, sampling, p.cfg.seed, stop=stop.event),
+        stop.event,
+        meta,
+        settings,
+        progress,
+        published,
+    )
+
+
+def _layout(p: Prepared, rows_seen: int | None) -> tuple[int | None, int | None]:
+    """(shards, rows) of the whole job; a stream's are known once this worker read it all."""
+    if p.shards is not None:
+        return len(p.shards), len(p.data)
+    if rows_seen is None:
+        return None, None
+    return math.ceil(rows_seen / p.cfg.output.rows_per_shard), rows_seen
+
+
 def generate(p: Prepared) -> dict:
-    """Load the model, generate this worker's shards (and stolen ones), return the summary."""
+    """Generate this worker's shards (and stolen ones), return the summary.
+
+    The model loads when the first shard needs generating.
+    """
     started = time.perf_counter()
     meta = _run_metadata(p)
     write_run_file(p.out_dir, meta, "running")
-    work = _work(p)
-    this_run, stop_signal = None, None
-    if work:
-        engine = _engine(p)
-        r = p.cfg.runner
-        progress = Progress(sum(w.shard.stop - w.shard.start for w in work.values()), r.progress)
-        with StopRequested() as stop:
-            batcher = BatchRunner(engine, r, p.cfg.sampling, p.cfg.seed, stop=stop.event)
-            loop = ShardLoop(
-                p.out_dir,
-                p.worker,
-                batcher,
-                meta,
-                p.kept_types,
-                p.cfg.output.compression,
-                r.lease_seconds,
-                r.steal,
-                progress,
-            )
-            try:
-                loop.run(work)
-            except Interrupted:
-                stop_signal = stop
-            finally:
-                progress.close()
-                this_run = loop.result
-        p.phases["generate"] = this_run.generate_seconds
-        p.phases["write"] = this_run.write_seconds
-    summary = summarize(
-        p.out_dir,
-        len(p.shards),
-        len(p.done),
-        this_run.totals if this_run else Totals(),
-        p.phases,
-        time.perf_counter() - started,
+    published = set(finished_shards(p.out_dir))
+    todo = None
+    if p.shards is not None:
+        todo = sum(s.stop - s.start for s in p.shards if s.index not in published)
+    progress = Progress(todo, p.cfg.runner.progress and todo != 0)
+    stop_signal = None
+    with StopRequested() as stop:
+        loop = _loop(p, meta, stop, progress, published)
+        try:
+            if p.shards is None:
+                loop.run_stream(p.data, p.cfg.output.rows_per_shard)
+            else:
+                loop.run(p.shards)
+        except Interrupted:
+            stop_signal = stop
+        finally:
+            progress.close()
+    this_run = loop.result
+    p.phases.update(
+        tokenize=this_run.tokenize_seconds,
+        generate=this_run.generate_seconds,
+        write=this_run.write_seconds,
     )
-    complete = summary["shards_done"] == len(p.shards)
+    total, rows = _layout(p, None if stop_signal else this_run.rows_seen)
+    elapsed = time.perf_counter() - started
+    summary = summarize(
+        p.out_dir, total, rows, this_run.resumed, this_run.totals, p.phases, elapsed
+    )
+    complete = total is not None and summary["shards_done"] == total
     status = "complete" if complete else "interrupted" if stop_signal else "incomplete"
     write_run_file(p.out_dir, meta, status, summary)
     if stop_signal is not None:
         print(format_summary(summary), flush=True)
         stop_signal.chain()
+        done = summary["shards_done"]
+        of = f"/{len(p.shards)}" if p.shards is not None else ""
         raise Stopped(
-            f"stopped by {stop_signal.name}: {summary['shards_done']}/{len(p.shards)} shards "
-            f"are complete and intact. Rerun the same command to resume.",
+            f"stopped by {stop_signal.name}: {done}{of} shards are complete and intact. "
+            "Rerun the same command to resume.",
             stop_signal.exit_code,
         )
     return summary

@@ -57,7 +57,14 @@ def _layout(run: dict[str, Any], path: Path) -> tuple[int, int, int]:
     per_shard = (parts.get("layout") or {}).get("rows_per_shard") or (
         (run.get("config") or {}).get("output") or {}
     ).get("rows_per_shard")
-    total = (run.get("summary") or {}).get("shards_total")
+    summary = run.get("summary") or {}
+    total = summary.get("shards_total")
+    rows = summary.get("rows_total") or rows
+    if rows is None and ((run.get("config") or {}).get("dataset") or {}).get("streaming"):
+        raise NotAnOutputDir(
+            f"{path}: the dataset is streamed and no worker has read it to its end yet, so its "
+            "row count is unknown; ask again when one has."
+        )
     if rows is None or not per_shard:
         raise NotAnOutputDir(f"{path} does not record the row count and rows per shard.")
     if total is None:

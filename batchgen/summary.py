@@ -49,13 +49,17 @@ def write_errors(out_dir: Path, shards: dict[int, dict]) -> int:
 
 def summarize(
     out_dir: Path,
-    shards_total: int,
+    shards_total: int | None,
+    rows_total: int | None,
     resumed: int,
     this_run: Totals,
     phases: dict[str, float],
     wall: float,
 ) -> dict:
-    """The run summary: totals over every finished shard plus this process's own numbers."""
+    """The run summary: totals over every finished shard plus this process's own numbers.
+
+    ``shards_total`` and ``rows_total`` are None for a stream not yet read to its end.
+    """
     shards = read_shards(out_dir)
     totals = add_totals(shards)
     write_errors(out_dir, shards)
@@ -63,6 +67,7 @@ def summarize(
     return {
         "output_dir": str(out_dir),
         "shards_total": shards_total,
+        "rows_total": rows_total,
         "shards_done": len(shards),
         "shards_resumed": resumed,
         "totals": totals.to_dict(),

@@ -153,7 +153,7 @@ def verify_shard(
     return f"{WRONG_ROWS}: {problem}" if problem else None
 
 
-def quarantine(path: Path) -> Path:
+def quarantine(path: Path) -> Path | None:
     """Move a shard that failed verification aside, out of the ``*.parquet`` namespace.
 
     The file becomes ``NAME.corrupt-YYYYMMDDTHHMMSSZ`` beside it (``-1``, ``-2``... appended
@@ -164,7 +164,7 @@ def quarantine(path: Path) -> Path:
         path: the shard file.
 
     Returns:
-        The new path.
+        The new path; None when the file was gone already (another worker moved it).
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
@@ -172,7 +172,10 @@ def quarantine(path: Path) -> Path:
     while target.exists():
         n += 1
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-    os.rename(path, target)
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None
     # Make the move durable, so a crash right after cannot bring the bad shard back.
     fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -3,22 +3,34 @@
 A worker takes its own share of the shards first (``workers.assign_shards``), then, with
 stealing on, any unfinished shard whose claim is free or expired, so a slow or dead worker does
 not hold the job hostage. It leaves only when every shard is published, or it is told to stop.
+
+Invariant: a worker reads, renders and verifies only what it touches. A finished shard of its
+own share is verified (decoded whole, fingerprint and rows' digest) when the loop reaches it,
+before it is skipped; another worker's finished shard is skipped unread; an unfinished one is
+rendered and tokenized only once this worker holds its claim. The model loads at the first
+shard that needs generating, so a finished job never loads it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchgen import manifest
 from batchgen.batching import BatchRunner, Interrupted
 from batchgen.claims import ClaimStore, Heartbeat, default_owner
+from batchgen.data import Rows, Stream
 from batchgen.progress import Progress, Totals
-from batchgen.prompts import PromptRecord, Skipped
+from batchgen.prompts import PromptRecord
+from batchgen.shard_inputs import ShardInputs, ShardWork
 from batchgen.sharding import Shard
+from batchgen.verify import OTHER_CONFIG, quarantine, reason_kind, verify_shard
 from batchgen.workers import WorkerInfo, assign_shards
-from batchgen.writer import output_schema, write_shard
+from batchgen.writer import output_schema, shard_metadata, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +39,26 @@ WAIT_POLL = 1.0
 
 
 @dataclass
-class ShardWork:
-    """What the loop needs to know about one shard."""
-
-    shard: Shard
-    records: list[PromptRecord]
-    skipped: list[Skipped]
-
-
-@dataclass
 class LoopResult:
     """What this worker did."""
 
     totals: Totals = field(default_factory=Totals)
-    published: list[int] = field(default_factory=list)
+    resumed: int = 0  # finished shards of its share that it verified and skipped
+    tokenize_seconds: float = 0.0
     generate_seconds: float = 0.0
     write_seconds: float = 0.0
+    rows_seen: int | None = None  # streaming: rows in the stream, once it has ended
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The job settings the loop needs."""
+
+    kept_types: dict
+    compression: str
+    lease_seconds: float
+    steal: bool
+    samples: int
 
 
 def shard_rows(records: list[PromptRecord], results: dict) -> tuple[list[dict], Totals]:
@@ -77,31 +93,98 @@ def shard_rows(records: list[PromptRecord], results: dict) -> tuple[list[dict], 
 
 
 class ShardLoop:
-    """Runs shards for one worker against the output folder's claims."""
+    """Runs shards for one worker against the output folder's claims.
+
+    Args:
+        out_dir: the output folder.
+        worker: this worker's rank and world size.
+        inputs: builds a shard's records (and digest) from the dataset.
+        make_batcher: loads the model and returns the batch runner; called once, when the
+            first shard needs generating.
+        stop: set by a signal; the loop stops between batches.
+        meta: the run metadata every shard's footer carries.
+        settings: ``kept_types``, ``compression``, ``lease_seconds``, ``steal`` and
+            ``samples`` (``num_return_sequences``) of the job.
+        progress: the bar.
+        published: shards published before this run started (not counted on the bar).
+    """
 
     def __init__(
         self,
         out_dir: Path,
         worker: WorkerInfo,
-        batcher: BatchRunner,
+        inputs: ShardInputs,
+        make_batcher: Callable[[], BatchRunner],
+        stop: threading.Event,
         meta: dict,
-        kept_types: dict,
-        compression: str,
-        lease_seconds: float,
-        steal: bool,
+        settings: LoopSettings,
         progress: Progress,
+        published: set[int],
     ):
         self.out_dir = out_dir
         self.worker = worker
-        self.batcher = batcher
+        self.inputs = inputs
+        self.make_batcher = make_batcher
+        self.batcher: BatchRunner | None = None
+        self.stop = stop
         self.meta = meta
-        self.kept_types = kept_types
-        self.compression = compression
-        self.steal = steal
+        self.settings = settings
         self.progress = progress
-        self.store = ClaimStore(out_dir, default_owner(worker.rank), lease_seconds)
+        self.store = ClaimStore(out_dir, default_owner(worker.rank), settings.lease_seconds)
         self.result = LoopResult()
-        self.counted: set[int] = set()  # shards already on the progress bar
+        self.counted = set(published)  # shards on the bar, or not to be put there
+        self.seen: set[int] = set()  # shards the loop has reached once
+
+    def run(self, shards: list[Shard]) -> LoopResult:
+        """Process shards until all are published; raises ``Interrupted`` on a stop request."""
+        by_index = {s.index: s for s in shards}
+        own = assign_shards(sorted(by_index), self.worker.rank, self.worker.world_size)
+        # Stealers start from the far end of the others' lists, where their owners arrive last.
+        mine = set(own)
+        others = [i for i in reversed(sorted(by_index)) if i not in mine]
+        order = own + (others if self.settings.steal else [])
+        with Heartbeat(self.store):
+            try:
+                while True:
+                    for index in order:
+                        self._visit(by_index[index], index in mine)
+                    if all(self._published(by_index[i]) for i in order):
+                        return self.result
+                    self._check_stop()
+                    time.sleep(WAIT_POLL)  # held by live workers: wait for them or their expiry
+            finally:
+                self.store.release_all()
+
+    def run_stream(self, stream: Stream, rows_per_shard: int) -> LoopResult:
+        """Process this worker's shards of a stream (shard ``k`` is rank ``k % world_size``'s).
+
+        The stream is read once, in order; other ranks' rows are passed over in Arrow. A shard
+        that another live worker holds is kept in memory and waited for at the end.
+        """
+        held: dict[int, tuple[Shard, Rows]] = {}
+        with Heartbeat(self.store):
+            try:
+                for start, batch in stream.blocks(rows_per_shard):
+                    shard = Shard(start // rows_per_shard, start, start + batch.num_rows)
+                    self.result.rows_seen = shard.stop
+                    if shard.index % self.worker.world_size != self.worker.rank:
+                        continue
+                    rows = stream.rows(start, batch)
+                    if not self._visit(shard, True, rows):
+                        held[shard.index] = (shard, rows)
+                while held:
+                    self._check_stop()
+                    time.sleep(WAIT_POLL)
+                    for index, (shard, rows) in list(held.items()):
+                        if self._visit(shard, True, rows):
+                            del held[index]
+                return self.result
+            finally:
+                self.store.release_all()
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted
 
     def _published(self, shard: Shard) -> bool:
         done = (self.out_dir / shard.name).exists()
@@ -110,44 +193,65 @@ class ShardLoop:
             self.progress.update(shard.stop - shard.start, 0)
         return done
 
-    def run(self, work: dict[int, ShardWork]) -> LoopResult:
-        """Process shards until all are published; raises ``Interrupted`` on a stop request."""
-        own = assign_shards(sorted(work), self.worker.rank, self.worker.world_size)
-        # Stealers start from the far end of the others' lists, where their owners arrive last.
-        mine = set(own)
-        others = [i for i in sorted(work, reverse=True) if i not in mine] if self.steal else []
-        order = own + others
-        with Heartbeat(self.store):
-            try:
-                while True:
-                    for index in order:
-                        self._try(work[index])
-                    left = [i for i in order if not self._published(work[i].shard)]
-                    if not left:
-                        return self.result
-                    self._check_stop()
-                    time.sleep(WAIT_POLL)  # held by live workers: wait for them or their expiry
-            finally:
-                self.store.release_all()
-
-    def _check_stop(self) -> None:
-        if self.batcher.stop.is_set():
-            raise Interrupted
-
-    def _try(self, item: ShardWork) -> None:
-        shard = item.shard
+    def _visit(self, shard: Shard, own: bool, rows: Rows | None = None) -> bool:
+        """Verify, skip or generate one shard; True when it is published."""
         self._check_stop()
-        if self._published(shard) or not self.store.try_claim(shard.index):
-            return
+        first = shard.index not in self.seen
+        self.seen.add(shard.index)
+        if self._published(shard) and (not (own and first) or self._trusted(shard, rows)):
+            return True
+        if not self.store.try_claim(shard.index):
+            return False
         try:
             if self._published(shard):  # finished by someone between our look and our claim
-                return
-            self._generate(item)
+                return True
+            started = time.perf_counter()
+            work = self.inputs.build(shard, rows)
+            self.result.tokenize_seconds += time.perf_counter() - started
+            self._generate(work)
+            return self._published(shard)
         finally:
             self.store.release(shard.index)
 
+    def _trusted(self, shard: Shard, rows: Rows | None) -> bool:
+        """Whether a finished shard of this worker's share can be skipped.
+
+        A damaged one is moved aside (False: generate it again).
+
+        Raises:
+            ResumeError: the shard is another config's, or its input rows changed.
+        """
+        path = self.out_dir / shard.name
+        fingerprint = self.meta["fingerprint"]
+        try:
+            reason = verify_shard(path, fingerprint, None, self.settings.samples)
+            if reason is None:
+                recorded = shard_metadata(path)["shard"].get("digest")
+            elif reason_kind(reason) == OTHER_CONFIG:
+                recorded = shard_metadata(path).get("fingerprint_parts", {})
+        except FileNotFoundError:
+            return False  # another worker moved it aside meanwhile
+        if reason is None:
+            if recorded != self.inputs.digest(shard, rows):
+                raise self.inputs.changed_rows_error(path, shard, rows)
+            self.result.resumed += 1
+            return True
+        if reason_kind(reason) == OTHER_CONFIG:
+            parts = self.meta["fingerprint_parts"]
+            raise manifest.refuse(self.out_dir, path.name, recorded, parts)
+        moved = quarantine(path)
+        if moved is not None:
+            print(
+                f"batchgen: {path.name} is damaged ({reason}); moved to {moved.name}, "
+                "generating it again",
+                flush=True,
+            )
+        return False
+
     def _generate(self, item: ShardWork) -> None:
         shard = item.shard
+        if self.batcher is None:
+            self.batcher = self.make_batcher()
         padded_before = self.batcher.engine.padded_tokens
         started = time.perf_counter()
         results, failed = self.batcher.run(item.records, self.progress.update)
@@ -169,6 +273,7 @@ class ShardLoop:
                 "index": shard.index,
                 "start": shard.start,
                 "stop": shard.stop,
+                "digest": item.digest,
                 "totals": totals.to_dict(),
                 "skipped": [{"id": s.id, "reason": s.reason} for s in item.skipped],
                 "failed": [{"id": s.id, "reason": s.reason} for s in failed],
@@ -181,9 +286,8 @@ class ShardLoop:
             },
         }
         started = time.perf_counter()
-        schema = output_schema(self.kept_types, shard_meta)
-        if write_shard(self.out_dir, shard.name, rows, schema, self.compression):
-            self.result.published.append(shard.index)
+        schema = output_schema(self.settings.kept_types, shard_meta)
+        if write_shard(self.out_dir, shard.name, rows, schema, self.settings.compression):
             self.result.totals.add(totals)
         self.result.generate_seconds += generate_seconds
         self.result.write_seconds += time.perf_counter() - started

@@ -126,7 +126,7 @@ def load(args):
         model = models.load_model(src, config, cfg, device, dtype)
     tok.padding_side = "left"
     texts = make_prompts(args.prompts)
-    rows = Rows(columns={"prompt": texts}, kept_types={}, source="bench")
+    rows = Rows(columns={"prompt": texts}, kept_types={})
     records, _ = build_records(rows, DatasetConfig(prompt_column="prompt"), tok, chat=True)
     return model, tok, texts, records
 

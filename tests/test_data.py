@@ -1,4 +1,4 @@
-"""Dataset loading: local formats and folders, column checks, limits, clear errors."""
+"""Opening datasets: local formats and folders, column checks, limits, streams, clear errors."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen.config import DatasetConfig
-from batchgen.data import load_rows
+from batchgen.data import Stream, Table, open_dataset
 from batchgen.errors import DataError
 
 ROWS = [{"q": f"question {i}", "n": i} for i in range(5)]
+
+
+def load_rows(cfg):
+    table = open_dataset(cfg)
+    assert isinstance(table, Table)
+    return table.rows(0, len(table))
 
 
 def write(path, fmt):
@@ -106,3 +112,30 @@ def test_zero_byte_file(tmp_path):
     path.write_text("")
     with pytest.raises(DataError, match="has no rows"):
         load_rows(DatasetConfig(path=str(path)))
+
+
+def test_rows_are_read_a_slice_at_a_time(tmp_path):
+    path = write(tmp_path / "d.parquet", "parquet")
+    table = open_dataset(DatasetConfig(path=str(path), prompt_column="q", limit=4))
+    assert len(table) == 4
+    rows = table.rows(2, 4)
+    assert rows.start == 2 and rows.columns == {"q": ["question 2", "question 3"]}
+    assert table.column("q").to_pylist()[-1] == "question 3"
+
+
+def test_stream_reads_blocks_in_order_up_to_the_limit(tmp_path):
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    for k in range(3):  # three files of 4 rows: blocks of 5 cross file boundaries
+        rows = [{"q": f"q{4 * k + i}", "n": 4 * k + i} for i in range(4)]
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"train-{k}.parquet")
+    cfg = DatasetConfig(path=str(folder), prompt_column="q", keep_columns=["n"], streaming=True)
+    stream = open_dataset(cfg)
+    assert isinstance(stream, Stream) and pa.types.is_integer(stream.kept_types["n"])
+    blocks = [(start, b.column("q").to_pylist()) for start, b in stream.blocks(5)]
+    assert [start for start, _ in blocks] == [0, 5, 10]
+    assert [q for _, qs in blocks for q in qs] == [f"q{i}" for i in range(12)]
+    limited = open_dataset(DatasetConfig(**{**cfg.__dict__, "limit": 7}))
+    start, block = list(limited.blocks(5))[-1]
+    assert (start, block.num_rows) == (5, 2)
+    assert limited.rows(start, block).columns["n"] == [5, 6]

@@ -16,7 +16,7 @@ from batchgen.prompts import (
 
 
 def rows(**columns) -> Rows:
-    return Rows(columns=columns, kept_types={}, source="test")
+    return Rows(columns=columns, kept_types={})
 
 
 def test_prompt_column_wrapped_as_user_turn_with_system_prompt(smol_tokenizer):
