@@ -47,9 +47,28 @@ class Table:
     def __len__(self) -> int:
         return self.dataset.num_rows
 
-    def column(self, name: str) -> pa.ChunkedArray:
-        """One column over every row, still in Arrow (for whole-table checks)."""
-        return self.dataset.data.column(name)
+    def scan(self, name: str, block_rows: int) -> Iterator[tuple[int, pa.Array]]:
+        """(first row index, values) per block of about ``block_rows`` rows of one column.
+
+        Reads the dataset's cache files with plain reads rather than through its memory map,
+        so a pass over every row leaves no pages of the file resident in this process.
+        """
+        files = [f["filename"] for f in self.dataset.cache_files]
+        if not files:  # an in-memory dataset
+            column = self.dataset.data.column(name)
+            for offset in range(0, len(column), block_rows):
+                yield offset, column.slice(offset, block_rows).combine_chunks()
+            return
+        offset, pending, size = 0, [], 0
+        for batch in _batches(files):
+            take = min(batch.num_rows, len(self) - offset - size)
+            pending.append(batch.column(name).slice(0, take))
+            size += take
+            if size >= block_rows or offset + size == len(self):
+                yield offset, pa.concat_arrays(pending)
+                offset, pending, size = offset + size, [], 0
+            if offset == len(self):
+                return
 
     def rows(self, start: int, stop: int) -> Rows:
         """Rows ``[start, stop)`` in Python."""
@@ -84,6 +103,12 @@ class Stream:
     def rows(self, start: int, block: pa.Table) -> Rows:
         """One block of ``blocks`` in Python."""
         return Rows(block.to_pydict(), self.kept_types, start)
+
+
+def _batches(files: list[str]) -> Iterator[pa.RecordBatch]:
+    for name in files:
+        with pa.OSFile(name) as f:
+            yield from pa.ipc.open_stream(f)
 
 
 def template_fields(template: str) -> list[str]:
@@ -171,6 +196,8 @@ def open_dataset(cfg: DatasetConfig) -> Table | Stream:
         raise DataError(f"dataset.path={location!r} (split {cfg.split!r}) has no rows.")
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))  # contiguous: a slice, no copy
+    # The conversion to Arrow leaves buffers in the memory pool that nothing uses any more.
+    pa.default_memory_pool().release_unused()
     return Table(ds, _arrow_types(ds.features, cfg.keep_columns), location)
 
 

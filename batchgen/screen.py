@@ -28,7 +28,7 @@ from batchgen.config import DatasetConfig
 from batchgen.data import Table, template_fields
 
 # Rows per Arrow block: bounds the transient memory of one pass.
-BLOCK_ROWS = 1 << 18
+BLOCK_ROWS = 1 << 16
 # Rows that may be too long and are tokenized up front under on_long_prompt=error.
 EXACT_LIMIT = 20_000
 # Tokens a tokenizer may add around a text beyond its bytes (a SentencePiece dummy prefix).
@@ -37,9 +37,8 @@ TOKEN_SLACK = 2
 MESSAGE_SLACK = 16
 
 
-def _blocks(column: pa.ChunkedArray) -> Iterator[tuple[int, pa.Array]]:
-    for offset in range(0, len(column), BLOCK_ROWS):
-        yield offset, column.slice(offset, BLOCK_ROWS).combine_chunks()
+def _blocks(table: Table, name: str) -> Iterator[tuple[int, pa.Array]]:
+    return table.scan(name, BLOCK_ROWS)
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -94,7 +93,7 @@ def bad_row_indices(table: Table, cfg: DatasetConfig) -> np.ndarray:
         checks = [(cfg.prompt_column, _bad_text)]
     bad = np.zeros(len(table), dtype=bool)
     for name, check in checks:
-        for offset, block in _blocks(table.column(name)):
+        for offset, block in _blocks(table, name):
             bad[offset : offset + len(block)] |= check(block)
     return np.flatnonzero(bad)
 
@@ -123,13 +122,15 @@ def check_unique_ids(table: Table, id_column: str | None) -> None:
     """
     if not id_column:
         return
-    column = table.column(id_column)
+    column = pa.chunked_array([block for _, block in _blocks(table, id_column)])
     if not _is_text(column.type):
         try:
             column = pc.cast(column, pa.string())
         except pa.ArrowNotImplementedError:
             return  # ids of a nested type: each shard checks its own (prompts.row_ids)
-    if pc.count_distinct(column, mode="all").as_py() == len(column):
+    distinct = pc.count_distinct(column, mode="all").as_py()
+    pa.default_memory_pool().release_unused()  # the hash table: as large as the ids
+    if distinct == len(column):
         return
     counts = pc.value_counts(column)
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
@@ -140,7 +141,7 @@ def _byte_lengths(table: Table, cfg: DatasetConfig) -> np.ndarray:
     """Per row, the UTF-8 bytes of what is rendered into the prompt, beyond the template."""
     total = np.zeros(len(table), dtype=np.int64)
     if cfg.messages_column:
-        for offset, block in _blocks(table.column(cfg.messages_column)):
+        for offset, block in _blocks(table, cfg.messages_column):
             parts = _message_parts(block)
             if parts is None:
                 return total  # rows that bad_row_indices refuses or skips
@@ -156,7 +157,7 @@ def _byte_lengths(table: Table, cfg: DatasetConfig) -> np.ndarray:
         return total
     fields = template_fields(cfg.template) if cfg.template else [cfg.prompt_column]
     for name in fields:
-        for offset, block in _blocks(table.column(name)):
+        for offset, block in _blocks(table, name):
             text = block if _is_text(block.type) else pc.cast(block, pa.string())
             size = pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
             total[offset : offset + len(block)] += size

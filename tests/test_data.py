@@ -120,7 +120,9 @@ def test_rows_are_read_a_slice_at_a_time(tmp_path):
     assert len(table) == 4
     rows = table.rows(2, 4)
     assert rows.start == 2 and rows.columns == {"q": ["question 2", "question 3"]}
-    assert table.column("q").to_pylist()[-1] == "question 3"
+    blocks = list(table.scan("q", 3))  # the cache file, read in blocks, up to the limit
+    assert blocks[0][0] == 0 and all(len(b) >= 3 for _, b in blocks[:-1])
+    assert [q for _, b in blocks for q in b.to_pylist()] == [f"question {i}" for i in range(4)]
 
 
 def test_stream_reads_blocks_in_order_up_to_the_limit(tmp_path):
