@@ -15,6 +15,7 @@ to well within a quarter of the lease.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,11 +23,12 @@ import re
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from batchgen.writer import temp_path
 
 CLAIMS_DIR = "claims"
 CLAIM_RE = re.compile(r"^part-(\d{5,})(?:\.(\d+))?\.claim$")
@@ -163,10 +165,14 @@ class ClaimStore:
 
     def _create(self, index: int, generation: int, claimed_at: float | None = None) -> bool:
         path = claim_path(self.out_dir, index, generation)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, flags, 0o644)
         except FileExistsError:
             return False
+        except FileNotFoundError:  # claims/ removed by a worker that saw the run complete
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return self._create(index, generation, claimed_at)
         now = self.clock()
         claimed_at = now if claimed_at is None else claimed_at
         # No fsync: exclusion comes from O_EXCL, and a claim cut short by a host crash is
@@ -177,9 +183,12 @@ class ClaimStore:
         return True
 
     def _rewrite(self, path: Path, payload: bytes) -> None:
-        tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
+        tmp = temp_path(path)
+        try:
+            tmp.write_bytes(payload)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _ours(self, index: int, generation: int) -> _Seen | None:
         """Our claim file if it is still the shard's claim (no later generation), else None."""
@@ -336,6 +345,24 @@ class ClaimStore:
                 }
             )
         return found
+
+
+def clear(out_dir: Path) -> None:
+    """Remove every claim file and the claims folder, once every shard is published.
+
+    Another worker finishing at the same time may remove the same files; a worker that claims
+    after this recreates the folder (``ClaimStore`` does).
+    """
+    folder = Path(out_dir) / CLAIMS_DIR
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        folder.rmdir()  # not empty: a late claim; its worker clears it when it finishes
 
 
 class Heartbeat:

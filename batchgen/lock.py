@@ -1,33 +1,41 @@
 """A run lock in the output folder, so two runners pointed at one folder cannot both write it.
 
-The lock is ``OUT/.{name}.lock``, a small JSON record of its holder (pid, host, start time,
-command line). It is published with ``os.link`` from a fully written temp file, which fails
-atomically when the lock exists, so a reader never sees a half-written lock and a crash between
-creating and writing it cannot leave an empty one behind.
+The lock is ``OUT/.{name}.lock``, a small JSON record of its holder (pid, host, pid namespace,
+start time, command line). It is published with ``os.link`` from a fully written temp file,
+which fails atomically when the lock exists, so a reader never sees a half-written lock and a
+crash between creating and writing it cannot leave an empty one behind.
 
-A lock whose holder is a dead process on this host is stale and is taken over. Taking over is
-serialized by an ``flock`` on ``OUT/.{name}.lock.guard``: renaming the stale file aside is not
-enough on its own, because a slow taker could rename away the fresh lock a faster taker has
-just created; under the guard, a taker re-reads the lock and removes it only if it is still the
-stale one it judged. The kernel drops an ``flock`` when its process dies, so the guard itself
-never goes stale; the empty guard file stays in the folder after a takeover. A lock from
-another host is never taken over: this host cannot tell whether that process lives.
+While held, a heartbeat thread touches the lock's mtime every third of the lease. A lock is
+stale when its holder is a dead process in this host's pid namespace (taken over at once), or,
+wherever the holder ran (another host or container, whose pid means nothing here), when its
+heartbeat is older than the lease (taken over then). Taking over is serialized by an ``flock``
+on ``OUT/.{name}.lock.guard``: renaming the stale file aside is not enough on its own, because
+a slow taker could rename away the fresh lock a faster taker has just created; under the guard,
+a taker re-reads the lock and removes it only if it is still the stale one it judged. The
+kernel drops an ``flock`` when its process dies, so the guard itself never goes stale; the empty
+guard file stays in the folder after a takeover.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shlex
 import socket
 import sys
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from batchgen.errors import ConfigError, ResumeError
+from batchgen.writer import temp_path
+
+log = logging.getLogger(__name__)
 
 # Several stale takeovers in a row (each racing a new runner) are possible but not endless.
 _ATTEMPTS = 5
@@ -99,12 +107,14 @@ class RunLock:
             ...
     """
 
-    def __init__(self, out_dir: Path, name: str = "run"):
+    def __init__(self, out_dir: Path, name: str = "run", lease_seconds: float = 120.0):
         """Describe the lock ``out_dir/.{name}.lock``; nothing is created until ``acquire``.
 
         Args:
             out_dir: the output folder; it must exist.
             name: lock name, a plain file-name part without ``/``.
+            lease_seconds: a lock whose heartbeat is older than this is stale wherever its
+                holder ran (``runner.lease_seconds``).
 
         Raises:
             ValueError: ``name`` is empty or contains a path separator.
@@ -115,6 +125,9 @@ class RunLock:
         self.path = self.out_dir / f".{name}.lock"
         self._guard = self.out_dir / f".{name}.lock.guard"
         self._record: dict[str, Any] | None = None
+        self.lease_seconds = lease_seconds
+        self._beating = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _new_record(self) -> dict[str, Any]:
         pid = os.getpid()
@@ -131,7 +144,7 @@ class RunLock:
 
     def _publish(self, record: dict[str, Any]) -> bool:
         """Create the lock with ``record`` as its whole content; False when a lock exists."""
-        tmp = self.out_dir / f"{self.path.name}.tmp-{record['pid']}-{record['token']}"
+        tmp = temp_path(self.path)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "w") as f:
@@ -151,17 +164,42 @@ class RunLock:
             tmp.unlink(missing_ok=True)
         return True
 
+    def _silent_for(self) -> float:
+        """Seconds since the holder's last heartbeat (0 when the lock is gone)."""
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
     def _is_stale(self, holder: dict[str, Any]) -> bool:
-        return _same_place(holder) and not _alive(holder)
+        if _same_place(holder) and not _alive(holder):
+            return True
+        return self._silent_for() > self.lease_seconds
 
     def _remove_if_unchanged(self, stale: dict[str, Any]) -> bool:
-        """Under the guard, remove the lock if it still holds ``stale``; True if removed."""
+        """Under the guard, remove the lock if it still holds ``stale``, still stale."""
         with self._guard.open("a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
-            if _read(self.path) != stale:
-                return False  # another taker got there first; look again
+            if _read(self.path) != stale or not self._is_stale(stale):
+                return False  # another taker got there first, or the holder woke up
             self.path.unlink()
             return True
+
+    def _beat(self, record: dict[str, Any]) -> None:
+        while not self._beating.wait(self.lease_seconds / 3):
+            try:
+                if _read(self.path) != record:
+                    raise FileNotFoundError(self.path)
+                os.utime(self.path)
+            except FileNotFoundError:
+                log.warning(
+                    "batchgen: the run lock %s was taken over after this process went silent "
+                    "for longer than the lease; shard claims still keep the work apart",
+                    self.path,
+                )
+                return
+            except OSError as e:  # a brief hiccup of a shared filesystem: try at the next beat
+                log.warning("batchgen: renewing the run lock failed (%s); retrying", e)
 
     def acquire(self) -> dict[str, Any] | None:
         """Take the lock, taking over a stale one left by a dead process on this host.
@@ -183,6 +221,11 @@ class RunLock:
         for _ in range(_ATTEMPTS):
             if self._publish(record):
                 self._record = record
+                self._beating.clear()
+                self._thread = threading.Thread(
+                    target=self._beat, args=(record,), name="batchgen-lock", daemon=True
+                )
+                self._thread.start()
                 return taken_over
             holder = _read(self.path)
             if holder is None:
@@ -196,6 +239,10 @@ class RunLock:
     def release(self) -> bool:
         """Remove the lock if it is still this object's and this process's; True if removed."""
         record, self._record = self._record, None
+        self._beating.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
         if record is None or record["pid"] != os.getpid():
             return False  # never held, or a forked child that inherited the object
         if _read(self.path) != record:
@@ -232,9 +279,8 @@ class RunLock:
                 f"finish, stop it (kill {pid}), or give this run another output.dir."
             )
         return ResumeError(
-            f"{where} is locked by a batchgen run elsewhere ({who}; lock file {self.path}). "
-            f"From here it cannot be told whether that process still runs (another host or "
-            f"container). If you are sure it has ended (e.g. `ps -p {pid}` on {host} shows "
-            f"nothing), remove the lock with `{rm}` and rerun; otherwise wait for it or give "
-            f"this run another output.dir."
+            f"{where} is locked by a batchgen run elsewhere ({who}; lock file {self.path}), "
+            f"another host or container, whose last heartbeat was {self._silent_for():.0f} s "
+            f"ago. It is taken over once that passes runner.lease_seconds "
+            f"({self.lease_seconds:.0f} s): rerun then, or give this run another output.dir."
         )

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchgen import data, manifest, models, prompts, screen
+from batchgen import claims, data, manifest, models, prompts, screen, writer
 from batchgen.batching import BatchRunner, Interrupted, choose_engine
 from batchgen.config import JobConfig, validate
 from batchgen.continuous import ContinuousEngine
@@ -105,7 +105,9 @@ def prepare(cfg: JobConfig) -> Prepared:
     table = data.open_dataset(cfg.dataset)
     streaming = isinstance(table, data.Stream)
     out_dir = _writable_dir(Path(cfg.output.dir))
-    lock = RunLock(out_dir, f"run-rank{worker.rank}-of{worker.world_size}")
+    lock = RunLock(
+        out_dir, f"run-rank{worker.rank}-of{worker.world_size}", cfg.runner.lease_seconds
+    )
     lock.acquire()
     try:
         source = models.convert_gguf(source)
@@ -218,6 +220,16 @@ def _layout(p: Prepared, rows_seen: int | None) -> tuple[int | None, int | None]
     return math.ceil(rows_seen / p.cfg.output.rows_per_shard), rows_seen
 
 
+def _tidy(p: Prepared, complete: bool) -> None:
+    """Remove what dead or frozen writers left (by age, as leases judge: never by pid, which
+    means nothing across containers); once every shard is published, the claims too."""
+    lease = p.cfg.runner.lease_seconds
+    writer.remove_abandoned(p.out_dir, lease)
+    writer.remove_abandoned(p.out_dir / claims.CLAIMS_DIR, lease)
+    if complete:
+        claims.clear(p.out_dir)
+
+
 def generate(p: Prepared) -> dict:
     """Generate this worker's shards (and stolen ones), return the summary.
 
@@ -226,6 +238,7 @@ def generate(p: Prepared) -> dict:
     started = time.perf_counter()
     meta = _run_metadata(p)
     write_run_file(p.out_dir, meta, "running")
+    _tidy(p, complete=False)
     published = set(finished_shards(p.out_dir))
     todo = None
     if p.shards is not None:
@@ -257,6 +270,7 @@ def generate(p: Prepared) -> dict:
     complete = total is not None and summary["shards_done"] == total
     status = "complete" if complete else "interrupted" if stop_signal else "incomplete"
     write_run_file(p.out_dir, meta, status, summary)
+    _tidy(p, complete)
     if stop_signal is not None:
         print(format_summary(summary), flush=True)
         stop_signal.chain()

@@ -1,15 +1,25 @@
 """Parquet shard files: schema, atomic publication, and what an output folder already holds.
 
 A shard is complete exactly when ``part-NNNNN.parquet`` exists: it is written under a temp
-name, fsynced, and renamed into place, so a crash at any instant leaves complete shards and
-temp files (``*.parquet.tmp-*``) that readers of ``*.parquet`` never see.
+name, fsynced, and hard-linked into place, so a crash at any instant leaves complete shards and
+temp files (``.NAME.tmp-*``: a leading dot, which folder readers skip) that no reader sees.
+
+Temp names are unique per writer (host, pid, and random bytes: containers often all run as pid
+1), created exclusively, and published by a link from the writer's own closed file, so no
+writer ever writes into a file that another has published or is writing. A temp file older
+than a claim's lease belongs to a writer that died or froze past its lease, whose shard has
+been given to another worker: ``remove_abandoned`` deletes it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import socket
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +27,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+# Temp files of this version (.NAME.tmp-HOST-PID-RANDOM) and of earlier ones (NAME.tmp-PID).
+TEMP_RE = re.compile(r"^\.?[^/]+\.tmp-[^/]+$")
+
+log = logging.getLogger(__name__)
+
+
+def temp_path(path: Path) -> Path:
+    """A temp name beside ``path``, unique to this writer across hosts and pid namespaces."""
+    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return path.with_name(f".{path.name}.tmp-{tag}")
 META_KEY = b"batchgen"
 
 BASE_FIELDS = [
@@ -55,24 +75,33 @@ def write_shard(
 
     The final name is created with a hard link, which fails when it exists: of two workers
     that generated the same shard (a stolen claim), exactly one publishes; the other's
-    identical copy is dropped.
+    identical copy is dropped. So is the copy of a writer whose temp file was removed as
+    abandoned while it was frozen.
 
     Returns:
-        True when this call published the shard, False when it was already there.
+        True when this call published the shard, False when it was already there or the
+        temp file was gone.
+
+    Raises:
+        OSError: writing failed (a full disk...), with the temp file's name as ``filename``.
     """
     final = out_dir / name
-    tmp = out_dir / f"{name}.tmp-{os.getpid()}"
+    tmp = temp_path(final)
     table = pa.Table.from_pylist(rows, schema=schema)
     try:
-        with tmp.open("wb") as f:
+        with tmp.open("xb") as f:
             # Page checksums let a resume tell a damaged shard from a good one (batchgen.verify).
             pq.write_table(table, f, compression=compression, write_page_checksum=True)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            return False
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        log.warning("%s was removed as abandoned while this worker wrote it; dropping it", tmp)
+        return False
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(tmp)) from e
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(out_dir)
@@ -80,13 +109,44 @@ def write_shard(
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace a text file atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace a text file atomically (a temp file of this writer's own, fsync, rename)."""
+    tmp = temp_path(path)
+    try:
+        with tmp.open("x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def remove_abandoned(folder: Path, older_than: float) -> int:
+    """Delete temp files in ``folder`` not modified for ``older_than`` seconds.
+
+    A live writer creates, writes and renames its temp file within seconds; one this old
+    belongs to a writer that died, or froze for longer than a lease and lost its claim.
+
+    Returns:
+        How many were removed.
+    """
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not TEMP_RE.match(entry.name):
+            continue
+        try:
+            if now - entry.stat().st_mtime > older_than:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue  # published, or removed by another worker meanwhile
+    return removed
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

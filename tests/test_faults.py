@@ -288,3 +288,100 @@ def test_non_string_prompts_are_bad_rows(tiny_models, make_job, tmp_path):
     assert summary["totals"]["skipped"] == 2 and rows(out) == []
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert errors[0]["reason"] == "dataset.prompt_column 'prompt': not a string: int '1'"
+
+
+def _in_pid_namespace(args: list[str], log) -> subprocess.Popen:
+    """A worker in its own pid namespace (as in a container: it is pid 1 there)."""
+    return subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", *args],
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: freeze and thaw it whole
+    )
+
+
+def _claims_of(out: Path, rank: int) -> list[str]:
+    found = []
+    for p in (out / "claims").glob("*.claim") if (out / "claims").exists() else []:
+        try:
+            info = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("owner", "").endswith(f":{rank}") and not info.get("released"):
+            found.append(p.name)
+    return found
+
+
+@pytest.mark.parametrize("freeze_after", [0.0, 0.05, 0.15, "temp file"])
+def test_worker_frozen_past_its_lease_in_another_pid_namespace(
+    tiny_models, data, reference, tmp_path, freeze_after
+):
+    """Two containers on one folder, both pid 1: one is frozen mid-shard past its lease,
+    the other takes its work over; thawed, the frozen one drops its copy quietly."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("unshare --pid needs root and util-linux")
+    out = tmp_path / "out"
+    extra = ["runner.world_size=2", "runner.lease_seconds=2"]
+    logs = [(tmp_path / f"rank{r}.log").open("w") for r in (0, 1)]
+    procs = [
+        _in_pid_namespace(cli(tiny_models["chat"], data, out, f"runner.rank={r}", *extra), logs[r])
+        for r in (0, 1)
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while not _claims_of(out, 1) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if freeze_after == "temp file":  # as close to mid-write as polling gets
+            while not list(out.glob(".part-*.tmp-*")) and time.monotonic() < deadline:
+                time.sleep(0.0005)
+        else:
+            time.sleep(freeze_after)
+        os.killpg(procs[1].pid, signal.SIGSTOP)
+        assert procs[0].wait(timeout=240) == 0
+        os.killpg(procs[1].pid, signal.SIGCONT)
+        assert procs[1].wait(timeout=240) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for log in logs:
+            log.close()
+    for r in (0, 1):
+        text = (tmp_path / f"rank{r}.log").read_text()
+        assert "Traceback" not in text and "batchgen summary" in text, text[-3000:]
+    for shard in sorted(out.glob("*.parquet")):
+        pq.read_table(shard).validate(full=True)
+    assert rows(out) == reference
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_damaged_shard_moved_by_another_worker_meanwhile(
+    tiny_models, make_job, prompts_file, tmp_path, monkeypatch
+):
+    """The quarantine race: another worker moves the damaged file between our listing and our
+    open, or between our verdict and our move; either way we regenerate it, no traceback."""
+    from batchgen import verify, worker
+
+    out = tmp_path / "out"
+    run(make_job(tiny_models["chat"], prompts_file, out))
+    before = rows(out)
+    real = verify.verify_shard
+    for moment in ("before open", "after verdict"):
+        (out / "part-00001.parquet").write_bytes(b"damaged")
+
+        def racing(path, *args, moment=moment):
+            if path.name != "part-00001.parquet" or not path.exists():
+                return real(path, *args)
+            if moment == "before open":
+                verify.quarantine(path)  # the other worker
+                return real(path, *args)
+            verdict = real(path, *args)
+            verify.quarantine(path)
+            return verdict
+
+        monkeypatch.setattr(worker, "verify_shard", racing)
+        summary = run(make_job(tiny_models["chat"], prompts_file, out))
+        assert summary["this_run"]["rows"] == 5 and rows(out) == before
+    assert len(list(out.glob("part-00001.parquet.corrupt-*"))) == 2

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -95,15 +96,83 @@ def test_reused_pid_with_other_start_time_is_stale(tmp_path, sleeper):
     assert RunLock(tmp_path).acquire() == stale
 
 
-def test_lock_from_another_host_is_refused_with_removal_advice(tmp_path, dead_pid):
+def age(path, seconds):
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_lock_from_another_host_is_refused_until_its_heartbeat_is_older_than_the_lease(
+    tmp_path, dead_pid
+):
     write_lock(tmp_path, dead_pid, host="node-elsewhere")
     with pytest.raises(ResumeError) as err:
-        RunLock(tmp_path).acquire()
+        RunLock(tmp_path, lease_seconds=60).acquire()
     msg = str(err.value)
     assert f"pid {dead_pid} on host node-elsewhere" in msg
-    assert "cannot be told whether that process still runs" in msg
-    assert f"rm {tmp_path / '.run.lock'}" in msg
+    assert "taken over once that passes runner.lease_seconds (60 s)" in msg
     assert json.loads((tmp_path / ".run.lock").read_text())["host"] == "node-elsewhere"
+    age(tmp_path / ".run.lock", 61)
+    taken = RunLock(tmp_path, lease_seconds=60)
+    assert taken.acquire()["host"] == "node-elsewhere"
+    taken.release()
+
+
+def test_lock_from_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path):
+    # pid 1 is alive here too, but in that namespace it is another process: only age counts.
+    write_lock(tmp_path, 1, pid_ns="pid:[4026500000]")
+    with pytest.raises(ResumeError, match="another host or container"):
+        RunLock(tmp_path, lease_seconds=30).acquire()
+    age(tmp_path / ".run.lock", 31)
+    assert RunLock(tmp_path, lease_seconds=30).acquire()["pid_ns"] == "pid:[4026500000]"
+
+
+def test_heartbeat_keeps_a_held_lock_fresh(tmp_path):
+    lock = RunLock(tmp_path, lease_seconds=0.6)
+    lock.acquire()
+    try:
+        age(lock.path, 10)
+        time.sleep(0.5)  # more than a third of the lease: a beat has touched it
+        assert time.time() - lock.path.stat().st_mtime < 0.6
+        with pytest.raises(ResumeError, match="in use by another batchgen run"):
+            RunLock(tmp_path, lease_seconds=0.6).acquire()
+    finally:
+        assert lock.release()
+    assert not lock.path.exists()
+
+
+def test_frozen_holder_in_another_pid_namespace_is_taken_over(tmp_path):
+    """A real holder in its own pid namespace (a container), alive, then frozen past the lease."""
+    if os.geteuid() != 0:
+        pytest.skip("unshare --pid needs root")
+    script = (
+        "import sys, time; from pathlib import Path; from batchgen.lock import RunLock; "
+        "RunLock(Path(sys.argv[1]), lease_seconds=1.5).acquire(); print('held', flush=True); "
+        "time.sleep(120)"
+    )
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = holder.stdout.readline()
+        if line.strip() != "held":
+            pytest.skip(f"cannot run a process in a new pid namespace: {holder.stderr.read()}")
+        record = json.loads((tmp_path / ".run.lock").read_text())
+        assert record["pid"] == 1 and record["pid_ns"] != lock_mod._pid_namespace()
+        time.sleep(2.0)  # past the lease, but the live holder's heartbeat keeps it fresh
+        with pytest.raises(ResumeError, match="another host or container"):
+            RunLock(tmp_path, lease_seconds=1.5).acquire()
+        subprocess.run(["pkill", "-STOP", "-f", "batchgen.lock import RunLock"], check=True)
+        time.sleep(2.0)
+        taker = RunLock(tmp_path, lease_seconds=1.5)
+        assert taker.acquire()["pid"] == 1
+        taker.release()
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", "batchgen.lock import RunLock"])
+        holder.kill()
+        holder.wait()
 
 
 def test_unreadable_lock_is_refused(tmp_path):
