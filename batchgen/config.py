@@ -15,6 +15,8 @@ BAD_ROW_POLICIES = ("error", "skip")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 ENGINES = ("auto", "static", "continuous")
+# Parquet codecs every pyarrow build writes.
+COMPRESSIONS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
 
 
 @dataclass
@@ -134,6 +136,18 @@ class JobConfig:
         return asdict(self)
 
 
+def _device_ok(device: str) -> bool:
+    if device == "auto":
+        return True
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         from batchgen.errors import ConfigError
@@ -201,4 +215,14 @@ def validate(cfg: JobConfig) -> None:
     _check(r.lease_seconds > 0, "runner.lease_seconds", "must be > 0")
     _check(r.threads is None or r.threads >= 1, "runner.threads", "must be at least 1 when set")
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
+    _check(
+        o.compression in COMPRESSIONS,
+        "output.compression",
+        f"must be one of {COMPRESSIONS}, got {o.compression!r}",
+    )
+    _check(
+        _device_ok(m.device),
+        "model.device",
+        f"{m.device!r} is no device: use auto, cpu, cuda, cuda:N or mps",
+    )
     _check(bool(o.dir), "output.dir", "must be set")

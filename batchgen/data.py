@@ -7,6 +7,7 @@ dataset reads no rows into Python, so start-up and memory follow the shard, not 
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ def _load(cfg: DatasetConfig, location: str):
     import datasets
 
     datasets.disable_progress_bars()
+    # A file it cannot parse is logged by datasets as well as raised; our error says it once.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     path = Path(location)
     stream = {"streaming": True} if cfg.streaming else {}
     try:
@@ -162,10 +165,47 @@ def _load(cfg: DatasetConfig, location: str):
             raise DataError(f"dataset.split={cfg.split!r} of {location!r}: {e}") from e
         raise DataError(f"dataset.path={location!r} could not be loaded: {e}") from e
     except Exception as e:  # datasets raises many types for a missing hub dataset or bad file
+        if path.exists():
+            raise DataError(f"dataset.path={location!r}: {_local_problem(path, e)}") from e
         raise DataError(
             f"dataset.path={location!r} could not be loaded ({type(e).__name__}: {e}). "
             "Check the name, or that the hub is reachable (HF_DATASETS_OFFLINE)."
         ) from e
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _local_problem(path: Path, error: Exception) -> str:
+    """Why a local file or folder failed to load, naming the file and line where one is bad."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f.suffix.lower() == ".jsonl":
+            problem = _jsonl_problem(f)
+            if problem:
+                return f"{f.name}: {problem}"
+    cause = _root_cause(error)
+    return f"cannot be read ({type(cause).__name__}: {str(cause).strip()[:300]})"
+
+
+def _jsonl_problem(path: Path) -> str | None:
+    """The first line of a jsonl file that is not UTF-8 or not one JSON object, if any."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                return f"line {number} is not valid UTF-8 (byte {raw[e.start]:#04x} at {e.start})"
+            except ValueError as e:
+                return f"line {number} is not valid JSON ({e})"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object"
+    return None
 
 
 def open_dataset(cfg: DatasetConfig) -> Table | Stream:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from batchgen import paths
 from batchgen.config import ModelConfig
-from batchgen.errors import ModelError
+from batchgen.errors import ConfigError, ModelError
 
 # Config attributes that hold a decoder's context length, in the order models use them.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
@@ -162,10 +162,19 @@ def context_length(config, tokenizer, cfg: ModelConfig) -> int | None:
 
 
 def resolve_device_dtype(cfg: ModelConfig) -> tuple[str, str]:
-    """Pick device and dtype for ``auto``: CUDA bf16 (fp16 without bf16), MPS fp16, CPU fp32."""
+    """Pick device and dtype for ``auto``: CUDA bf16 (fp16 without bf16), MPS fp16, CPU fp32.
+
+    Raises:
+        ConfigError: a CUDA device was asked for where none is visible.
+    """
     import torch
 
     device = cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.device={device!r}: no CUDA device is visible to this process "
+            "(CUDA_VISIBLE_DEVICES, drivers, or a CPU build of torch); use model.device=auto."
+        )
     if device == "auto":
         if torch.cuda.is_available():
             device = "cuda"

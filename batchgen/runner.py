@@ -75,6 +75,7 @@ def _writable_dir(path: Path) -> Path:
 def _screen(cfg: JobConfig, table: data.Table, tokenizer, chat: bool, room: int | None) -> None:
     """The whole-table checks (``batchgen.screen``) that the job's policies make refusals."""
     d, r = cfg.dataset, cfg.runner
+    screen.check_encoding(table)
     screen.check_unique_ids(table, d.id_column)
     if r.on_bad_row == "error":
         screen.refuse_bad_rows(table, d, tokenizer, chat)
@@ -101,6 +102,9 @@ def prepare(cfg: JobConfig) -> Prepared:
     started = time.perf_counter()
     validate(cfg)
     worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
+    device, dtype = models.resolve_device_dtype(cfg.model)
+    if device == "cuda" and worker.local_rank is not None:
+        device = f"cuda:{worker.local_rank}"  # torchrun/srun: one GPU per local rank
     source = models.resolve_source(cfg.model)
     table = data.open_dataset(cfg.dataset)
     streaming = isinstance(table, data.Stream)
@@ -113,9 +117,6 @@ def prepare(cfg: JobConfig) -> Prepared:
         source = models.convert_gguf(source)
         model_config, tokenizer = models.load_config_and_tokenizer(source, cfg.model)
         chat = prompts.uses_chat_template(cfg.dataset, tokenizer)
-        device, dtype = models.resolve_device_dtype(cfg.model)
-        if device == "cuda" and worker.local_rank is not None:
-            device = f"cuda:{worker.local_rank}"  # torchrun/srun: one GPU per local rank
         num_rows = cfg.dataset.limit if streaming else len(table)
         parts = manifest.fingerprint_parts(cfg, chat, dtype, num_rows)
         manifest.check_run_file(out_dir, parts)

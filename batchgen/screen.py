@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from batchgen import prompts
 from batchgen.config import DatasetConfig
 from batchgen.data import Table, template_fields
+from batchgen.errors import DataError
 
 # Rows per Arrow block: bounds the transient memory of one pass.
 BLOCK_ROWS = 1 << 16
@@ -112,6 +113,35 @@ def refuse_bad_rows(table: Table, cfg: DatasetConfig, tokenizer, chat: bool) -> 
         ids, texts, problems = prompts.render_texts(table.rows(i, i + 1), cfg, tokenizer, chat)
         listed.append(prompts.Skipped(i, ids[0], problems[0] or "no usable prompt"))
     prompts.refuse_bad_rows(listed, len(bad))
+
+
+def check_encoding(table: Table) -> None:
+    """Refuse text that is not valid UTF-8 (Arrow's JSON and CSV readers let it through, and
+    it would fail only when its shard is reached).
+
+    Raises:
+        DataError: naming the column and the row (its line in a jsonl file).
+    """
+    for name in table.dataset.column_names:
+        for offset, block in _blocks(table, name):
+            try:
+                block.validate(full=True)
+            except pa.ArrowInvalid as e:
+                row = offset + _first_invalid(block)
+                line = f" (line {row + 1})" if table.location.endswith(".jsonl") else ""
+                raise DataError(
+                    f"dataset.path={table.location!r}: column {name!r} of row {row}{line} is "
+                    f"not valid UTF-8 text ({e}). Fix or drop that row."
+                ) from e
+
+
+def _first_invalid(block: pa.Array) -> int:
+    for i in range(len(block)):
+        try:
+            block.slice(i, 1).validate(full=True)
+        except pa.ArrowInvalid:
+            return i
+    return 0
 
 
 def check_unique_ids(table: Table, id_column: str | None) -> None:

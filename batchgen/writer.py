@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 # Temp files of this version (.NAME.tmp-HOST-PID-RANDOM) and of earlier ones (NAME.tmp-PID).
 TEMP_RE = re.compile(r"^\.?[^/]+\.tmp-[^/]+$")
+SHARD_TEMP_RE = re.compile(r"^\.?(part-\d{5,}\.parquet)\.tmp-")
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def temp_path(path: Path) -> Path:
     """A temp name beside ``path``, unique to this writer across hosts and pid namespaces."""
     tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     return path.with_name(f".{path.name}.tmp-{tag}")
+
+
 META_KEY = b"batchgen"
 
 BASE_FIELDS = [
@@ -123,10 +126,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def remove_abandoned(folder: Path, older_than: float) -> int:
-    """Delete temp files in ``folder`` not modified for ``older_than`` seconds.
+    """Delete the temp files in ``folder`` that no live writer can still publish.
 
-    A live writer creates, writes and renames its temp file within seconds; one this old
-    belongs to a writer that died, or froze for longer than a lease and lost its claim.
+    That is a temp file not modified for ``older_than`` seconds (a live writer creates, writes
+    and renames its own within seconds: one this old belongs to a writer that died, or froze
+    for longer than a lease and lost its claim), and a shard's temp file once that shard is
+    published (its writer's copy can only be dropped: its link would fail).
 
     Returns:
         How many were removed.
@@ -140,8 +145,10 @@ def remove_abandoned(folder: Path, older_than: float) -> int:
     for entry in entries:
         if not TEMP_RE.match(entry.name):
             continue
+        shard = SHARD_TEMP_RE.match(entry.name)
         try:
-            if now - entry.stat().st_mtime > older_than:
+            moot = shard is not None and (Path(folder) / shard.group(1)).exists()
+            if moot or now - entry.stat().st_mtime > older_than:
                 os.unlink(entry.path)
                 removed += 1
         except FileNotFoundError:

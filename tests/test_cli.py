@@ -233,3 +233,47 @@ def test_run_then_resume(work, tiny_models, prompts_file):
     assert sorted(p.name for p in out.rglob("*.parquet")) == names
     assert {n: (out / n).stat().st_mtime_ns for n in names} == mtimes
     assert sum(pq.read_metadata(out / n).num_rows for n in names) == 12
+
+
+def _bad_utf8(path: Path) -> Path:
+    path = path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    return path
+
+
+def _cut_short(path: Path) -> Path:
+    path = path / "cut.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c')
+    return path
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("output.compression=nonsense", ["output.compression", "'nonsense'", "zstd"]),
+        ("model.device=nonsense", ["model.device", "'nonsense'", "cuda:N"]),
+        ("model.device=cuda:0", ["model.device='cuda:0'", "no CUDA device"]),
+        (_bad_utf8, ["latin1.jsonl", "column 'prompt' of row 1 (line 2)", "UTF-8"]),
+        (_cut_short, ["cut.jsonl", "line 3 is not valid JSON"]),
+    ],
+    ids=["compression", "device", "no-cuda", "non-utf8-jsonl", "truncated-jsonl"],
+)
+def test_bad_values_get_one_line_before_the_model_loads(work, tiny_models, override, expected):
+    out = work / "out"
+    (work / "ok.jsonl").write_text('{"prompt": "hello"}\n')
+    data = override(work) if callable(override) else work / "ok.jsonl"
+    proc = run_cli(
+        "dataset=local",
+        f"dataset.path={data}",
+        "sampling.max_new_tokens=8",
+        *([] if callable(override) else [override]),
+        f"model.name_or_path={tiny_models['chat']}",
+        "model.gguf_file=null",
+        f"output.dir={out}",
+        cwd=work,
+    )
+    message = error_message(proc)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for part in expected:
+        assert part in message, message
+    assert_not_loaded(proc, out)

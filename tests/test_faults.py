@@ -103,6 +103,9 @@ def test_sigkill_at_twenty_random_points_loses_and_duplicates_nothing(
     assert final.returncode == 0, final.stderr
     assert rows(out) == reference
     assert all(p.suffix != ".parquet" or p.name.startswith("part-") for p in out.iterdir())
+    # What the killed writers left is gone: their temp files, and (the run complete) the claims.
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert not (out / "claims").exists()
 
 
 def test_truncated_and_corrupted_shards_are_regenerated(tiny_models, data, reference, tmp_path):
@@ -223,6 +226,7 @@ def test_disk_full_keeps_finished_shards_and_resumes(tiny_models, data, referenc
             "the disk is full" in result.stderr
             and "Every finished shard is intact" in result.stderr
         )
+        assert f"({out}/" in result.stderr  # the file whose write failed
         kept = shards(out)
         assert 0 < kept < 24
         moved = tmp_path / "moved"

@@ -11,7 +11,9 @@ import pytest
 from batchgen.writer import (
     finished_shards,
     output_schema,
+    remove_abandoned,
     shard_metadata,
+    temp_path,
     write_json_atomic,
     write_shard,
 )
@@ -60,10 +62,10 @@ def test_no_temp_files_left_and_only_final_names_count(tmp_path):
     schema = output_schema({}, {})
     row = {k: v for k, v in ROW.items() if k != "topic"}
     write_shard(tmp_path, "part-00002.parquet", [row], schema)
-    (tmp_path / "part-00003.parquet.tmp-123").write_bytes(b"half a file")
+    (tmp_path / ".part-00003.parquet.tmp-h-1-ab").write_bytes(b"half a file")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".part-00003.parquet.tmp-h-1-ab",
         "part-00002.parquet",
-        "part-00003.parquet.tmp-123",
     ]
     assert list(finished_shards(tmp_path)) == [2]
 
@@ -95,3 +97,38 @@ def test_second_publisher_of_a_shard_loses(tmp_path):
     assert write_shard(tmp_path, "part-00004.parquet", [row, row], other) is False
     assert shard_metadata(tmp_path / "part-00004.parquet") == {"who": "first"}
     assert os.listdir(tmp_path) == ["part-00004.parquet"]
+
+
+def test_temp_names_are_hidden_and_unique_per_writer(tmp_path, monkeypatch):
+    target = tmp_path / "part-00001.parquet"
+    names = {temp_path(target).name for _ in range(100)}
+    assert len(names) == 100 and all(n.startswith(".part-00001.parquet.tmp-") for n in names)
+    monkeypatch.setattr(os, "getpid", lambda: 1)  # every container's worker is pid 1
+    assert temp_path(target) != temp_path(target)
+
+
+def test_failed_write_names_the_file(tmp_path, monkeypatch):
+    def disk_full(table, f, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    row = {k: v for k, v in ROW.items() if k != "topic"}
+    with pytest.raises(OSError) as err:
+        write_shard(tmp_path, "part-00000.parquet", [row], output_schema({}, {}))
+    assert err.value.errno == 28 and ".part-00000.parquet.tmp-" in err.value.filename
+
+
+def test_abandoned_temp_files_go_by_age_or_once_their_shard_is_published(tmp_path):
+    schema = output_schema({}, {})
+    row = {k: v for k, v in ROW.items() if k != "topic"}
+    write_shard(tmp_path, "part-00002.parquet", [row], schema)
+    fresh = tmp_path / ".part-00003.parquet.tmp-hostb-1-abc"  # a live writer's, unpublished
+    moot = tmp_path / ".part-00002.parquet.tmp-hosta-1-abc"  # a loser's copy of a published one
+    old = tmp_path / ".run.json.tmp-hostc-1-abc"
+    legacy = tmp_path / "part-00005.parquet.tmp-4242"  # an older batchgen's name
+    for path in (fresh, moot, old, legacy):
+        path.write_bytes(b"x")
+    for path in (old, legacy):
+        os.utime(path, (1, 1))
+    assert remove_abandoned(tmp_path, older_than=60) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name, "part-00002.parquet"]
