@@ -122,9 +122,15 @@ class BatchRunner:
         self.failing_streak = 0
 
     def run(
-        self, records: list[PromptRecord], on_rows: Callable[[int, int], None]
+        self,
+        records: list[PromptRecord],
+        on_rows: Callable[[int, int], None],
+        on_batch: Callable[[list[tuple[int, list[Sample]]]], None] | None = None,
     ) -> tuple[dict[int, list[Sample]], list[Skipped]]:
         """Generate every record; ``on_rows(rows, tokens)`` reports progress as batches finish.
+
+        ``on_batch`` receives each finished batch's (row index, samples) pairs as it finishes,
+        to persist them (``batchgen.checkpoints``).
 
         Returns:
             (row index -> that row's samples, rows that failed alone with the error)
@@ -136,6 +142,8 @@ class BatchRunner:
         if isinstance(self.engine, ContinuousEngine) and not self.stop.is_set():
             try:
                 outs = self.engine.generate_all(records, self.seed, on_row=lambda t: on_rows(1, t))
+                if on_batch is not None:
+                    on_batch([(r.index, o) for r, o in zip(records, outs, strict=True)])
                 return {r.index: o for r, o in zip(records, outs, strict=True)}, []
             except Exception as e:  # noqa: BLE001 - the static path below handles rows one by one
                 log.warning(
@@ -151,11 +159,15 @@ class BatchRunner:
             for i, batch in enumerate(batches):
                 if self.stop.is_set():
                     raise Interrupted
+                finished = []
                 for record, outs in self._generate(batch):
                     if isinstance(outs, Skipped):
                         failed.append(outs)
                     else:
                         results[record.index] = outs
+                        finished.append((record.index, outs))
+                if on_batch is not None:
+                    on_batch(finished)
                 tokens = sum(s.completion_tokens for r in batch for s in results.get(r.index, []))
                 on_rows(len(batch), tokens)
                 if self.budget.current != planned_with:

@@ -1,16 +1,16 @@
 """Work stealing through claim files with leases on a shared filesystem.
 
-Shard ``k`` is claimed by creating ``OUT/claims/part-0000k.claim`` with ``O_CREAT|O_EXCL``, which
-exactly one creator wins, also on NFS. It holds JSON ``{owner, host, pid, rank, claimed_at,
-expires_at}``; a heartbeat pushes ``expires_at`` forward while the worker lives.
+Shard ``k`` is claimed by creating ``OUT/_batchgen/claims/part-0000k.claim`` with
+``O_CREAT|O_EXCL``, which exactly one creator wins, also on NFS. It holds JSON ``{owner, host, pid,
+rank, claimed_at, expires_at}``; a heartbeat pushes ``expires_at`` forward while the worker lives.
 
 An expired claim is taken over by creating the next generation (``part-0000k.1.claim``,
 ``part-0000k.2.claim``, ...) with ``O_EXCL`` again; the highest generation is the shard's claim.
-Nothing is ever renamed or deleted, so exactly one of several racing stealers wins and there is
-no instant at which the shard looks free. (Renaming the stale file aside and recreating it has
-such an instant: a late stealer can move a fresh claim away while a newcomer claims the empty
-name, and both win.) Claims never end in ``.parquet``. Leases assume that the hosts' clocks agree
-to well within a quarter of the lease.
+Nothing is ever renamed or deleted, so exactly one of several racing stealers wins and there is no
+instant at which the shard looks free. (Renaming the stale file aside and recreating it has such an
+instant: a late stealer can move a fresh claim away while a newcomer claims the empty name, and both
+win.) Claims never end in ``.parquet``. Leases assume that the hosts' clocks agree to well within a
+quarter of the lease.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchgen import layout
 from batchgen.writer import temp_path
 
-CLAIMS_DIR = "claims"
 CLAIM_RE = re.compile(r"^part-(\d{5,})(?:\.(\d+))?\.claim$")
 DEFAULT_LEASE = 60.0
 # A claim is rewritten in place, and trusted for publishing, only while this share of its lease
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 def claim_path(out_dir: Path, index: int, generation: int = 0) -> Path:
     """The claim file of shard ``index``: ``claims/part-{index:05d}[.{generation}].claim``."""
     tag = f".{generation}" if generation else ""
-    return Path(out_dir) / CLAIMS_DIR / f"part-{index:05d}{tag}.claim"
+    return layout.claims_dir(out_dir) / f"part-{index:05d}{tag}.claim"
 
 
 def default_owner(rank: int) -> str:
@@ -126,7 +126,7 @@ class ClaimStore:
     generate; ``owns(k)`` right before publishing; publish; ``release(k)``.
 
     Args:
-        out_dir: the run's output folder (claims go to ``out_dir/claims/``).
+        out_dir: the run's output folder (claims go to ``out_dir/_batchgen/claims/``).
         owner: this worker's id, unique among all workers; see ``default_owner``.
         lease_seconds: how long a claim lives without renewal.
         clock: seconds since the epoch; a fake one in tests.
@@ -147,7 +147,7 @@ class ClaimStore:
         self.clock = clock
         self._held: dict[int, int] = {}  # shard index -> generation of our claim file
         self._lock = threading.Lock()
-        (self.out_dir / CLAIMS_DIR).mkdir(parents=True, exist_ok=True)
+        layout.claims_dir(self.out_dir).mkdir(parents=True, exist_ok=True)
 
     def _payload(self, claimed_at: float, expires_at: float, released: bool = False) -> bytes:
         rank = self.owner.rpartition(":")[2]
@@ -319,7 +319,7 @@ class ClaimStore:
             ``pid``, ``rank``, ``claimed_at``, ``expires_at`` (None for an unreadable file),
             ``released``, and ``expired`` (True for released claims too).
         """
-        folder = Path(out_dir) / CLAIMS_DIR
+        folder = layout.claims_dir(out_dir)
         if not folder.is_dir():
             return []
         tops: dict[int, int] = {}
@@ -353,7 +353,7 @@ def clear(out_dir: Path) -> None:
     Another worker finishing at the same time may remove the same files; a worker that claims
     after this recreates the folder (``ClaimStore`` does).
     """
-    folder = Path(out_dir) / CLAIMS_DIR
+    folder = layout.claims_dir(out_dir)
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:

@@ -6,9 +6,11 @@ Shapes: B prompts, T padded prompt length, n samples per prompt, N new tokens.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from batchgen.config import SamplingConfig
 from batchgen.prefill import prefill, supports_prefill
@@ -27,6 +29,34 @@ class Sample:
     text: str
     finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
     completion_tokens: int
+
+
+class StepCounter(BaseStreamer):
+    """A ``generate`` streamer that reports how many rows produced a token at each step.
+
+    ``generate`` hands it the prompt first (skipped), then each step's new tokens, one per row
+    (R,); a row that has produced an end-of-sequence id only pads from then on.
+    """
+
+    def __init__(self, rows: int, eos_ids: set[int], on_step: Callable[[int], None]):
+        self.running = [True] * rows
+        self.eos_ids = eos_ids
+        self.on_step = on_step
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        tokens = 0
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if self.running[i]:
+                tokens += 1
+                self.running[i] = token not in self.eos_ids
+        self.on_step(tokens)
+
+    def end(self) -> None:
+        """Nothing to flush: counts are reported as they come."""
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -96,6 +126,9 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.chunked_prefill = supports_prefill(model)
         self.cache_len = 0  # with compile: the longest cache so far, which later batches reuse
+        # Called with the tokens each decoding step produced (rows not yet finished): a
+        # progress bar moves as tokens come, not once per batch.
+        self.on_step: Callable[[int], None] | None = None
         self.device = next(model.parameters()).device
         self.padded_tokens = 0  # pad slots computed in prompt prefill, for the padding-waste figure
         # Pad slots held in the decode batches' KV caches (left of shorter prompts): never
@@ -119,6 +152,8 @@ class Engine:
         keys = sample_keys(seed, [r.id for r in records], n)
         procs = sampling_processors(self.sampling, keys, width, self.device)
         extra = {"tokenizer": self.tokenizer} if self.sampling.stop else {}
+        if self.on_step is not None:
+            extra["streamer"] = StepCounter(len(rows), self.eos_ids, self.on_step)
         with torch.inference_mode():
             extra.update(self._cache(records, attention_mask))
             out = self.model.generate(

@@ -1,19 +1,19 @@
 """A run lock in the output folder, so two runners pointed at one folder cannot both write it.
 
-The lock is ``OUT/.{name}.lock``, a small JSON record of its holder (pid, host, pid namespace,
-start time, command line). It is published with ``os.link`` from a fully written temp file,
-which fails atomically when the lock exists, so a reader never sees a half-written lock and a
+The lock is ``OUT/_batchgen/locks/{name}.lock``, a small JSON record of its holder (pid, host, pid
+namespace, start time, command line). It is published with ``os.link`` from a fully written temp
+file, which fails atomically when the lock exists, so a reader never sees a half-written lock and a
 crash between creating and writing it cannot leave an empty one behind.
 
-While held, a heartbeat thread touches the lock's mtime every third of the lease. A lock is
-stale when its holder is a dead process in this host's pid namespace (taken over at once), or,
-wherever the holder ran (another host or container, whose pid means nothing here), when its
-heartbeat is older than the lease (taken over then). Taking over is serialized by an ``flock``
-on ``OUT/.{name}.lock.guard``: renaming the stale file aside is not enough on its own, because
-a slow taker could rename away the fresh lock a faster taker has just created; under the guard,
-a taker re-reads the lock and removes it only if it is still the stale one it judged. The
-kernel drops an ``flock`` when its process dies, so the guard itself never goes stale; the empty
-guard file stays in the folder after a takeover.
+While held, a heartbeat thread touches the lock's mtime every third of the lease. A lock is stale
+when its holder is a dead process in this host's pid namespace (taken over at once), or, wherever
+the holder ran (another host or container, whose pid means nothing here), when its heartbeat is
+older than the lease (taken over then). Taking over is serialized by an ``flock`` on
+``{name}.lock.guard`` beside it: renaming the stale file aside is not enough on its own, because a
+slow taker could rename away the fresh lock a faster taker has just created; under the guard, a
+taker re-reads the lock and removes it only if it is still the stale one it judged. The kernel drops
+an ``flock`` when its process dies, so the guard itself never goes stale; the empty guard file stays
+in the folder after a takeover.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from batchgen import layout
 from batchgen.errors import ConfigError, ResumeError
 from batchgen.writer import temp_path
 
@@ -97,6 +98,19 @@ def _read(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else {}
 
 
+def is_live(path: Path, lease_seconds: float, now: float) -> bool:
+    """Whether the lock at ``path`` has a live holder: a heartbeat within the lease, and, for a
+    holder in this host's pid namespace, a running process (a kill is seen at once)."""
+    try:
+        silent = now - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    holder = _read(path)
+    if holder and _same_place(holder) and not _alive(holder):
+        return False
+    return silent <= lease_seconds
+
+
 class RunLock:
     """An exclusive lock on an output folder for one worker, held from ``acquire`` to ``release``.
 
@@ -108,7 +122,7 @@ class RunLock:
     """
 
     def __init__(self, out_dir: Path, name: str = "run", lease_seconds: float = 120.0):
-        """Describe the lock ``out_dir/.{name}.lock``; nothing is created until ``acquire``.
+        """Describe the lock ``{name}.lock`` of ``out_dir``; nothing is created until ``acquire``.
 
         Args:
             out_dir: the output folder; it must exist.
@@ -122,8 +136,8 @@ class RunLock:
         if not name or "/" in name or (os.altsep and os.altsep in name):
             raise ValueError(f"lock name {name!r} must be a plain, non-empty file-name part")
         self.out_dir = Path(out_dir)
-        self.path = self.out_dir / f".{name}.lock"
-        self._guard = self.out_dir / f".{name}.lock.guard"
+        self.path = layout.lock_file(self.out_dir, name)
+        self._guard = self.path.with_name(f"{self.path.name}.guard")
         self._record: dict[str, Any] | None = None
         self.lease_seconds = lease_seconds
         self._beating = threading.Event()
@@ -146,6 +160,8 @@ class RunLock:
         """Create the lock with ``record`` as its whole content; False when a lock exists."""
         tmp = temp_path(self.path)
         try:
+            self.path.parent.parent.mkdir(exist_ok=True)  # OUT itself must exist
+            self.path.parent.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f)

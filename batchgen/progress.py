@@ -40,11 +40,27 @@ class Totals:
 
 
 class Progress:
-    """A tqdm bar over input rows whose postfix shows output tokens/s of this process."""
+    """A tqdm bar over input rows that moves with every decoding step, not once per batch.
 
-    def __init__(self, total_rows: int | None, enabled: bool = True):
+    Each step's tokens advance the bar by their share of a row's token budget
+    (``max_new_tokens`` x samples), so the rate and the ETA show from the first step and count
+    the decoding left; when a batch finishes, the bar settles on its exact row count. The
+    postfix shows output tokens/s of this process.
+
+    Args:
+        total_rows: rows to do (None when unknown: a stream).
+        enabled: draw the bar at all.
+        row_tokens: the most tokens one row can produce (``max_new_tokens`` x samples).
+    """
+
+    def __init__(self, total_rows: int | None, enabled: bool = True, row_tokens: int = 1):
         self.start = time.perf_counter()
         self.tokens = 0
+        self.row_tokens = max(row_tokens, 1)
+        self.partial = 0.0  # rows advanced by steps of batches not finished yet
+        self.step_tokens = 0  # tokens counted by steps of batches not finished yet
+        # Steps move the bar by fractions of a row: show whole rows.
+        shape = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
         self.bar = tqdm(
             total=total_rows,
             unit="row",
@@ -53,13 +69,24 @@ class Progress:
             disable=not enabled,
             dynamic_ncols=True,
             smoothing=0.1,
+            bar_format=shape if total_rows is not None else None,
         )
+
+    def step(self, tokens: int) -> None:
+        """Count ``tokens`` decoded in one step of the batch in progress."""
+        self.tokens += tokens
+        self.step_tokens += tokens
+        advance = tokens / self.row_tokens
+        self.partial += advance
+        self.bar.set_postfix_str(f"{self.tokens_per_second():,.1f} tok/s", refresh=False)
+        self.bar.update(advance)
 
     def update(self, rows: int, completion_tokens: int) -> None:
         """Count ``rows`` finished input rows that produced ``completion_tokens`` tokens."""
-        self.tokens += completion_tokens
+        self.tokens += completion_tokens - self.step_tokens
         self.bar.set_postfix_str(f"{self.tokens_per_second():,.1f} tok/s", refresh=False)
-        self.bar.update(rows)
+        self.bar.update(rows - self.partial)
+        self.partial, self.step_tokens = 0.0, 0
 
     def tokens_per_second(self) -> float:
         """Output tokens per wall-clock second since the bar started."""
@@ -89,6 +116,9 @@ def format_summary(summary: dict) -> str:
         f"  phases      {phases}",
         f"  outputs     {summary['output_dir']}/part-*.parquet",
     ]
+    if summary.get("already_complete"):
+        lines.insert(1, "  status      already complete: every shard was finished before this run")
     if t["skipped"] or t["failed"]:
-        lines.append(f"  errors      {summary['output_dir']}/errors.jsonl (ids and reasons)")
+        where = f"{summary['output_dir']}/_batchgen/errors.jsonl"
+        lines.append(f"  errors      {where} (ids and reasons)")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 ``python -m batchgen.report OUTPUT_DIR [--out FILE]`` reads the finished shards (token counts
 and finish reasons from the data, totals and timing from each shard's footer), ``run.json``
-and ``errors.jsonl``; it writes ``OUTPUT_DIR/report.html`` unless told otherwise. Missing
+and ``errors.jsonl``; it writes ``OUTPUT_DIR/_batchgen/report.html`` unless told otherwise. Missing
 pieces (no timing, no ``run.json``, an unreadable shard) show as such rather than failing.
 """
 
@@ -20,10 +20,9 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchgen import plots
+from batchgen import layout, plots
 from batchgen.writer import finished_shards, shard_metadata
 
-ERRORS_FILE = "errors.jsonl"
 PHASES = ("load", "tokenize", "generate", "write")
 
 
@@ -81,7 +80,7 @@ def build_report(out_dir: Path) -> tuple[dict[str, Any], str]:
         ``throughput``: one ``{"shard", "seconds", "tokens_per_second"}`` per timed shard, in
         order of finishing, ``seconds`` from when the first timed shard started to its end.
     """
-    run = _read_json(out_dir / "run.json")
+    run = _read_json(layout.run_file(out_dir))
     summary = run.get("summary") or {}
     model = (run.get("config") or {}).get("model", {}).get("name_or_path")
     prompt_lengths, completion_lengths, reasons = Counter(), Counter(), Counter()
@@ -133,7 +132,7 @@ def build_report(out_dir: Path) -> tuple[dict[str, Any], str]:
         "phases": summary.get("phases"),
         "wall_seconds": summary.get("wall_seconds"),
         "finish_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "errors": _count_errors(out_dir / ERRORS_FILE),
+        "errors": _count_errors(layout.errors_file(out_dir)),
         "prompt_hist": _hist(prompt_lengths),
         "completion_hist": _hist(completion_lengths),
         "throughput": [
@@ -268,13 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m batchgen.report", description="Report on a batchgen output folder."
     )
     parser.add_argument("output_dir", type=Path, help="the run's output.dir")
-    parser.add_argument("--out", type=Path, help="HTML file to write (OUTPUT_DIR/report.html)")
+    parser.add_argument(
+        "--out", type=Path, help="HTML file to write (OUTPUT_DIR/_batchgen/report.html)"
+    )
     args = parser.parse_args(argv)
     if not args.output_dir.is_dir():
         print(f"batchgen.report: {args.output_dir} is not a folder", file=sys.stderr)
         return 2
     numbers, html = build_report(args.output_dir)
-    out = args.out or args.output_dir / "report.html"
+    out = args.out or layout.report_file(args.output_dir)
     try:
         out.write_text(html)
     except OSError as e:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchgen import claims, data, manifest, models, prompts, screen, writer
+from batchgen import checkpoints, claims, data, layout, manifest, models, prompts, screen, writer
 from batchgen.batching import BatchRunner, Interrupted, choose_engine
 from batchgen.config import JobConfig, validate
 from batchgen.continuous import ContinuousEngine
@@ -101,6 +101,7 @@ def prepare(cfg: JobConfig) -> Prepared:
     """
     started = time.perf_counter()
     validate(cfg)
+    writer.check_kept_columns(cfg.dataset.keep_columns)
     worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
     device, dtype = models.resolve_device_dtype(cfg.model)
     if device == "cuda" and worker.local_rank is not None:
@@ -221,14 +222,30 @@ def _layout(p: Prepared, rows_seen: int | None) -> tuple[int | None, int | None]
     return math.ceil(rows_seen / p.cfg.output.rows_per_shard), rows_seen
 
 
+def banner(p: Prepared, published: set[int]) -> str:
+    """One line before the model loads: what runs where, on how much, into which folder."""
+    m, w = p.cfg.model, p.worker
+    if p.shards is None:
+        size = f"a stream of {p.cfg.dataset.limit or 'unknown'} rows"
+    else:
+        size = f"{len(p.data):,} rows in {len(p.shards):,} shards ({len(published):,} finished)"
+    where = f", worker {w.rank} of {w.world_size}" if w.world_size > 1 else ""
+    return (
+        f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on {p.device} "
+        f"({p.dtype}), {p.engine} engine; {size}{where}; output {p.out_dir}"
+    )
+
+
 def _tidy(p: Prepared, complete: bool) -> None:
     """Remove what dead or frozen writers left (by age, as leases judge: never by pid, which
     means nothing across containers); once every shard is published, the claims too."""
     lease = p.cfg.runner.lease_seconds
     writer.remove_abandoned(p.out_dir, lease)
-    writer.remove_abandoned(p.out_dir / claims.CLAIMS_DIR, lease)
+    writer.remove_abandoned(layout.meta_dir(p.out_dir), lease)
+    writer.remove_abandoned(layout.claims_dir(p.out_dir), lease)
     if complete:
         claims.clear(p.out_dir)
+        checkpoints.clear(p.out_dir)
 
 
 def generate(p: Prepared) -> dict:
@@ -241,10 +258,13 @@ def generate(p: Prepared) -> dict:
     write_run_file(p.out_dir, meta, "running")
     _tidy(p, complete=False)
     published = set(finished_shards(p.out_dir))
+    print(banner(p, published), flush=True)
     todo = None
     if p.shards is not None:
         todo = sum(s.stop - s.start for s in p.shards if s.index not in published)
-    progress = Progress(todo, p.cfg.runner.progress and todo != 0)
+    sampling = p.cfg.sampling
+    row_tokens = sampling.max_new_tokens * sampling.num_return_sequences
+    progress = Progress(todo, p.cfg.runner.progress and todo != 0, row_tokens)
     stop_signal = None
     with StopRequested() as stop:
         loop = _loop(p, meta, stop, progress, published)
@@ -269,6 +289,7 @@ def generate(p: Prepared) -> dict:
         p.out_dir, total, rows, this_run.resumed, this_run.totals, p.phases, elapsed
     )
     complete = total is not None and summary["shards_done"] == total
+    summary["already_complete"] = complete and len(published) == total and loop.batcher is None
     status = "complete" if complete else "interrupted" if stop_signal else "incomplete"
     write_run_file(p.out_dir, meta, status, summary)
     _tidy(p, complete)
@@ -277,8 +298,10 @@ def generate(p: Prepared) -> dict:
         stop_signal.chain()
         done = summary["shards_done"]
         of = f"/{len(p.shards)}" if p.shards is not None else ""
+        kept = this_run.kept_rows
         raise Stopped(
-            f"stopped by {stop_signal.name}: {done}{of} shards are complete and intact. "
+            f"stopped by {stop_signal.name}: {done}{of} shards are complete and intact, and "
+            f"{kept} finished row{'' if kept == 1 else 's'} of the shard in progress kept. "
             "Rerun the same command to resume.",
             stop_signal.exit_code,
         )

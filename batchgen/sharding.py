@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from batchgen import layout
 from batchgen.prompts import PromptRecord
 
 
@@ -18,7 +19,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"part-{self.index:05d}.parquet"
+        return layout.shard_name(self.index)
 
 
 def plan_shards(num_rows: int, rows_per_shard: int) -> list[Shard]:

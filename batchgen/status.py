@@ -1,7 +1,7 @@
 """``python -m batchgen.status OUTPUT_DIR``: how far a run is, from its output folder alone.
 
-Reads ``run.json``, the footers of the published shards and the claim files, and nothing else
-(no config, no model, no scheduler), so it works from a login node while workers run. Exit
+Reads ``_batchgen/run.json``, the footers of the published shards and the claim files, and nothing
+else (no config, no model, no scheduler), so it works from a login node while workers run. Exit
 status: 0 when every shard is done, 1 while some are not, 2 when the folder is not a batchgen
 output.
 """
@@ -19,9 +19,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchgen import checkpoints, layout
 from batchgen.claims import DEFAULT_LEASE, ClaimStore
 from batchgen.errors import BatchgenError
-from batchgen.manifest import RUN_FILE
+from batchgen.lock import is_live
 from batchgen.progress import Totals
 from batchgen.writer import finished_shards, shard_metadata
 
@@ -33,14 +34,15 @@ class NotAnOutputDir(BatchgenError):
 
 
 def _load_run(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / RUN_FILE
+    path = layout.run_file(out_dir)
     if not out_dir.is_dir():
         raise NotAnOutputDir(f"{str(out_dir)!r} is not a folder.")
     try:
         run = json.loads(path.read_text())
     except FileNotFoundError:
         raise NotAnOutputDir(
-            f"{str(out_dir)!r} has no {RUN_FILE}: not a batchgen output folder, or no run has "
+            f"{str(out_dir)!r} has no {path.relative_to(out_dir)}: not a batchgen output folder, "
+            "or no run has "
             f"started in it yet."
         ) from None
     except (OSError, ValueError) as e:
@@ -73,7 +75,7 @@ def _layout(run: dict[str, Any], path: Path) -> tuple[int, int, int]:
 
 
 def _throughput(done: list[dict], run: dict[str, Any]) -> dict[str, Any]:
-    """Rows/s and tokens/s, from the publication times of the shards when there are two."""
+    """Rows/s and tokens/s, from the times of two or more finished shards or batches."""
     timed = sorted(done, key=lambda s: s["mtime"])
     span = timed[-1]["mtime"] - timed[0]["mtime"] if len(timed) > 1 else 0.0
     if span > 0:
@@ -82,7 +84,7 @@ def _throughput(done: list[dict], run: dict[str, Any]) -> dict[str, Any]:
         return {
             "rows_per_second": sum(s["rows"] for s in later) / span,
             "completion_tokens_per_second": sum(s["completion_tokens"] for s in later) / span,
-            "source": "shard times",
+            "source": "shard and batch times",
         }
     this_run = (run.get("summary") or {}).get("this_run") or {}
     seconds = this_run.get("generate_seconds") or 0.0
@@ -90,9 +92,25 @@ def _throughput(done: list[dict], run: dict[str, Any]) -> dict[str, Any]:
         return {
             "rows_per_second": (this_run.get("rows", 0) + this_run.get("skipped", 0)) / seconds,
             "completion_tokens_per_second": this_run.get("completion_tokens", 0) / seconds,
-            "source": RUN_FILE,
+            "source": "run.json",
         }
     return {"rows_per_second": None, "completion_tokens_per_second": None, "source": None}
+
+
+def _run_status(out_dir: Path, run: dict[str, Any], clock: Callable[[], float]) -> str | None:
+    """``run.json``'s status, but "stopped" for a "running" run that no worker holds any more.
+
+    Every live worker holds a lock whose mtime its heartbeat touches every third of the lease;
+    a worker killed (or a second Ctrl-C) leaves ``running`` behind with no heartbeat.
+    """
+    status = run.get("status")
+    if status != "running":
+        return status
+    lease = ((run.get("config") or {}).get("runner") or {}).get("lease_seconds") or DEFAULT_LEASE
+    locks = layout.lock_file(out_dir, "x").parent.glob("*.lock")
+    if any(is_live(lock, lease, clock()) for lock in locks):
+        return status
+    return "stopped (no live worker: rerun the same command to resume)"
 
 
 def collect(
@@ -119,7 +137,7 @@ def collect(
     """
     out_dir = Path(out_dir)
     run = _load_run(out_dir)
-    total, num_rows, per_shard = _layout(run, out_dir / RUN_FILE)
+    total, num_rows, per_shard = _layout(run, layout.run_file(out_dir))
     totals, done, foreign = Totals(), [], []
     for index, path in sorted(finished_shards(out_dir).items()):
         try:
@@ -151,13 +169,15 @@ def collect(
         expired += c["expired"]
         claimed += not c["expired"]
     rows_done = sum(s["rows"] for s in done)
-    remaining = num_rows - rows_done
-    speed = _throughput(done, run)
+    samples = ((run.get("config") or {}).get("sampling") or {}).get("num_return_sequences", 1)
+    batches = checkpoints.finished_batches(out_dir, samples)  # of shards still in progress
+    remaining = num_rows - rows_done - sum(b["rows"] for b in batches)
+    speed = _throughput(done + batches, run)
     rate = speed["rows_per_second"]
     return {
         "output_dir": str(out_dir),
         "fingerprint": run["fingerprint"],
-        "run_status": run.get("status"),
+        "run_status": _run_status(out_dir, run, clock),
         "complete": len(done) == total,
         "shards": {
             "total": total,

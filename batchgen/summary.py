@@ -1,4 +1,5 @@
-"""What a run has produced, read back from its shards: totals, ``errors.jsonl`` and ``run.json``.
+"""What a run has produced, read back from its shards: totals, ``errors.jsonl`` and ``run.json``
+(both under ``_batchgen/``).
 
 Everything here is derived from the published shards' own metadata, so any worker can rewrite
 it at any time and a resumed or multi-worker run never counts a row twice.
@@ -9,11 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batchgen import manifest
+from batchgen import layout
 from batchgen.progress import Totals
 from batchgen.writer import finished_shards, shard_metadata, write_json_atomic, write_text_atomic
-
-ERRORS_FILE = "errors.jsonl"
 
 
 def read_shards(out_dir: Path) -> dict[int, dict]:
@@ -43,7 +42,7 @@ def write_errors(out_dir: Path, shards: dict[int, dict]) -> int:
             for row in shards[index].get(kind, []):
                 lines.append({**row, "kind": kind, "shard": index})
     text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    write_text_atomic(out_dir / ERRORS_FILE, text)
+    write_text_atomic(layout.errors_file(out_dir), text)
     return len(lines)
 
 
@@ -87,4 +86,4 @@ def write_run_file(out_dir: Path, meta: dict, status: str, summary: dict | None 
     payload = {**meta, "status": status}
     if summary is not None:
         payload["summary"] = summary
-    write_json_atomic(out_dir / manifest.RUN_FILE, payload)
+    write_json_atomic(layout.run_file(out_dir), payload)

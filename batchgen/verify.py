@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchgen import manifest
+from batchgen import layout, manifest
 from batchgen.writer import BASE_FIELDS, META_KEY
 
 CORRUPT = "corrupt"
@@ -156,9 +156,9 @@ def verify_shard(
 def quarantine(path: Path) -> Path | None:
     """Move a shard that failed verification aside, out of the ``*.parquet`` namespace.
 
-    The file becomes ``NAME.corrupt-YYYYMMDDTHHMMSSZ`` beside it (``-1``, ``-2``... appended
-    if that exists), so it is regenerated, never read as an output, and kept for inspection
-    rather than deleted.
+    The file becomes ``_batchgen/quarantine/NAME.corrupt-YYYYMMDDTHHMMSSZ`` (``-1``, ``-2``...
+    appended if that exists), so it is regenerated, never read as an output (folder readers
+    skip ``_batchgen``), and kept for inspection rather than deleted.
 
     Args:
         path: the shard file.
@@ -167,11 +167,13 @@ def quarantine(path: Path) -> Path | None:
         The new path; None when the file was gone already (another worker moved it).
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    folder = layout.quarantine_dir(path.parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{path.name}.corrupt-{stamp}"
     n = 0
     while target.exists():
         n += 1
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        target = folder / f"{path.name}.corrupt-{stamp}-{n}"
     try:
         os.rename(path, target)
     except FileNotFoundError:

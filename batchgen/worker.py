@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchgen import manifest
+from batchgen import checkpoints, manifest
 from batchgen.batching import BatchRunner, Interrupted
 from batchgen.claims import ClaimStore, Heartbeat, default_owner
 from batchgen.data import Rows, Stream
@@ -30,7 +30,7 @@ from batchgen.shard_inputs import ShardInputs, ShardWork
 from batchgen.sharding import Shard
 from batchgen.verify import OTHER_CONFIG, quarantine, reason_kind, verify_shard
 from batchgen.workers import WorkerInfo, assign_shards
-from batchgen.writer import output_schema, shard_metadata, write_shard
+from batchgen.writer import kept_name, output_schema, shard_metadata, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class LoopResult:
     generate_seconds: float = 0.0
     write_seconds: float = 0.0
     rows_seen: int | None = None  # streaming: rows in the stream, once it has ended
+    kept_rows: int = 0  # rows of the unfinished shard in hand that checkpoints hold
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def shard_rows(records: list[PromptRecord], results: dict) -> tuple[list[dict], 
                     "finish_reason": s.finish_reason,
                     "prompt_tokens": len(record.token_ids),
                     "completion_tokens": s.completion_tokens,
-                    **record.kept,
+                    **{kept_name(k): v for k, v in record.kept.items()},
                 }
             )
     return out, totals
@@ -248,18 +249,41 @@ class ShardLoop:
             )
         return False
 
-    def _generate(self, item: ShardWork) -> None:
+    def _results(self, item: ShardWork) -> tuple[dict, list, int, float]:
+        """Samples of every record (finished batches of earlier attempts reused), the rows that
+        failed, the pads computed and the seconds spent generating."""
         shard = item.shard
+        identity = {"fingerprint": self.meta["fingerprint"], "digest": item.digest}
+        results = checkpoints.load(self.out_dir, shard.index, identity, self.settings.samples)
+        todo = [r for r in item.records if r.index not in results]
+        self.result.kept_rows = len(results)
+        self.progress.update(
+            len(results), sum(s.completion_tokens for v in results.values() for s in v)
+        )
+        if not todo:
+            return results, [], 0, 0.0
+
+        def persist(batch: list) -> None:
+            checkpoints.save(self.out_dir, shard.index, identity, batch)
+            self.result.kept_rows += len(batch)
+
         if self.batcher is None:
             self.batcher = self.make_batcher()
+            self.batcher.engine.on_step = self.progress.step
         padded_before = self.batcher.engine.padded_tokens
         started = time.perf_counter()
-        results, failed = self.batcher.run(item.records, self.progress.update)
-        generate_seconds = time.perf_counter() - started
+        fresh, failed = self.batcher.run(todo, self.progress.update, persist)
+        seconds = time.perf_counter() - started
+        padded = self.batcher.engine.padded_tokens - padded_before
+        return {**results, **fresh}, failed, padded, seconds
+
+    def _generate(self, item: ShardWork) -> None:
+        shard = item.shard
+        results, failed, padded, generate_seconds = self._results(item)
         rows, totals = shard_rows(item.records, results)
         totals.failed = len(failed)
         totals.skipped = len(item.skipped)
-        totals.padded_tokens = self.batcher.engine.padded_tokens - padded_before
+        totals.padded_tokens = padded
         self.progress.update(len(item.skipped), 0)
         self.counted.add(shard.index)
         if not self.store.owns(shard.index):
@@ -289,5 +313,7 @@ class ShardLoop:
         schema = output_schema(self.settings.kept_types, shard_meta)
         if write_shard(self.out_dir, shard.name, rows, schema, self.settings.compression):
             self.result.totals.add(totals)
+        checkpoints.clear(self.out_dir, shard.index)
+        self.result.kept_rows = 0
         self.result.generate_seconds += generate_seconds
         self.result.write_seconds += time.perf_counter() - started

@@ -26,6 +26,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchgen.errors import ConfigError
+
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 # Temp files of this version (.NAME.tmp-HOST-PID-RANDOM) and of earlier ones (NAME.tmp-PID).
 TEMP_RE = re.compile(r"^\.?[^/]+\.tmp-[^/]+$")
@@ -53,9 +55,33 @@ BASE_FIELDS = [
 ]
 
 
+KEPT_PREFIX = "input_"
+
+
+def kept_name(column: str) -> str:
+    """The output column of a kept input column: its own name, or ``input_NAME`` where that
+    name is an output column already (eval sets often carry ``prompt``, ``id``, ``response``)."""
+    return f"{KEPT_PREFIX}{column}" if column in {f.name for f in BASE_FIELDS} else column
+
+
+def check_kept_columns(columns: list[str]) -> None:
+    """Refuse kept columns whose output names would collide.
+
+    Raises:
+        ConfigError: naming ``dataset.keep_columns`` and the clash.
+    """
+    names = [kept_name(c) for c in columns]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ConfigError(
+            f"dataset.keep_columns={columns}: {clash} would be written twice (a kept column "
+            f"named like an output column is written as {KEPT_PREFIX}NAME); keep one of them."
+        )
+
+
 def output_schema(kept_types: dict[str, pa.DataType], metadata: dict[str, Any]) -> pa.Schema:
     """The shard schema: the fixed output columns, then kept input columns, with run metadata."""
-    fields = BASE_FIELDS + [pa.field(name, t) for name, t in kept_types.items()]
+    fields = BASE_FIELDS + [pa.field(kept_name(name), t) for name, t in kept_types.items()]
     return pa.schema(fields, metadata={META_KEY: json.dumps(metadata).encode()})
 
 
@@ -115,6 +141,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace a text file atomically (a temp file of this writer's own, fsync, rename)."""
     tmp = temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("x") as f:
             f.write(text)
             f.flush()

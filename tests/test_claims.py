@@ -39,7 +39,7 @@ def read_claim(out, index, generation=0):
 
 
 def claim_files(out):
-    return sorted(p.name for p in (out / "claims").iterdir())
+    return sorted(p.name for p in (out / "_batchgen" / "claims").iterdir())
 
 
 def test_claim_writes_owner_and_lease(tmp_path, clock):
@@ -163,7 +163,7 @@ def test_describe_lists_claims_with_expiry(tmp_path, clock):
     junk = claim_path(tmp_path, 9)
     junk.write_text("")
     os.utime(junk, (clock.t - 100, clock.t - 100))
-    (tmp_path / "claims" / "part-00007.claim.tmp-x").write_text("{}")
+    (tmp_path / "_batchgen" / "claims" / "part-00007.claim.tmp-x").write_text("{}")
     found = ClaimStore.describe(tmp_path, clock=clock)
     got = [(c["index"], c["generation"], c["owner"], c["rank"], c["expired"]) for c in found]
     assert got == [

@@ -119,3 +119,13 @@ def test_encoder_decoder_uses_seq2seq_and_no_slicing(tiny_models):
 )
 def test_device_dtype_resolution(device, dtype, expected):
     assert models.resolve_device_dtype(ModelConfig(device=device, dtype=dtype)) == expected
+
+
+@pytest.mark.parametrize("model", ["chat", "t5"])
+def test_each_decoding_step_reports_its_tokens(tiny_models, model):
+    engine, tok = load(tiny_models[model], SamplingConfig(max_new_tokens=7))
+    steps = []
+    engine.on_step = steps.append
+    outs = engine.generate(records(tok), seed=0)
+    assert len(steps) >= 6 and max(steps) <= len(TEXTS)
+    assert sum(steps) == sum(s.completion_tokens for row in outs for s in row)

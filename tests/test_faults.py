@@ -105,7 +105,7 @@ def test_sigkill_at_twenty_random_points_loses_and_duplicates_nothing(
     assert all(p.suffix != ".parquet" or p.name.startswith("part-") for p in out.iterdir())
     # What the killed writers left is gone: their temp files, and (the run complete) the claims.
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
-    assert not (out / "claims").exists()
+    assert not (out / "_batchgen" / "claims").exists()
 
 
 def test_truncated_and_corrupted_shards_are_regenerated(tiny_models, data, reference, tmp_path):
@@ -127,7 +127,9 @@ def test_truncated_and_corrupted_shards_are_regenerated(tiny_models, data, refer
     assert "part-00007.parquet is damaged" in again.stdout
     assert "22 shards resumed" in again.stdout
     assert rows(out) == reference
-    moved = sorted(p.name.split(".corrupt-")[0] for p in out.glob("*.corrupt-*"))
+    moved = sorted(
+        p.name.split(".corrupt-")[0] for p in out.glob("_batchgen/quarantine/*.corrupt-*")
+    )
     assert moved == ["part-00003.parquet", "part-00007.parquet"]
 
 
@@ -141,7 +143,10 @@ def test_second_runner_on_the_same_folder_is_refused(tiny_models, data, tmp_path
     )
     try:
         deadline = time.monotonic() + 60
-        while not (out / ".run-rank0-of1.lock").exists() and time.monotonic() < deadline:
+        while (
+            not (out / "_batchgen" / "locks" / "run-rank0-of1.lock").exists()
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         second = subprocess.run(
             cli(tiny_models["chat"], data, out, "sampling.max_new_tokens=200"),
@@ -175,10 +180,10 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_resume(tiny_models, data, reference
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == code, stderr
         assert f"stopped by {name}" in stderr and "Rerun the same command to resume" in stderr
-        assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
-        claims = [json.loads(p.read_text()) for p in (out / "claims").iterdir()]
+        assert json.loads((out / "_batchgen" / "run.json").read_text())["status"] == "interrupted"
+        claims = [json.loads(p.read_text()) for p in (out / "_batchgen" / "claims").iterdir()]
         assert all(c.get("released") for c in claims), claims
-        assert not (out / ".run-rank0-of1.lock").exists()
+        assert not (out / "_batchgen" / "locks" / "run-rank0-of1.lock").exists()
         assert 0 < shards(out) < 24
     done = subprocess.run(
         cli(tiny_models["chat"], data, out), env=ENV, capture_output=True, text=True, timeout=300
@@ -264,7 +269,9 @@ def test_each_bad_row_kind_is_skipped_and_logged(tiny_models, make_job, tmp_path
     )
     summary = run(cfg)
     assert [r["id"] for r in rows(out)] == ["ok-1"]
-    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    errors = [
+        json.loads(line) for line in (out / "_batchgen" / "errors.jsonl").read_text().splitlines()
+    ]
     assert [(e["id"], e["kind"]) for e in errors] == [
         ("null", "skipped"),
         ("empty", "skipped"),
@@ -290,7 +297,9 @@ def test_non_string_prompts_are_bad_rows(tiny_models, make_job, tmp_path):
     out = tmp_path / "out"
     summary = run(make_job(tiny_models["base"], data, out, runner__on_bad_row="skip"))
     assert summary["totals"]["skipped"] == 2 and rows(out) == []
-    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    errors = [
+        json.loads(line) for line in (out / "_batchgen" / "errors.jsonl").read_text().splitlines()
+    ]
     assert errors[0]["reason"] == "dataset.prompt_column 'prompt': not a string: int '1'"
 
 
@@ -307,7 +316,11 @@ def _in_pid_namespace(args: list[str], log) -> subprocess.Popen:
 
 def _claims_of(out: Path, rank: int) -> list[str]:
     found = []
-    for p in (out / "claims").glob("*.claim") if (out / "claims").exists() else []:
+    for p in (
+        (out / "_batchgen" / "claims").glob("*.claim")
+        if (out / "_batchgen" / "claims").exists()
+        else []
+    ):
         try:
             info = json.loads(p.read_text())
         except (OSError, ValueError):
@@ -388,4 +401,4 @@ def test_damaged_shard_moved_by_another_worker_meanwhile(
         monkeypatch.setattr(worker, "verify_shard", racing)
         summary = run(make_job(tiny_models["chat"], prompts_file, out))
         assert summary["this_run"]["rows"] == 5 and rows(out) == before
-    assert len(list(out.glob("part-00001.parquet.corrupt-*"))) == 2
+    assert len(list(out.glob("_batchgen/quarantine/part-00001.parquet.corrupt-*"))) == 2

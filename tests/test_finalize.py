@@ -14,7 +14,7 @@ def test_finalize_writes_a_card_that_datasets_loads(
     out = tmp_path / "out"
     run(make_job(tiny_models["chat"], prompts_file, out, dataset__keep_columns=["topic"]))
     assert main([str(out)]) == 0
-    card = (out / "README.md").read_text()
+    card = (out / "_batchgen" / "README.md").read_text()
     assert 'path: "part-*.parquet"' in card and "| generated rows | 12 |" in card
     assert "| `topic` | string |" in card
     import datasets
@@ -35,5 +35,5 @@ def test_finalize_refuses_missing_and_damaged_shards(
     assert main([str(out)]) == 1
     err = capsys.readouterr().err
     assert "part-00001.parquet: missing" in err and "part-00002.parquet: corrupt" in err
-    assert not (out / "README.md").exists()
+    assert not (out / "_batchgen" / "README.md").exists()
     assert main([str(tmp_path / "nothing")]) == 2

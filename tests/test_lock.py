@@ -42,19 +42,21 @@ def write_lock(out, pid, host=None, **extra) -> dict:
         "argv": ["batchgen", "output.dir=out"],
         **extra,
     }
-    (out / ".run.lock").write_text(json.dumps(record))
+    path = out / "_batchgen" / "locks" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
     return record
 
 
 def test_lock_file_records_the_holder_and_is_removed_on_exit(tmp_path):
     with RunLock(tmp_path) as held:
-        record = json.loads((tmp_path / ".run.lock").read_text())
-        assert held.path == tmp_path / ".run.lock"
+        record = json.loads((tmp_path / "_batchgen" / "locks" / "run.lock").read_text())
+        assert held.path == tmp_path / "_batchgen" / "locks" / "run.lock"
         assert record["pid"] == os.getpid()
         assert record["host"] == socket.gethostname()
         assert record["started_at"].endswith("+00:00")
         assert isinstance(record["argv"], list)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 def test_second_acquire_refused_naming_the_live_holder(tmp_path, sleeper):
@@ -67,7 +69,10 @@ def test_second_acquire_refused_naming_the_live_holder(tmp_path, sleeper):
     assert "`batchgen output.dir=out`" in msg
     assert f"kill {sleeper.pid}" in msg
     assert "another output.dir" in msg
-    assert json.loads((tmp_path / ".run.lock").read_text())["pid"] == sleeper.pid
+    assert (
+        json.loads((tmp_path / "_batchgen" / "locks" / "run.lock").read_text())["pid"]
+        == sleeper.pid
+    )
 
 
 def test_two_lock_objects_in_one_folder_exclude_each_other(tmp_path):
@@ -77,7 +82,7 @@ def test_two_lock_objects_in_one_folder_exclude_each_other(tmp_path):
         RunLock(tmp_path, "run-rank0").acquire()
     # Another worker's name is another lock.
     with RunLock(tmp_path, "run-rank1"):
-        assert (tmp_path / ".run-rank1.lock").is_file()
+        assert (tmp_path / "_batchgen" / "locks" / "run-rank1.lock").is_file()
     assert first.release() is True
     assert not any(p.name.endswith(".parquet") for p in tmp_path.iterdir())
 
@@ -110,8 +115,11 @@ def test_lock_from_another_host_is_refused_until_its_heartbeat_is_older_than_the
     msg = str(err.value)
     assert f"pid {dead_pid} on host node-elsewhere" in msg
     assert "taken over once that passes runner.lease_seconds (60 s)" in msg
-    assert json.loads((tmp_path / ".run.lock").read_text())["host"] == "node-elsewhere"
-    age(tmp_path / ".run.lock", 61)
+    assert (
+        json.loads((tmp_path / "_batchgen" / "locks" / "run.lock").read_text())["host"]
+        == "node-elsewhere"
+    )
+    age(tmp_path / "_batchgen" / "locks" / "run.lock", 61)
     taken = RunLock(tmp_path, lease_seconds=60)
     assert taken.acquire()["host"] == "node-elsewhere"
     taken.release()
@@ -122,7 +130,7 @@ def test_lock_from_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path):
     write_lock(tmp_path, 1, pid_ns="pid:[4026500000]")
     with pytest.raises(ResumeError, match="another host or container"):
         RunLock(tmp_path, lease_seconds=30).acquire()
-    age(tmp_path / ".run.lock", 31)
+    age(tmp_path / "_batchgen" / "locks" / "run.lock", 31)
     assert RunLock(tmp_path, lease_seconds=30).acquire()["pid_ns"] == "pid:[4026500000]"
 
 
@@ -159,7 +167,7 @@ def test_frozen_holder_in_another_pid_namespace_is_taken_over(tmp_path):
         line = holder.stdout.readline()
         if line.strip() != "held":
             pytest.skip(f"cannot run a process in a new pid namespace: {holder.stderr.read()}")
-        record = json.loads((tmp_path / ".run.lock").read_text())
+        record = json.loads((tmp_path / "_batchgen" / "locks" / "run.lock").read_text())
         assert record["pid"] == 1 and record["pid_ns"] != lock_mod._pid_namespace()
         time.sleep(2.0)  # past the lease, but the live holder's heartbeat keeps it fresh
         with pytest.raises(ResumeError, match="another host or container"):
@@ -176,7 +184,9 @@ def test_frozen_holder_in_another_pid_namespace_is_taken_over(tmp_path):
 
 
 def test_unreadable_lock_is_refused(tmp_path):
-    (tmp_path / ".run.lock").write_text("")
+    path = tmp_path / "_batchgen" / "locks" / "run.lock"
+    path.parent.mkdir(parents=True)
+    path.write_text("")
     with pytest.raises(ResumeError, match="not a valid batchgen lock.*remove it with `rm "):
         RunLock(tmp_path).acquire()
 
@@ -250,7 +260,7 @@ def test_racing_takers_of_a_stale_lock_exactly_one_wins(tmp_path, dead_pid, roun
     refusals = [v for kind, v in outcomes if kind == "refused"]
     assert len(refusals) == racers - 1
     assert all(f"pid {winners[0]} on host" in msg for msg in refusals)
-    assert not (tmp_path / ".run.lock").exists()
+    assert not (tmp_path / "_batchgen" / "locks" / "run.lock").exists()
 
 
 def test_unwritable_folder_is_a_clear_error(tmp_path):

@@ -66,7 +66,8 @@ def out_dir(tmp_path):
             "wall_seconds": 11.5,
         },
     }
-    (out / "run.json").write_text(json.dumps(run))
+    (out / "_batchgen").mkdir(parents=True, exist_ok=True)
+    (out / "_batchgen" / "run.json").write_text(json.dumps(run))
     errors = [
         {"id": "r9", "reason": "empty prompt", "shard": 0},
         {"id": "r10", "reason": "empty prompt", "shard": 0},
@@ -74,7 +75,7 @@ def out_dir(tmp_path):
         {"id": "r9", "reason": "empty prompt", "shard": 0},  # logged again by a resumed run
     ]
     text = "".join(json.dumps(e) + "\n" for e in errors) + '{"id": "r1'  # cut short by a crash
-    (out / "errors.jsonl").write_text(text)
+    (out / "_batchgen" / "errors.jsonl").write_text(text)
     return out
 
 
@@ -154,8 +155,8 @@ def test_html_is_self_contained_with_a_plot_each(out_dir):
 
 
 def test_missing_pieces_are_reported_not_fatal(out_dir):
-    (out_dir / "run.json").unlink()
-    (out_dir / "errors.jsonl").unlink()
+    (out_dir / "_batchgen" / "run.json").unlink()
+    (out_dir / "_batchgen" / "errors.jsonl").unlink()
     (out_dir / "part-00001.parquet").write_bytes(b"PAR1 cut short")
     numbers, html = build_report(out_dir)
     assert numbers["model"] is None
@@ -178,8 +179,8 @@ def test_missing_pieces_are_reported_not_fatal(out_dir):
 
 def test_cli_writes_the_page_and_prints_the_table(out_dir, tmp_path, capsys):
     assert main([str(out_dir)]) == 0
-    assert (out_dir / "report.html").read_text().startswith("<!DOCTYPE html>")
-    assert not (out_dir / "report.html").name.endswith(".parquet")
+    assert (out_dir / "_batchgen" / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert not (out_dir / "_batchgen" / "report.html").name.endswith(".parquet")
     target = tmp_path / "elsewhere.html"
     assert main([str(out_dir), "--out", str(target)]) == 0
     printed = capsys.readouterr().out
@@ -260,7 +261,7 @@ def test_page_renders_in_headless_chromium(out_dir, tmp_path):
             f"--user-data-dir={tmp_path / 'profile'}",
             f"--screenshot={png}",
             "--window-size=1200,1600",
-            (out_dir / "report.html").as_uri(),
+            (out_dir / "_batchgen" / "report.html").as_uri(),
         ],
         check=True,
         capture_output=True,

@@ -36,7 +36,7 @@ def test_run_writes_shards_in_row_order(tiny_models, prompts_file, make_job, tmp
     assert all(r["prompt"].startswith("<|im_start|>") and r["response"] for r in rows)
     assert all(r["completion_tokens"] == 8 and r["finish_reason"] == "length" for r in rows)
     assert summary["totals"]["rows"] == 12 and summary["totals"]["completion_tokens"] == 96
-    run_json = json.loads((out / "run.json").read_text())
+    run_json = json.loads((out / "_batchgen" / "run.json").read_text())
     assert run_json["status"] == "complete"
     assert run_json["config"]["output"]["rows_per_shard"] == 5
     meta = json.loads(pq.read_schema(out / "part-00000.parquet").metadata[b"batchgen"])
@@ -69,7 +69,7 @@ def test_different_config_refused_even_when_finished(tiny_models, prompts_file, 
     assert "sampling.max_new_tokens: 8 -> 9" in str(err.value)
     assert "output.dir=" in str(err.value)
     # Without run.json the shards' own metadata still catches it.
-    (out / "run.json").unlink()
+    (out / "_batchgen" / "run.json").unlink()
     with pytest.raises(ResumeError, match="part-00000.parquet"):
         run(make_job(tiny_models["chat"], prompts_file, out, dataset__system_prompt="Be terse."))
     assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == before
@@ -153,3 +153,44 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, prompts_f
     assert f"{done} shards resumed" in result.stdout
     assert read(killed) == read(full)
     assert not [p for p in killed.iterdir() if ".tmp" in p.name]
+
+
+def test_kept_columns_named_like_outputs_are_prefixed(
+    tiny_models, prompts_file, make_job, tmp_path
+):
+    """An eval set's own `prompt` column, kept: one readable shard, never quarantined."""
+    import pandas as pd
+
+    from batchgen.errors import ConfigError
+    from batchgen.finalize import main as finalize
+
+    out = tmp_path / "out"
+    cfg = make_job(tiny_models["chat"], prompts_file, out, dataset__keep_columns=["prompt", "uid"])
+    run(cfg)
+    frame = pd.read_parquet(out)
+    assert list(frame.columns)[-2:] == ["input_prompt", "input_uid"]
+    assert frame["input_prompt"][0] == "the #0" and frame["id"][0] == frame["input_uid"][0]
+    assert frame["prompt"][0].startswith("<|im_start|>")
+    assert finalize([str(out)]) == 0
+    summary = run(cfg)
+    assert summary["shards_resumed"] == 3 and not (out / "_batchgen" / "quarantine").exists()
+    clash = make_job(tiny_models["chat"], prompts_file, tmp_path / "o2")
+    clash.dataset.keep_columns = ["prompt", "input_prompt"]
+    with pytest.raises(ConfigError, match=r"\['input_prompt'\] would be written twice"):
+        run(clash)
+
+
+def test_banner_before_the_model_and_already_complete_after(
+    tiny_models, prompts_file, make_job, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    run(make_job(tiny_models["chat"], prompts_file, out))
+    first = capsys.readouterr().out
+    banner = first.splitlines()[0]
+    assert banner.startswith(f"batchgen: {tiny_models['chat']} on cpu (float32), static engine")
+    assert f"12 rows in 3 shards (0 finished); output {out}" in banner
+    assert "already complete" not in first
+    summary = run(make_job(tiny_models["chat"], prompts_file, out))
+    again = capsys.readouterr().out
+    assert "(3 finished)" in again and "already complete" in again
+    assert summary["already_complete"]

@@ -31,7 +31,7 @@ def run_json(out, status="running", summary=None, fingerprint="fp1"):
     if summary:
         payload["summary"] = summary
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "run.json", payload)
+    write_json_atomic(out / "_batchgen" / "run.json", payload)
 
 
 def shard(out, index, mtime, tokens_per_row=4, fingerprint="fp1", skipped=0):
@@ -86,6 +86,10 @@ def half_done(tmp_path):
     assert alive.try_claim(1) and alive.try_claim(0)
     assert dead.try_claim(3) and dead.try_claim(4)
     dead.release(4)
+    lock = out / "_batchgen" / "locks" / "run-rank0-of2.lock"  # rank 0's, heart-beating
+    lock.parent.mkdir(parents=True)
+    lock.write_text("{}")
+    os.utime(lock, (clock.t - 5, clock.t - 5))
     return out, clock
 
 
@@ -103,6 +107,14 @@ def test_counts_shards_claims_rows_and_tokens(half_done):
     assert not report["complete"] and report["run_status"] == "running"
 
 
+def test_a_running_run_without_a_live_worker_shows_as_stopped(half_done):
+    out, clock = half_done
+    clock.t += 200  # rank 0's lock has not been touched for longer than the lease
+    report = collect(out, clock=clock)
+    assert report["run_status"].startswith("stopped (no live worker")
+    assert "stopped (no live worker" in format_status(report)
+
+
 def test_rate_from_shard_times_and_eta(half_done):
     out, clock = half_done
     report = collect(out, clock=clock)
@@ -110,7 +122,7 @@ def test_rate_from_shard_times_and_eta(half_done):
     assert report["throughput"] == {
         "rows_per_second": 0.5,
         "completion_tokens_per_second": 2.4,
-        "source": "shard times",
+        "source": "shard and batch times",
     }
     assert report["eta_seconds"] == pytest.approx(26.0)
 
@@ -121,7 +133,7 @@ def test_text_and_json_output_and_exit_status(half_done, capsys, monkeypatch):
     assert "2/5 done, 1 claimed, 1 expired claims, 1 pending" in text
     assert "nodeB:22:1  0 claimed, EXPIRED [3] (to be redone)" in text
     assert "10/23 done (1 skipped), 9 samples" in text
-    assert "2.4 tokens/s, 0.50 rows/s (from shard times)" in text
+    assert "2.4 tokens/s, 0.50 rows/s (from shard and batch times)" in text
     assert "eta         26 s for 3 shards (13 rows)" in text
     monkeypatch.setattr(time, "time", clock)
     assert main([str(out), "--json"]) == 1
@@ -162,13 +174,13 @@ def test_shards_of_another_fingerprint_do_not_count(tmp_path):
 def test_not_an_output_folder_exits_two(tmp_path, capsys, setup):
     out = tmp_path / "out"
     if setup != "missing":
-        out.mkdir()
+        (out / "_batchgen").mkdir(parents=True)
     if setup == "not-json":
-        (out / "run.json").write_text("{")
+        (out / "_batchgen" / "run.json").write_text("{")
     elif setup == "no-fingerprint":
-        (out / "run.json").write_text("{}")
+        (out / "_batchgen" / "run.json").write_text("{}")
     elif setup == "no-rows":
-        (out / "run.json").write_text('{"fingerprint": "x"}')
+        (out / "_batchgen" / "run.json").write_text('{"fingerprint": "x"}')
     assert main([str(out)]) == 2
     assert "batchgen.status: error:" in capsys.readouterr().err
 
@@ -180,3 +192,47 @@ def test_runs_as_a_module(half_done):
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.startswith(f"batchgen status  {out}")
+
+
+def test_a_killed_worker_shows_as_stopped_at_once(tmp_path):
+    out = tmp_path / "out"
+    run_json(out)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from batchgen.lock import RunLock; "
+            "RunLock(Path(sys.argv[1]), 'run-rank0-of1').acquire(); print('held', flush=True); "
+            "time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    assert collect(out)["run_status"] == "running"
+    holder.kill()
+    holder.wait()
+    assert collect(out)["run_status"].startswith("stopped (no live worker")
+
+
+def test_eta_from_the_first_finished_batches_before_any_shard(tmp_path):
+    from batchgen import checkpoints
+    from batchgen.engine import Sample
+
+    out = tmp_path / "out"
+    run_json(out)  # 23 rows in shards of 5, none published
+    identity = {"fingerprint": "fp1", "digest": "d"}
+    for k, when in enumerate((T0, T0 + 4, T0 + 8)):  # three batches of two rows, 4 s apart
+        batch = [(2 * k + i, [Sample("x", "length", 3)]) for i in range(2)]
+        checkpoints.save(out, 0, identity, batch)
+        newest = max(layout_files(out), key=lambda p: p.stat().st_mtime_ns)
+        os.utime(newest, (when, when))
+    report = collect(out, clock=lambda: T0 + 9)
+    assert report["rows"]["remaining"] == 23 - 6
+    assert report["throughput"]["rows_per_second"] == pytest.approx(4 / 8)
+    assert report["eta_seconds"] == pytest.approx(17 / 0.5)
+
+
+def layout_files(out):
+    return list((out / "_batchgen" / "checkpoints").glob("*/rows-*.parquet"))

@@ -113,10 +113,15 @@ def test_damaged_shard_of_another_share_is_left_to_its_owner(
     (out / "part-00001.parquet").write_bytes(b"not parquet")
     over = {"runner__rank": 0, "runner__world_size": 2}
     run(make_job(tiny_models["chat"], prompts_file, out, **over))
-    assert "part-00001.parquet" not in verified and not list(out.glob("*.corrupt-*"))
+    assert "part-00001.parquet" not in verified and not list(
+        out.glob("_batchgen/quarantine/*.corrupt-*")
+    )
     over["runner__rank"] = 1
     summary = run(make_job(tiny_models["chat"], prompts_file, out, **over))
-    assert summary["this_run"]["rows"] == 5 and len(list(out.glob("*.corrupt-*"))) == 1
+    assert (
+        summary["this_run"]["rows"] == 5
+        and len(list(out.glob("_batchgen/quarantine/*.corrupt-*"))) == 1
+    )
     assert pq.read_table(out / "part-00001.parquet").num_rows == 5
 
 
@@ -137,7 +142,7 @@ def test_streaming_equals_random_access_and_resumes(tiny_models, prompts_file, m
     summary = run(make_job(tiny_models["chat"], folder, out, dataset__streaming=True))
     assert summary["shards_total"] == 3 and summary["shards_done"] == 3
     assert read(out) == read(table)
-    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert json.loads((out / "_batchgen" / "run.json").read_text())["status"] == "complete"
     (out / "part-00001.parquet").unlink()
     summary = run(make_job(tiny_models["chat"], folder, out, dataset__streaming=True))
     assert summary["shards_resumed"] == 2 and summary["this_run"]["rows"] == 5

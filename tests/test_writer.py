@@ -83,10 +83,10 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_json_atomic(tmp_path):
-    path = tmp_path / "run.json"
+    path = tmp_path / "_batchgen" / "run.json"
     write_json_atomic(path, {"a": "写"})
     write_json_atomic(path, {"a": 2})
-    assert path.read_text().strip().startswith("{") and os.listdir(tmp_path) == ["run.json"]
+    assert path.read_text().strip().startswith("{") and os.listdir(path.parent) == ["run.json"]
 
 
 def test_second_publisher_of_a_shard_loses(tmp_path):
