@@ -62,8 +62,11 @@ def save(out_dir: Path, shard: int, identity: dict, batch: list[tuple[int, list[
     final = folder / f"rows-{batch[0][0]:09d}-{os.urandom(6).hex()}.parquet"
     tmp = temp_path(final)
     try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        with tmp.open("xb") as f:  # a Python file: a full disk raises with its errno
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
         os.replace(tmp, final)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(final)) from e
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -177,8 +177,11 @@ class ClaimStore:
         claimed_at = now if claimed_at is None else claimed_at
         # No fsync: exclusion comes from O_EXCL, and a claim cut short by a host crash is
         # unreadable, which expires by its mtime.
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._payload(claimed_at, now + self.lease_seconds))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._payload(claimed_at, now + self.lease_seconds))
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         self._held[index] = generation
         return True
 
@@ -187,6 +190,8 @@ class ClaimStore:
         try:
             tmp.write_bytes(payload)
             os.replace(tmp, path)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         finally:
             tmp.unlink(missing_ok=True)
 

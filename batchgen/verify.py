@@ -62,6 +62,8 @@ def _rows_problem(
             return f"{len(ids)} rows, expected {want} ({len(expected_ids)} ids x {n} samples)"
         if len(ids) % n:
             return f"{len(ids)} rows, not a multiple of {n} samples per row"
+        if len(set(ids[::n])) != len(ids) // n:
+            return "an id appears in more than one row"
         for j, (got_id, got_k) in enumerate(zip(ids, sample_index, strict=True)):
             want_id = ids[j - j % n] if expected_ids is None else expected_ids[j // n]
             if (got_id, got_k) != (want_id, j % n):
@@ -144,6 +146,9 @@ def verify_shard(
             return f"{CORRUPT}: data unreadable ({_short(e)})"
     if table.num_rows != parquet.metadata.num_rows:
         return f"{CORRUPT}: {table.num_rows} rows decoded, footer says {parquet.metadata.num_rows}"
+    rows = ((meta.get("shard") or {}).get("totals") or {}).get("rows")
+    if samples_per_row is not None and rows is not None and rows * samples_per_row != len(table):
+        return f"{WRONG_ROWS}: {len(table)} rows for {rows} ids x {samples_per_row} samples"
     problem = _rows_problem(
         table.column("id").to_pylist(),
         table.column("sample_index").to_pylist(),

@@ -154,7 +154,7 @@ class ShardLoop:
                     self._check_stop()
                     time.sleep(WAIT_POLL)  # held by live workers: wait for them or their expiry
             finally:
-                self.store.release_all()
+                self._release_all()
 
     def run_stream(self, stream: Stream, rows_per_shard: int) -> LoopResult:
         """Process this worker's shards of a stream (shard ``k`` is rank ``k % world_size``'s).
@@ -181,7 +181,7 @@ class ShardLoop:
                             del held[index]
                 return self.result
             finally:
-                self.store.release_all()
+                self._release_all()
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -212,7 +212,19 @@ class ShardLoop:
             self._generate(work)
             return self._published(shard)
         finally:
+            self._release(shard)
+
+    def _release_all(self) -> None:
+        try:
+            self.store.release_all()
+        except OSError as e:  # a full disk: the claims expire by their lease
+            log.warning("could not release this worker's claims (%s)", e)
+
+    def _release(self, shard: Shard) -> None:
+        try:
             self.store.release(shard.index)
+        except OSError as e:  # a full disk: the claim expires by its lease; keep the first error
+            log.warning("could not release the claim on %s (%s)", shard.name, e)
 
     def _trusted(self, shard: Shard, rows: Rows | None) -> bool:
         """Whether a finished shard of this worker's share can be skipped.

@@ -118,19 +118,23 @@ def write_shard(
     tmp = temp_path(final)
     table = pa.Table.from_pylist(rows, schema=schema)
     try:
-        with tmp.open("xb") as f:
-            # Page checksums let a resume tell a damaged shard from a good one (batchgen.verify).
-            pq.write_table(table, f, compression=compression, write_page_checksum=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, final)
-    except FileExistsError:
-        return False
-    except FileNotFoundError:
-        log.warning("%s was removed as abandoned while this worker wrote it; dropping it", tmp)
-        return False
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(tmp)) from e
+        try:
+            with tmp.open("xb") as f:
+                # Page checksums let a resume tell a damaged shard from a good one (verify).
+                pq.write_table(table, f, compression=compression, write_page_checksum=True)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(tmp)) from e
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if tmp.exists():
+                raise
+            log.warning("%s was removed as abandoned while this worker wrote it; dropping it", tmp)
+            return False
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(out_dir)

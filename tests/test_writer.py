@@ -132,3 +132,23 @@ def test_abandoned_temp_files_go_by_age_or_once_their_shard_is_published(tmp_pat
         os.utime(path, (1, 1))
     assert remove_abandoned(tmp_path, older_than=60) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name, "part-00002.parquet"]
+
+
+def test_a_missing_folder_is_an_error_not_a_dropped_copy(tmp_path):
+    row = {k: v for k, v in ROW.items() if k != "topic"}
+    with pytest.raises(FileNotFoundError) as err:
+        write_shard(tmp_path / "missing", "part-00000.parquet", [row], output_schema({}, {}))
+    assert "missing" in err.value.filename
+
+
+def test_a_temp_file_removed_as_abandoned_drops_the_copy(tmp_path, monkeypatch):
+    real = os.link
+
+    def cleaner_first(src, dst):
+        os.unlink(src)  # another worker judged it abandoned (this writer was frozen)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "link", cleaner_first)
+    row = {k: v for k, v in ROW.items() if k != "topic"}
+    assert write_shard(tmp_path, "part-00000.parquet", [row], output_schema({}, {})) is False
+    assert os.listdir(tmp_path) == []
