@@ -143,13 +143,14 @@ class ShardLoop:
         # Stealers start from the far end of the others' lists, where their owners arrive last.
         mine = set(own)
         others = [i for i in reversed(sorted(by_index)) if i not in mine]
-        order = own + (others if self.settings.steal else [])
+        pending = own + (others if self.settings.steal else [])
         with Heartbeat(self.store):
             try:
                 while True:
-                    for index in order:
-                        self._visit(by_index[index], index in mine)
-                    if all(self._published(by_index[i]) for i in order):
+                    # A published shard stays published: each pass looks only at what is left,
+                    # so waiting for a few stragglers costs a few looks, not one per shard.
+                    pending = [i for i in pending if not self._visit(by_index[i], i in mine)]
+                    if not pending:
                         return self.result
                     self._check_stop()
                     time.sleep(WAIT_POLL)  # held by live workers: wait for them or their expiry
@@ -276,8 +277,9 @@ class ShardLoop:
             return results, [], 0, 0.0
 
         def persist(batch: list) -> None:
-            checkpoints.save(self.out_dir, shard.index, identity, batch)
             self.result.kept_rows += len(batch)
+            if self.result.kept_rows < len(item.records):  # the last batch: publish instead
+                checkpoints.save(self.out_dir, shard.index, identity, batch)
 
         if self.batcher is None:
             self.batcher = self.make_batcher()

@@ -1,0 +1,293 @@
+"""Hydra's submitit launchers (Slurm and local) that judge a sweep by its output, not its tasks.
+
+Invariant: once every task of a ``-m`` sweep has ended, the submitting command prints one
+summary (each task's fate, then the output folder's state) and exits 0 when every shard is
+published, 1 when not, never with a traceback. A task cancelled or failed while the others took
+over its shards is no failure of the job: the output is what was asked for.
+
+The exit status. Hydra's multirun ignores what ``launch`` returns, except that its sweeper reads
+``return_value`` of each ``JobReturn``, which re-raises a failed job's error; an exception out of
+``launch`` (the stock launcher's ``job.results()`` raises submitit's ``UncompletedJobError`` for
+a cancelled task) becomes a traceback and exit 1. So ``launch`` here submits like
+hydra-submitit-launcher 1.2.0, waits for every task with ``job.exception()`` (which returns the
+error instead of raising it), reads the output with ``batchgen.status.collect``, prints the
+summary, then either returns one ``COMPLETED`` ``JobReturn`` per task (output complete: Hydra
+ends normally, exit 0) or raises ``SystemExit(1)``, which is no ``Exception``: neither the
+sweeper nor Hydra's error report catch it, and Python exits 1 without a traceback. (Hydra's
+default sweeper launches a sweep as one batch; with ``hydra.sweeper.max_batch_size`` each batch
+is judged when it ends.)
+
+Hydra instantiates launchers only by names under ``hydra_plugins.`` (those its plugin scan
+finds). Importing this module registers both classes as ``hydra_plugins.batchgen_launcher.*``,
+the ``_target_`` of ``conf/hydra/launcher/{slurm,local}.yaml``; ``batchgen.cli`` imports it.
+They keep their real module, so the job unpickles the launcher from ``batchgen.launcher``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
+
+# The separator submitit puts around a failed task's traceback in FailedJobError.
+_TRACE_RULE = "----------------------"
+# Slurm states of a task that has not ended (a requeued task is PENDING again, then RUNNING).
+_LIVE = ("PENDING", "RUNNING", "REQUEUE", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED")
+
+
+@dataclass
+class TaskReport:
+    """What became of one task of the sweep.
+
+    Attributes:
+        num: Hydra's job number (``#num`` in the sweep's log).
+        job_id: the scheduler's id, e.g. ``47_1`` for task 1 of Slurm array 47.
+        state: ``completed``, ``cancelled``, ``timed out`` or ``failed``.
+        detail: why, for a task that did not complete: the first line of its error.
+        requeues: how many times the scheduler requeued it (submitit after ``SIGUSR2``).
+        result: the task's own ``JobReturn`` when it completed.
+    """
+
+    num: int
+    job_id: str
+    state: str
+    detail: str = ""
+    requeues: int = 0
+    result: JobReturn | None = None
+
+    def line(self) -> str:
+        """One summary line: ``#1  47_1  completed, requeued 1 time``."""
+        text = f"  #{self.num:<3} {self.job_id:<10} {self.state}"
+        if self.requeues:
+            text += f", requeued {self.requeues} time{'s' if self.requeues > 1 else ''}"
+        return text + (f": {self.detail}" if self.detail else "")
+
+
+def describe(num: int, job: Any) -> TaskReport:
+    """Wait for a submitit job and say what became of it, without raising its error.
+
+    Args:
+        num: Hydra's job number.
+        job: a finished or running ``submitit.Job`` whose function returns a ``JobReturn``.
+
+    Returns:
+        The task's report (``requeues`` left at 0; see ``count_requeues``).
+    """
+    error = job.exception()  # waits for the job to end
+    if error is None:
+        ret = job.results()[0]
+        if ret.status == JobStatus.COMPLETED:
+            return TaskReport(num, job.job_id, "completed", result=ret)
+        first = str(ret._return_value).strip().splitlines() or [type(ret._return_value).__name__]
+        return TaskReport(num, job.job_id, "failed", first[0])
+    text = str(error)
+    if text.count(_TRACE_RULE) >= 2:  # FailedJobError: a Python exception in the task
+        trace = [x for x in text.split(_TRACE_RULE)[1].splitlines() if x.strip()]
+        return TaskReport(num, job.job_id, "failed", trace[-1].strip() if trace else "")
+    # UncompletedJobError: the task ended without a result (cancelled, killed, nonzero exit).
+    state = str(job.state)
+    for word, fate in (("CANCELLED", "cancelled"), ("TIMEOUT", "timed out")):
+        if word in state.upper():
+            return TaskReport(num, job.job_id, fate, f"Slurm state {state}")
+    try:  # batchgen's last word, e.g. "batchgen: error: ..."
+        log = (job.stderr() or "") + "\n" + (job.stdout() or "")
+    except OSError:
+        log = ""
+    said = [x.strip() for x in log.splitlines() if x.strip().startswith("batchgen:")]
+    why = said[-1] if said else f"ended without a result (state {state})"
+    return TaskReport(num, job.job_id, "failed", why)
+
+
+def count_requeues(job_ids: list[str]) -> Counter[str]:
+    """Requeues per Slurm job id, from the accounting records (``sacct --duplicates``).
+
+    Each requeue leaves a ``REQUEUED`` record of the attempt it ended. Without ``sacct`` (or
+    accounting) the count is empty: the summary then says nothing about requeues.
+    """
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    cmd = ["sacct", "-n", "-P", "-D", "-X", "-o", "JobID,State", "-j", ",".join(arrays)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return Counter()
+    pairs = (line.split("|")[:2] for line in out.splitlines() if "|" in line)
+    return Counter(jid for jid, state in pairs if state.startswith("REQUEUED"))
+
+
+def output_lines(out_dirs: list[Path]) -> tuple[bool, list[str]]:
+    """Whether every output folder is complete, and one ``output ...`` line per folder."""
+    from batchgen.status import NotAnOutputDir, collect  # pyarrow: only once the tasks ended
+
+    complete, lines = True, []
+    for out in out_dirs:
+        try:
+            report = collect(out)
+        except NotAnOutputDir as e:
+            complete = False
+            lines.append(f"output incomplete: no shard done in {out}: {e}")
+            continue
+        done, total = report["shards"]["done"], report["shards"]["total"]
+        if report["complete"]:
+            lines.append(f"output complete: {done}/{total} shards in {out}")
+        else:
+            complete = False
+            lines.append(
+                f"output incomplete: {done}/{total} shards done in {out}; "
+                "rerun the same command to resume"
+            )
+    return complete, lines
+
+
+def conclude(
+    tasks: list[TaskReport], out_dirs: list[Path], overrides: list[list[str]], where: str
+) -> list[JobReturn]:
+    """Print the sweep's summary; return COMPLETED job returns, or exit 1 when output is missing.
+
+    Args:
+        tasks: one report per task, in Hydra's job order.
+        out_dirs: the distinct ``output.dir`` of the sweep's jobs.
+        overrides: each task's overrides, for the returns of tasks that left none.
+        where: the executor's name, for the heading (``slurm``, ``local``).
+
+    Raises:
+        SystemExit: code 1, when some output folder lacks a shard.
+    """
+    complete, outputs = output_lines(out_dirs)
+    ok = sum(t.state == "completed" for t in tasks)
+    head = f"batchgen sweep summary: {len(tasks)} {where} tasks, {ok} completed"
+    print("\n".join([head, *(t.line() for t in tasks), *outputs]), flush=True)
+    if not complete:
+        raise SystemExit(1)
+    return [
+        t.result or JobReturn(overrides=o, status=JobStatus.COMPLETED)
+        for t, o in zip(tasks, overrides, strict=True)
+    ]
+
+
+class _OutputJudged:
+    """The ``launch`` shared by both launchers (mixed in before submitit's classes)."""
+
+    # Seconds to wait for the result file of a task that ended without one (submitit: 15 s, for
+    # slow shared file systems); None keeps submitit's default.
+    _result_wait_s: float | None = None
+
+    def _wait(self, job: Any) -> None:
+        """Until the task has ended. On Slurm its result file is not proof: when the requeue's
+        SIGTERM kills submitit's ``scontrol requeue`` before it returns (seen on this project's
+        Slurm), the attempt it ended still writes one, and the requeued attempt runs on."""
+        job.wait()
+        if self._EXECUTOR == "slurm":
+            while job.get_info(mode="force").get("State", "").startswith(_LIVE):
+                time.sleep(2)
+
+    def _output_dirs(self, job_overrides: list[list[str]]) -> list[Path]:
+        """The ``output.dir`` of each job, composed as the job itself composes it."""
+        dirs: list[Path] = []
+        holder = HydraConfig.instance()
+        saved = holder.cfg
+        try:
+            for overrides in job_overrides:
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+                holder.set_config(cfg)  # ${hydra:runtime.choices...} in output.dir
+                path = Path(str(OmegaConf.select(cfg, "output.dir", default="(no output.dir)")))
+                path = path.absolute()
+                if path not in dirs:
+                    dirs.append(path)
+        finally:
+            holder.cfg = saved
+        return dirs
+
+    def _submit(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[Any]:
+        """Submit one job per override list, as hydra-submitit-launcher 1.2.0 does."""
+        import submitit
+
+        params = self.params
+        init_keys = {"max_num_timeout", "submitit_folder"}
+        init_params = {"folder": params["submitit_folder"]}
+        if "max_num_timeout" in params:
+            init_params[f"{self._EXECUTOR}_max_num_timeout"] = params["max_num_timeout"]
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{
+                k if k in base else f"{self._EXECUTOR}_{k}": v
+                for k, v in params.items()
+                if k not in init_keys
+            }
+        )
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        submitit_launcher.log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            sweep_dir.chmod(int(str(self.config.hydra.sweep.mode), 8))
+        state = Singleton.get_state()
+        args = []
+        for idx, overrides in enumerate(job_overrides, initial_job_idx):
+            submitit_launcher.log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            args.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", state))
+        try:
+            return executor.map_array(self, *zip(*args, strict=True))
+        except (submitit.core.utils.FailedJobError, OSError) as e:  # sbatch refused, or absent
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SystemExit(
+                f"batchgen: error: submitting the sweep to {self._EXECUTOR}: {first}"
+            ) from None
+
+    def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+        """Submit the sweep, wait for every task, print one summary; exit 1 if output is missing.
+
+        Returns:
+            One COMPLETED ``JobReturn`` per task when every output folder is complete.
+
+        Raises:
+            SystemExit: code 1 when some shard is missing (after the summary).
+        """
+        job_overrides = [list(o) for o in job_overrides]
+        out_dirs = self._output_dirs(job_overrides)
+        jobs = self._submit(job_overrides, initial_job_idx)
+        tasks = []
+        for num, job in enumerate(jobs, initial_job_idx):
+            if self._result_wait_s is not None:
+                job._results_timeout_s = self._result_wait_s
+            self._wait(job)
+            tasks.append(describe(num, job))
+        if self._EXECUTOR == "slurm":
+            requeues = count_requeues([t.job_id for t in tasks])
+            for t in tasks:
+                t.requeues = requeues[t.job_id]
+        return conclude(tasks, out_dirs, job_overrides, self._EXECUTOR)
+
+
+class SlurmLauncher(_OutputJudged, submitit_launcher.SlurmLauncher):
+    """``hydra/launcher=slurm``: one Slurm array task per job, judged by the output."""
+
+
+class LocalLauncher(_OutputJudged, submitit_launcher.LocalLauncher):
+    """``hydra/launcher=local``: one local process per job, judged by the output."""
+
+    # A local task writes its result before its process ends: nothing to wait for after that.
+    _result_wait_s = 1.0
+
+
+def register() -> None:
+    """Let Hydra instantiate both launchers by their ``hydra_plugins.batchgen_launcher.*`` names
+    (idempotent; done on import, see the module docstring)."""
+    from hydra.core.plugins import Plugins
+
+    for cls in (SlurmLauncher, LocalLauncher):
+        Plugins.instance().class_name_to_class[
+            f"hydra_plugins.batchgen_launcher.{cls.__name__}"
+        ] = cls
+
+
+register()
