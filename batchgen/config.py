@@ -2,12 +2,18 @@
 
 Hydra composes YAML into these dataclasses (so an unknown key or a wrong type fails at start-up
 with Hydra's own message); the entry module converts the result to plain dataclass instances once,
-and nothing below it sees a ``DictConfig``.
+and nothing below it sees a ``DictConfig``. ``convert`` finishes that conversion in one place, so
+that what the fingerprint records is what runs: ``sampling.temperature=0`` becomes greedy
+decoding, stop strings get their escapes (``\\n``) interpreted, and ``dataset.template_file`` is
+read into ``dataset.template``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import re
+import string
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 PROMPT_POLICIES = ("error", "truncate_left", "skip")
@@ -67,6 +73,9 @@ class DatasetConfig:
     prompt_column: str | None = "prompt"
     messages_column: str | None = None
     template: str | None = None
+    # A text file holding the template (no shell quoting needed); read into `template` once,
+    # at conversion, so the fingerprint covers the text, not the file's name.
+    template_file: str | None = None
     id_column: str | None = None
     system_prompt: str | None = None
     chat_template: str = "auto"
@@ -168,10 +177,10 @@ def validate(cfg: JobConfig) -> None:
     _check(
         s.do_sample or s.num_return_sequences == 1,
         "sampling.num_return_sequences",
-        "more than one sample per prompt needs sampling.do_sample=true "
-        "(greedy decoding would return the same text n times)",
+        "more than one sample per prompt needs sampling.do_sample=true and a temperature "
+        "above 0 (greedy decoding would return the same text n times)",
     )
-    _check(s.temperature > 0, "sampling.temperature", "must be > 0")
+    _check(s.temperature >= 0, "sampling.temperature", "must be >= 0 (0 means greedy decoding)")
     _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
     _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 disables top-k)")
     _check(s.repetition_penalty > 0, "sampling.repetition_penalty", "must be > 0")
@@ -181,7 +190,14 @@ def validate(cfg: JobConfig) -> None:
     _check(
         bool(d.messages_column or d.template or d.prompt_column),
         "dataset",
-        "no prompt source: set dataset.prompt_column, dataset.messages_column or dataset.template",
+        "no prompt source: set dataset.prompt_column, dataset.messages_column, dataset.template "
+        "or dataset.template_file",
+    )
+    _check(
+        not d.template_file or bool(d.template),
+        "dataset.template_file",
+        "is read by batchgen.config.convert (the command line does that); in code, call it or "
+        "set dataset.template to the text",
     )
     _check(
         d.chat_template in CHAT_TEMPLATE_MODES,
@@ -226,3 +242,105 @@ def validate(cfg: JobConfig) -> None:
         f"{m.device!r} is no device: use auto, cpu, cuda, cuda:N or mps",
     )
     _check(bool(o.dir), "output.dir", "must be set")
+
+
+# Escapes a stop string may hold: a shell and Hydra pass a typed `\n` on as two characters.
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+_ESCAPE_RE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.?)", re.DOTALL)
+
+
+def unescape(text: str, key: str) -> str:
+    """Interpret the backslash escapes ``\\n \\t \\r \\\\ \\" \\' \\xHH \\uHHHH`` in ``text``.
+
+    Raises:
+        ConfigError: any other escape (say ``\\d``): it would be matched as two literal characters,
+            which is never what was meant; ``\\\\`` writes a backslash.
+    """
+
+    def one(m: re.Match) -> str:
+        code = m.group(1)
+        if code in _ESCAPES:
+            return _ESCAPES[code]
+        if len(code) > 1:  # xHH or uHHHH
+            return chr(int(code[1:], 16))
+        from batchgen.errors import ConfigError
+
+        raise ConfigError(
+            f"{key}={text!r}: unknown escape {m.group(0)}; use \\n, \\t, \\r, \\xHH or \\uHHHH, "
+            "and \\\\ for a backslash itself (README: Quoting)."
+        )
+
+    return _ESCAPE_RE.sub(one, text)
+
+
+def normalize_sampling(s: SamplingConfig) -> SamplingConfig:
+    """The settings as they decode: escapes in stop strings interpreted, ``temperature=0`` greedy.
+
+    ``temperature=0`` means greedy decoding, as in every API: ``do_sample=false``, and the
+    temperature back at its neutral 1.0 (greedy decoding reads no temperature), so the run's
+    fingerprint and output folder are those of the same settings without it.
+
+    Raises:
+        ConfigError: a stop string with an unknown escape.
+    """
+    stop = [
+        unescape(x, f"sampling.stop[{i}]") if isinstance(x, str) else x
+        for i, x in enumerate(s.stop)
+    ]
+    s = replace(s, stop=stop)
+    if s.temperature == 0:
+        s = replace(s, do_sample=False, temperature=SamplingConfig().temperature)
+    return s
+
+
+def read_template_file(d: DatasetConfig) -> DatasetConfig:
+    """Read ``dataset.template_file`` into ``dataset.template`` (the path is kept, for messages).
+
+    One trailing newline (which editors add) is dropped; ``pkg:`` and ``~`` paths work.
+
+    Raises:
+        ConfigError: both keys are set, or the file is missing, unreadable, not UTF-8, or not a
+            valid template.
+    """
+    from batchgen import paths
+    from batchgen.errors import ConfigError
+
+    if not d.template_file:
+        return d
+    name = d.template_file
+    if d.template:
+        raise ConfigError(
+            f"dataset.template_file={name!r} and dataset.template are both set: keep one "
+            "(dataset.template=null)."
+        )
+    path = Path(paths.resolve(name, "dataset.template_file")).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"dataset.template_file={name!r}: no such file.") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"dataset.template_file={name!r}: not UTF-8 text ({e.reason}).") from e
+    except OSError as e:
+        raise ConfigError(f"dataset.template_file={name!r} cannot be read: {e.strerror}.") from e
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text.strip():
+        raise ConfigError(f"dataset.template_file={name!r} is empty.")
+    try:
+        list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise ConfigError(
+            f"dataset.template_file={name!r}: not a valid template ({e}); fields are {{column}}, "
+            "and a literal brace is written {{ or }}."
+        ) from e
+    return replace(d, template=text)
+
+
+def convert(cfg: JobConfig) -> JobConfig:
+    """Finish converting a composed config: ``normalize_sampling`` and ``read_template_file``.
+
+    Raises:
+        ConfigError: naming the key, as those two do.
+    """
+    return replace(
+        cfg, sampling=normalize_sampling(cfg.sampling), dataset=read_template_file(cfg.dataset)
+    )

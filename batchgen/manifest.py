@@ -1,4 +1,4 @@
-"""The run's identity: config fingerprint, ``run.json``, and the resume check against both."""
+"""The run's identity: config fingerprint, ``_batchgen/run.json``, and the resume check."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from batchgen import layout
 from batchgen.config import JobConfig
 from batchgen.errors import ResumeError
-
-RUN_FILE = "run.json"
 
 
 def fingerprint_parts(cfg: JobConfig, chat: bool, dtype: str, num_rows: int | None) -> dict:
@@ -94,8 +93,31 @@ def refuse(out_dir: Path, where: str, old_parts: dict, new_parts: dict) -> Resum
     )
 
 
+def _only_rows_per_shard_differs(old: dict, new: dict) -> bool:
+    """Whether the recorded parts equal the new ones once ``layout.rows_per_shard`` is set equal."""
+    if not isinstance(old.get("layout"), dict) or not isinstance(new.get("layout"), dict):
+        return False
+    rows = new["layout"].get("rows_per_shard")
+    return fingerprint({**old, "layout": {**old["layout"], "rows_per_shard": rows}}) == fingerprint(
+        new
+    )
+
+
+def _live_claims(out_dir: Path) -> list[int]:
+    """Shards whose claim is neither released nor expired: a worker may be writing them."""
+    from batchgen.claims import ClaimStore
+
+    return [c["index"] for c in ClaimStore.describe(out_dir) if not c["expired"]]
+
+
 def check_run_file(out_dir: Path, parts: dict) -> None:
     """Refuse an output folder whose ``run.json`` records another config fingerprint.
+
+    One difference is let through: ``output.rows_per_shard`` alone, while the folder holds no
+    published shard and no live claim (an interrupted first attempt). Shard boundaries then
+    exist nowhere, so nothing of the old layout can mix with the new one; the run record is
+    rewritten with the new fingerprint when the run starts. Any other difference could change
+    the outputs and is refused even then.
 
     Finished shards carry the fingerprint too and are checked one by one on resume
     (``batchgen.verify``), which also covers a folder whose ``run.json`` was lost.
@@ -103,11 +125,24 @@ def check_run_file(out_dir: Path, parts: dict) -> None:
     Raises:
         ResumeError: naming what differs.
     """
-    run_file = out_dir / RUN_FILE
+    from batchgen.writer import finished_shards
+
+    run_file = layout.run_file(out_dir)
     if run_file.is_file():
         recorded = json.loads(run_file.read_text())
         if recorded.get("fingerprint") != fingerprint(parts):
-            raise refuse(out_dir, RUN_FILE, recorded.get("fingerprint_parts", {}), parts)
+            old = recorded.get("fingerprint_parts", {})
+            where = str(run_file.relative_to(out_dir))
+            error = refuse(out_dir, where, old, parts)
+            if not _only_rows_per_shard_differs(old, parts) or finished_shards(out_dir):
+                raise error
+            live = _live_claims(out_dir)
+            if live:
+                raise ResumeError(
+                    f"{error} No shard is published yet, but a worker holds a live claim on "
+                    f"shard(s) {live}: output.rows_per_shard can change once every worker of "
+                    "the earlier attempt has stopped."
+                )
 
 
 def versions() -> dict[str, str]:

@@ -38,7 +38,8 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     """Resolve ``model.name_or_path`` (and ``model.gguf_file``) without loading anything.
 
     Raises:
-        ModelError: a local path or GGUF file does not exist.
+        ModelError: a local path or GGUF file does not exist, or a hub id while the hub is
+            unreachable (``batchgen.data.hub_unreachable``) and the model is not in the cache.
     """
     try:
         location = paths.resolve(cfg.name_or_path, "model.name_or_path")
@@ -51,6 +52,20 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         gguf = Path(location).expanduser() / cfg.gguf_file
         if looks_local and not gguf.is_file():
             raise ModelError(f"model.gguf_file={cfg.gguf_file!r}: not found in {location!r}.")
+    if not looks_local:  # a hub id: fail at once, not after a minute of retries, when offline
+        from huggingface_hub import constants
+
+        from batchgen.data import hub_unreachable
+
+        why = hub_unreachable(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        cached = Path(constants.HF_HUB_CACHE, f"models--{location.replace('/', '--')}").is_dir()
+        if why is not None and not cached:
+            raise ModelError(
+                f"model.name_or_path={cfg.name_or_path!r} is no local folder, so it names a hub "
+                f"model, but the Hugging Face hub is unreachable ({why}). To run offline, set "
+                "model.name_or_path to a local folder, or set HF_HUB_OFFLINE=1 to load a hub "
+                "model from the local cache (~/.cache/huggingface, $HF_HOME)."
+            )
     return ModelSource(str(Path(location).expanduser()) if looks_local else location, cfg.gguf_file)
 
 

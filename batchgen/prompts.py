@@ -207,7 +207,7 @@ def refuse_bad_rows(listed: list[Skipped], total: int) -> None:
     more = f" (and {total - 10} more)" if total > 10 else ""
     raise DataError(
         f"{total} row(s) have no usable prompt: {named}{more}. Fix the data, or set "
-        "runner.on_bad_row=skip to leave them out (they are listed in errors.jsonl)."
+        "runner.on_bad_row=skip to leave them out (they are listed in _batchgen/errors.jsonl)."
     )
 
 

