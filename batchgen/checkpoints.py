@@ -16,14 +16,17 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchgen import layout
-from batchgen.engine import Sample
 from batchgen.writer import temp_path
+
+if TYPE_CHECKING:  # the engine imports torch, which `status` must not pay for
+    from batchgen.engine import Sample
 
 META_KEY = b"batchgen_checkpoint"
 SCHEMA = pa.schema(
@@ -76,6 +79,8 @@ def load(out_dir: Path, shard: int, identity: dict, samples: int) -> dict[int, l
 
     A file of another identity, unreadable, or missing samples of a row contributes nothing.
     """
+    from batchgen.engine import Sample
+
     found: dict[int, list[Sample]] = {}
     folder = layout.checkpoint_dir(out_dir, shard)
     for path in sorted(folder.glob("rows-*.parquet")) if folder.is_dir() else []:
