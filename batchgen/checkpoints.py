@@ -62,7 +62,8 @@ def save(out_dir: Path, shard: int, identity: dict, batch: list[tuple[int, list[
     schema = SCHEMA.with_metadata({META_KEY: json.dumps(identity).encode()})
     folder = layout.checkpoint_dir(out_dir, shard)
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"rows-{batch[0][0]:09d}-{os.urandom(6).hex()}.parquet"
+    # Parquet inside, but not named so: duckdb and datasets would take it for an output shard.
+    final = folder / f"rows-{batch[0][0]:09d}-{os.urandom(6).hex()}.ckpt"
     tmp = temp_path(final)
     try:
         with tmp.open("xb") as f:  # a Python file: a full disk raises with its errno
@@ -83,7 +84,7 @@ def load(out_dir: Path, shard: int, identity: dict, samples: int) -> dict[int, l
 
     found: dict[int, list[Sample]] = {}
     folder = layout.checkpoint_dir(out_dir, shard)
-    for path in sorted(folder.glob("rows-*.parquet")) if folder.is_dir() else []:
+    for path in sorted(folder.glob("rows-*.ckpt")) if folder.is_dir() else []:
         try:
             table = pq.read_table(path)
             recorded = json.loads((table.schema.metadata or {})[META_KEY])
@@ -104,7 +105,7 @@ def finished_batches(out_dir: Path, samples: int) -> list[dict]:
     """Every checkpointed batch, whatever its identity: ``mtime``, ``rows``,
     ``completion_tokens``, for progress reports (``batchgen.status``)."""
     found = []
-    for path in layout.checkpoint_dir(out_dir, 0).parent.glob("*/rows-*.parquet"):
+    for path in layout.checkpoint_dir(out_dir, 0).parent.glob("*/rows-*.ckpt"):
         try:
             tokens = pq.read_table(path, columns=["completion_tokens"]).column(0)
             found.append(

@@ -1,9 +1,10 @@
 """The output folder's file names: this module owns every one of them.
 
-Invariant: the only files that folder readers see are the finished shards. pandas, pyarrow,
-polars, duckdb, Spark and ``datasets`` given the folder itself read every file in it whose name
-does not start with ``_`` or ``.``, so everything else batchgen writes lives under ``_batchgen/``
-or has a leading dot::
+Invariant: the only files that folder readers see are the finished shards. pandas, pyarrow and
+Spark given the folder read every file whose path has no part starting with ``_`` or ``.``;
+duckdb and ``datasets`` read every ``*.parquet`` below it, ``_batchgen/`` included. So everything
+else batchgen writes lives under ``_batchgen/`` (or has a leading dot) and no name of it ends in
+``.parquet`` (checkpoints are Parquet files named ``.ckpt``)::
 
     OUT/part-NNNNN.parquet                  a finished shard (the outputs)
     OUT/.part-NNNNN.parquet.tmp-HOST-PID-R  a shard being written (same folder: hard link)
@@ -11,8 +12,8 @@ or has a leading dot::
     OUT/_batchgen/errors.jsonl              skipped and failed rows
     OUT/_batchgen/claims/part-NNNNN[.G].claim
     OUT/_batchgen/locks/NAME.lock           a worker's run lock (and NAME.lock.guard)
-    OUT/_batchgen/checkpoints/part-NNNNN/   finished batches of an unfinished shard
-    OUT/_batchgen/quarantine/part-NNNNN.parquet.corrupt-TIME
+    OUT/_batchgen/checkpoints/part-NNNNN/rows-*.ckpt   finished batches of an unfinished shard
+    OUT/_batchgen/quarantine/part-NNNNN.corrupt-TIME
     OUT/_batchgen/report.html, README.md    the report and the dataset card
 """
 

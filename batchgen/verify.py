@@ -161,9 +161,10 @@ def verify_shard(
 def quarantine(path: Path) -> Path | None:
     """Move a shard that failed verification aside, out of the ``*.parquet`` namespace.
 
-    The file becomes ``_batchgen/quarantine/NAME.corrupt-YYYYMMDDTHHMMSSZ`` (``-1``, ``-2``...
-    appended if that exists), so it is regenerated, never read as an output (folder readers
-    skip ``_batchgen``), and kept for inspection rather than deleted.
+    The file becomes ``_batchgen/quarantine/part-NNNNN.corrupt-YYYYMMDDTHHMMSSZ`` (``-1``, ``-2``...
+    appended if that exists), so it is regenerated and kept for inspection rather than deleted.
+    The name drops ``.parquet``: duckdb and ``datasets`` look for Parquet files below the
+    output folder, ``_batchgen/`` included.
 
     Args:
         path: the shard file.
@@ -174,11 +175,11 @@ def quarantine(path: Path) -> Path | None:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = layout.quarantine_dir(path.parent)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{path.name}.corrupt-{stamp}"
+    target = folder / f"{path.stem}.corrupt-{stamp}"
     n = 0
     while target.exists():
         n += 1
-        target = folder / f"{path.name}.corrupt-{stamp}-{n}"
+        target = folder / f"{path.stem}.corrupt-{stamp}-{n}"
     try:
         os.rename(path, target)
     except FileNotFoundError:

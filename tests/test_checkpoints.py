@@ -26,7 +26,7 @@ def test_saved_batches_come_back_only_under_the_same_identity(tmp_path):
     assert checkpoints.load(tmp_path, 4, IDENTITY, 2) == {}
     folder = layout.checkpoint_dir(tmp_path, 3)
     assert folder.relative_to(tmp_path).parts[:2] == ("_batchgen", "checkpoints")
-    next(folder.glob("rows-*.parquet")).write_bytes(b"damaged")
+    next(folder.glob("rows-*.ckpt")).write_bytes(b"damaged")
     assert len(checkpoints.load(tmp_path, 3, IDENTITY, 2)) == 1  # the damaged file is redone
     checkpoints.clear(tmp_path, 3)
     assert not folder.exists()

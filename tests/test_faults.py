@@ -130,7 +130,7 @@ def test_truncated_and_corrupted_shards_are_regenerated(tiny_models, data, refer
     moved = sorted(
         p.name.split(".corrupt-")[0] for p in out.glob("_batchgen/quarantine/*.corrupt-*")
     )
-    assert moved == ["part-00003.parquet", "part-00007.parquet"]
+    assert moved == ["part-00003", "part-00007"]
 
 
 def test_second_runner_on_the_same_folder_is_refused(tiny_models, data, tmp_path):
@@ -401,4 +401,4 @@ def test_damaged_shard_moved_by_another_worker_meanwhile(
         monkeypatch.setattr(worker, "verify_shard", racing)
         summary = run(make_job(tiny_models["chat"], prompts_file, out))
         assert summary["this_run"]["rows"] == 5 and rows(out) == before
-    assert len(list(out.glob("_batchgen/quarantine/part-00001.parquet.corrupt-*"))) == 2
+    assert len(list(out.glob("_batchgen/quarantine/part-00001.corrupt-*"))) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,9 +91,13 @@ def test_readers_see_exactly_the_shards_while_a_worker_runs_and_after(
         # What a writer cut short and a damaged shard leave behind, as a kill would.
         (out / ".part-00005.parquet.tmp-otherhost-1-abc").write_bytes(b"PAR1 half a shard")
         layout.quarantine_dir(out).mkdir(parents=True, exist_ok=True)
-        (layout.quarantine_dir(out) / "part-00004.parquet.corrupt-20250101T000000Z").write_bytes(
+        (layout.quarantine_dir(out) / "part-00004.corrupt-20250101T000000Z").write_bytes(
             b"not parquet"
         )
+        # A finished batch of a shard in progress: Parquet inside, but no output of the run.
+        batch = layout.checkpoint_dir(out, 9) / "rows-000000018-abc.ckpt"
+        batch.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(next(out.glob("part-*.parquet")), batch)
         assert json.loads(layout.run_file(out).read_text())["status"] == "running"
         assert list(layout.claims_dir(out).iterdir())
         rows = published_rows(out)

@@ -235,4 +235,4 @@ def test_eta_from_the_first_finished_batches_before_any_shard(tmp_path):
 
 
 def layout_files(out):
-    return list((out / "_batchgen" / "checkpoints").glob("*/rows-*.parquet"))
+    return list((out / "_batchgen" / "checkpoints").glob("*/rows-*.ckpt"))

@@ -172,9 +172,9 @@ def test_quarantine_moves_the_shard_out_of_the_outputs(tmp_path, monkeypatch):
     second = quarantine(shard(tmp_path))
     third = quarantine(shard(tmp_path))
     assert [first.name, second.name, third.name] == [
-        "part-00000.parquet.corrupt-20250102T030405Z",
-        "part-00000.parquet.corrupt-20250102T030405Z-1",
-        "part-00000.parquet.corrupt-20250102T030405Z-2",
+        "part-00000.corrupt-20250102T030405Z",
+        "part-00000.corrupt-20250102T030405Z-1",
+        "part-00000.corrupt-20250102T030405Z-2",
     ]
     assert finished_shards(tmp_path) == {}
     assert sorted(tmp_path.glob("*.parquet")) == []
