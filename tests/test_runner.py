@@ -168,8 +168,8 @@ def test_kept_columns_named_like_outputs_are_prefixed(
     cfg = make_job(tiny_models["chat"], prompts_file, out, dataset__keep_columns=["prompt", "uid"])
     run(cfg)
     frame = pd.read_parquet(out)
-    assert list(frame.columns)[-2:] == ["input_prompt", "input_uid"]
-    assert frame["input_prompt"][0] == "the #0" and frame["id"][0] == frame["input_uid"][0]
+    assert list(frame.columns)[-2:] == ["input_prompt", "uid"]  # only `prompt` is an output's
+    assert frame["input_prompt"][0] == "the #0" and frame["id"][0] == frame["uid"][0]
     assert frame["prompt"][0].startswith("<|im_start|>")
     assert finalize([str(out)]) == 0
     summary = run(cfg)
