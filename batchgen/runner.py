@@ -228,7 +228,8 @@ def banner(p: Prepared, published: set[int]) -> str:
     if p.shards is None:
         size = f"a stream of {p.cfg.dataset.limit or 'unknown'} rows"
     else:
-        size = f"{len(p.data):,} rows in {len(p.shards):,} shards ({len(published):,} finished)"
+        n = len(p.shards)
+        size = f"{len(p.data):,} rows in {n:,} shard{'s' * (n != 1)} ({len(published):,} finished)"
     where = f", worker {w.rank} of {w.world_size}" if w.world_size > 1 else ""
     return (
         f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on {p.device} "
