@@ -105,7 +105,7 @@ def finished_batches(out_dir: Path, samples: int) -> list[dict]:
     """Every checkpointed batch, whatever its identity: ``mtime``, ``rows``,
     ``completion_tokens``, for progress reports (``batchgen.status``)."""
     found = []
-    for path in layout.checkpoint_dir(out_dir, 0).parent.glob("*/rows-*.ckpt"):
+    for path in layout.checkpoints_dir(out_dir).glob("*/rows-*.ckpt"):
         try:
             tokens = pq.read_table(path, columns=["completion_tokens"]).column(0)
             found.append(
@@ -122,6 +122,9 @@ def finished_batches(out_dir: Path, samples: int) -> list[dict]:
 
 def clear(out_dir: Path, shard: int | None = None) -> None:
     """Remove a shard's checkpoints once the shard is published; every shard's when None."""
-    folder = layout.checkpoint_dir(out_dir, 0).parent if shard is None else None
+    if shard is None:
+        folder = layout.checkpoints_dir(out_dir)
+    else:
+        folder = layout.checkpoint_dir(out_dir, shard)
     with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(folder or layout.checkpoint_dir(out_dir, shard))
+        shutil.rmtree(folder)

@@ -50,14 +50,24 @@ def claims_dir(out_dir: Path) -> Path:
     return meta_dir(out_dir) / "claims"
 
 
+def locks_dir(out_dir: Path) -> Path:
+    """The running workers' locks."""
+    return meta_dir(out_dir) / "locks"
+
+
 def lock_file(out_dir: Path, name: str) -> Path:
     """A worker's run lock."""
-    return meta_dir(out_dir) / "locks" / f"{name}.lock"
+    return locks_dir(out_dir) / f"{name}.lock"
+
+
+def checkpoints_dir(out_dir: Path) -> Path:
+    """The finished batches of every shard in progress."""
+    return meta_dir(out_dir) / "checkpoints"
 
 
 def checkpoint_dir(out_dir: Path, index: int) -> Path:
     """The finished batches of shard ``index`` while it is unfinished."""
-    return meta_dir(out_dir) / "checkpoints" / shard_name(index).removesuffix(".parquet")
+    return checkpoints_dir(out_dir) / shard_name(index).removesuffix(".parquet")
 
 
 def quarantine_dir(out_dir: Path) -> Path:

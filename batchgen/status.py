@@ -107,7 +107,7 @@ def _run_status(out_dir: Path, run: dict[str, Any], clock: Callable[[], float]) 
     if status != "running":
         return status
     lease = ((run.get("config") or {}).get("runner") or {}).get("lease_seconds") or DEFAULT_LEASE
-    locks = layout.lock_file(out_dir, "x").parent.glob("*.lock")
+    locks = layout.locks_dir(out_dir).glob("*.lock")
     if any(is_live(lock, lease, clock()) for lock in locks):
         return status
     return "stopped (no live worker: rerun the same command to resume)"
