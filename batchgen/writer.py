@@ -56,12 +56,13 @@ BASE_FIELDS = [
 
 
 KEPT_PREFIX = "input_"
+OUTPUT_NAMES = frozenset(f.name for f in BASE_FIELDS)
 
 
 def kept_name(column: str) -> str:
     """The output column of a kept input column: its own name, or ``input_NAME`` where that
     name is an output column already (eval sets often carry ``prompt``, ``id``, ``response``)."""
-    return f"{KEPT_PREFIX}{column}" if column in {f.name for f in BASE_FIELDS} else column
+    return f"{KEPT_PREFIX}{column}" if column in OUTPUT_NAMES else column
 
 
 def check_kept_columns(columns: list[str]) -> None:
