@@ -81,10 +81,6 @@ class Table:
         """Rows ``[start, stop)`` in Python."""
         return Rows(self.dataset[start:stop], self.kept_types, start)
 
-    def take(self, indices: list[int]) -> Rows:
-        """The rows at ``indices`` (sorted, a few), in Python; ``start`` is meaningless here."""
-        return Rows(self.dataset.select(indices).to_dict(), self.kept_types, 0)
-
 
 @dataclass
 class Stream:
