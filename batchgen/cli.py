@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import json
 import sys
 import typing
@@ -24,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from batchgen import manifest
 from batchgen.config import (
     DatasetConfig,
     JobConfig,
@@ -110,9 +110,7 @@ def sampling_label(sampling: SamplingConfig) -> str:
     for name, preset in _sampling_presets().items():
         if preset == sampling:
             return name
-    digest = hashlib.sha256(
-        json.dumps(dataclasses.asdict(sampling), sort_keys=True).encode()
-    ).hexdigest()[:8]
+    digest = manifest.fingerprint(dataclasses.asdict(sampling))[:8]
     return f"{'sampling' if sampling.do_sample else 'greedy'}-{digest}"
 
 
