@@ -155,20 +155,24 @@ def _squeue(task: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
 
 
+def _rank1_after_its_first_shard(out: Path, sweep: subprocess.Popen) -> str:
+    """Rank 1's array task, once it has published a shard (it still has others to do)."""
+    _wait(
+        lambda: 1 in _shard_ranks(out).values() if out.exists() else False,
+        240,
+        "rank 1's first shard",
+        sweep,
+    )
+    return next(t for t in _array_tasks() if t.endswith("_1"))
+
+
 def test_array_with_a_cancelled_task_equals_single_process(slurm, tiny_models, tmp_path, make_job):
     data = _prompts(tmp_path)
     reference = _reference(make_job, tiny_models["chat"], data, tmp_path / "single", 40)
     out = tmp_path / "slurm"
     sweep = _sweep(tiny_models["chat"], data, out, 4, 40, "runner.lease_seconds=5")
     try:
-        # Cancel rank 1 as soon as it has published one shard: it still has others to do.
-        _wait(
-            lambda: 1 in _shard_ranks(out).values() if out.exists() else False,
-            240,
-            "rank 1's first shard",
-            sweep,
-        )
-        victim = next(t for t in _array_tasks() if t.endswith("_1"))
+        victim = _rank1_after_its_first_shard(out, sweep)  # then cancel it
         subprocess.run(["scancel", victim], check=True)
         status = [sys.executable, "-m", "batchgen.status", str(out)]
         _wait(
@@ -209,13 +213,7 @@ def test_sigusr2_requeues_the_task_which_resumes(slurm, tiny_models, tmp_path, m
     # No stealing: rank 1's shards wait for rank 1, so its requeued attempt must do them.
     sweep = _sweep(tiny_models["chat"], data, out, 2, 64, "runner.steal=false")
     try:
-        _wait(
-            lambda: 1 in _shard_ranks(out).values() if out.exists() else False,
-            240,
-            "rank 1's first shard",
-            sweep,
-        )
-        victim = next(t for t in _array_tasks() if t.endswith("_1"))
+        victim = _rank1_after_its_first_shard(out, sweep)
         # What Slurm does `signal_delay_s` before the time limit (sbatch --signal=USR2@N): the
         # signal goes to the job's steps, i.e. the python process that srun runs (not --batch).
         subprocess.run(["scancel", "--signal=USR2", victim], check=True)
