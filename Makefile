@@ -8,7 +8,7 @@ ARGS ?=
 # Data-parallel workers for `make slurm` (one Slurm array task each).
 WORKERS ?= 4
 
-.PHONY: install run test lint bench bench-scale slurm clean
+.PHONY: install run test lint bench bench-scale slurm clean wheelhouse gpu-check
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,18 @@ bench: install
 # A worker's start-up and memory over a 10k- and a 1M-row dataset, side by side (scripts/scale.py).
 bench-scale: install
 	$(PY) scripts/scale.py $(ARGS)
+
+# Air-gapped GPU boxes (README, "Air-gapped GPU install"). On a connected machine: the wheels
+# batchgen needs that the GPU image lacks, built for the box's Python, into wheelhouse/.
+PYTHON_VERSION ?= 3.12
+wheelhouse: install
+	$(PY) scripts/wheelhouse.py --python-version $(PYTHON_VERSION) $(ARGS)
+
+# On the GPU box, from the checkout's root with wheelhouse/ beside it: the image's own Python
+# (no venv, no network), every step in one command; results in $OUT (default gpu-check-out/).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check batchgen tests scripts

@@ -1,3 +1,23 @@
-"""batchgen: batch offline LLM generation into resumable Parquet shards."""
+"""batchgen: batch offline LLM generation into resumable Parquet shards.
 
-__version__ = "0.1.0"
+The Python API (``batchgen.api``) loads on first use, so ``import batchgen`` stays light for the
+tools that need no torch (``batchgen status``).
+"""
+
+from batchgen.version import __version__
+
+__all__ = ["Completion", "Generator", "JobConfig", "__version__", "compose", "run"]
+
+_API = {"Completion", "Generator", "compose", "run"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from batchgen import api
+
+        return getattr(api, name)
+    if name == "JobConfig":
+        from batchgen.config import JobConfig
+
+        return JobConfig
+    raise AttributeError(f"module 'batchgen' has no attribute {name!r}")

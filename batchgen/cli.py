@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import json
 import sys
 import typing
@@ -23,19 +24,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from batchgen import manifest
-from batchgen.config import (
-    DatasetConfig,
-    JobConfig,
-    ModelConfig,
-    SamplingConfig,
-    convert,
-    normalize_sampling,
-)
+from batchgen.config import DatasetConfig, JobConfig, ModelConfig, SamplingConfig
+from batchgen.config_checks import convert, normalize_sampling
 from batchgen.errors import BatchgenError, ConfigError
+from batchgen.store import manifest
 
 # An absolute path: `python -m batchgen` would otherwise make Hydra look for a `conf` module.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 # The key naming each source section's source: overriding it means another model or dataset.
 SOURCE_KEYS = {ModelConfig: "name_or_path", DatasetConfig: "path"}
 # Suffixes dropped from a source's name in the default output folder.
@@ -160,7 +155,7 @@ def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]
 def to_job_config(cfg: DictConfig) -> JobConfig:
     """Resolve interpolations and turn the composed config into the typed dataclasses.
 
-    Then ``batchgen.config.convert``: ``sampling.temperature=0`` becomes greedy, escapes in
+    Then ``batchgen.config_checks.convert``: ``sampling.temperature=0`` becomes greedy, escapes in
     stop strings are interpreted, ``dataset.template_file`` is read.
 
     Raises:
@@ -182,6 +177,19 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
         ) from e
     assert isinstance(job, JobConfig), type(job)
     return convert(job)
+
+
+def compose_job(overrides: list[str]) -> JobConfig:
+    """The job ``batchgen OVERRIDES...`` runs, composed and converted, without running it.
+
+    Raises:
+        ConfigError: an override that does not parse or names no setting, or a bad value.
+    """
+    from hydra import compose, initialize_config_dir
+
+    check_overrides(overrides)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return to_job_config(compose("config", overrides=overrides))
 
 
 def _groups() -> set[str]:
@@ -251,7 +259,8 @@ def check_overrides(overrides: list[str]) -> None:
 
 def _job(cfg: DictConfig) -> None:
     """Run one batch generation job; a user error prints one paragraph and exits with 2."""
-    from batchgen.runner import Stopped, run
+    from batchgen.api import run
+    from batchgen.errors import Stopped
 
     try:
         run(to_job_config(cfg))
@@ -266,14 +275,22 @@ def _job(cfg: DictConfig) -> None:
 _hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")(_job)
 
 
+# ``batchgen TOOL OUTPUT_DIR``: commands over an output folder (batchgen/tools/), not Hydra jobs.
+TOOLS = ("status", "report", "finalize", "export")
+
+
 def main() -> None:
-    """``python -m batchgen [--version] [--help] [KEY=VALUE ...]``: check, then hand to Hydra."""
+    """``batchgen [--version] [--help] [KEY=VALUE ...]``: check, then hand to Hydra;
+    ``batchgen status|report|finalize|export OUTPUT_DIR``: the tool of that name."""
     from hydra._internal.utils import get_args_parser
 
     argv = sys.argv[1:]
+    if argv and argv[0] in TOOLS:
+        tool = importlib.import_module(f"batchgen.tools.{argv[0]}")
+        sys.exit(tool.main(argv[1:]))
     try:
         if "--version" in argv:
-            from batchgen import __version__
+            from batchgen.version import __version__
 
             print(f"batchgen {__version__}")
             return

@@ -2,27 +2,14 @@
 
 Hydra composes YAML into these dataclasses (so an unknown key or a wrong type fails at start-up
 with Hydra's own message); the entry module converts the result to plain dataclass instances once,
-and nothing below it sees a ``DictConfig``. ``convert`` finishes that conversion in one place, so
-that what the fingerprint records is what runs: ``sampling.temperature=0`` becomes greedy
-decoding, stop strings get their escapes (``\\n``) interpreted, and ``dataset.template_file`` is
-read into ``dataset.template``.
+and nothing below it sees a ``DictConfig``. Value ranges and the conversion that finishes a
+composed config (``validate``, ``convert``) live in ``batchgen.config_checks``.
 """
 
 from __future__ import annotations
 
-import re
-import string
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
-
-PROMPT_POLICIES = ("error", "truncate_left", "skip")
-BAD_ROW_POLICIES = ("error", "skip")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-CHAT_TEMPLATE_MODES = ("auto", "on", "off")
-ENGINES = ("auto", "static", "continuous")
-# Parquet codecs every pyarrow build writes.
-COMPRESSIONS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
 
 
 @dataclass
@@ -49,16 +36,42 @@ class ModelConfig:
 
 @dataclass
 class SamplingConfig:
-    """Generation settings passed to ``generate``."""
+    """Generation settings passed to ``generate``.
 
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    A setting of ``MODEL_DEFAULTS`` left null takes the model's own generation config value
+    (``sampling=model`` leaves them all null), resolved before the run starts
+    (``config_checks.resolve_sampling``): what runs, prints and is fingerprinted is the value.
+    """
+
+    max_new_tokens: int | None = 256
+    do_sample: bool | None = False
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = 0
+    # Tokens below min_p x the most likely token's probability are cut (0 disables it).
+    min_p: float | None = 0.0
+    repetition_penalty: float | None = 1.0
     num_return_sequences: int = 1
     stop: list[str] = field(default_factory=list)
+    # Generate exactly max_new_tokens: an end-of-sequence token does not end a sample (for
+    # benchmarks and load tests, as vLLM's ignore_eos). Stop strings still apply.
+    ignore_eos: bool = False
+    # Constrained decoding: every sample is text matching this JSON schema (inline JSON, or a
+    # file read once at conversion, so the fingerprint covers the schema) or this regex.
+    json_schema: str | None = None
+    regex: str | None = None
+
+
+# The sampling settings a model's generation config may give (``sampling=model``).
+MODEL_DEFAULTS = (
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+)
 
 
 @dataclass
@@ -80,6 +93,12 @@ class DatasetConfig:
     system_prompt: str | None = None
     chat_template: str = "auto"
     keep_columns: list[str] = field(default_factory=list)
+    # Extra arguments of the chat template (e.g. {enable_thinking: false}), for every row; a
+    # row's mapping in chat_template_kwargs_column is merged over them.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    chat_template_kwargs_column: str | None = None
+    # A column of per-row sampling overrides (a mapping of sampling.* keys, or its JSON text).
+    sampling_column: str | None = None
     limit: int | None = None
     # Read the dataset as a stream (a hub dataset larger than the disk): never whole, no
     # up-front checks over every row, no stealing; each worker reads the stream for its shards.
@@ -90,9 +109,11 @@ class DatasetConfig:
 class RunnerConfig:
     """How the work is batched and what happens to prompts that do not fit."""
 
-    # Rows decoded together. Prompts are prefilled apart, in chunks of similar length
-    # (batchgen.prefill), so a large batch costs no prompt padding; it costs KV-cache memory.
-    batch_size: int = 64
+    # Rows decoded together, or auto: measured (batchgen.engine.tuning), with the token budget
+    # from free memory when max_batch_tokens is unset. Prompts are prefilled apart, in chunks of
+    # similar length (batchgen.engine.prefill), so a large batch costs no prompt padding; it
+    # costs KV-cache memory. Typed Any: OmegaConf has no int-or-str union; validate checks it.
+    batch_size: Any = "auto"
     # Padded prompt tokens per prefill forward pass (one long prompt alone may exceed it).
     prefill_tokens: int = 2048
     # Token slots per batch (rows x samples x (longest prompt + max_new_tokens)); None: no bound.
@@ -127,6 +148,13 @@ class OutputConfig:
     dir: str = "outputs/default"
     rows_per_shard: int = 1000
     compression: str = "zstd"
+    # Split <think>...</think> reasoning into a `reasoning` column: auto (when the chat template
+    # uses <think>), off, or the two tags "OPEN CLOSE".
+    reasoning: str = "auto"
+    # The chosen tokens' log-probabilities (and their sum) per sample; top_logprobs=K adds the
+    # K most likely tokens at each position.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -143,204 +171,3 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of every setting (JSON-serialisable)."""
         return asdict(self)
-
-
-def _device_ok(device: str) -> bool:
-    if device == "auto":
-        return True
-    import torch
-
-    try:
-        torch.device(device)
-    except RuntimeError:
-        return False
-    return True
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        from batchgen.errors import ConfigError
-
-        raise ConfigError(f"{key}: {message}")
-
-
-def validate(cfg: JobConfig) -> None:
-    """Check value ranges and combinations that a type alone cannot express.
-
-    Raises:
-        ConfigError: naming the offending key.
-    """
-    s, d, r, o, m = cfg.sampling, cfg.dataset, cfg.runner, cfg.output, cfg.model
-    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
-    _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be at least 1")
-    _check(s.num_return_sequences >= 1, "sampling.num_return_sequences", "must be at least 1")
-    _check(
-        s.do_sample or s.num_return_sequences == 1,
-        "sampling.num_return_sequences",
-        "more than one sample per prompt needs sampling.do_sample=true and a temperature "
-        "above 0 (greedy decoding would return the same text n times)",
-    )
-    _check(s.temperature >= 0, "sampling.temperature", "must be >= 0 (0 means greedy decoding)")
-    _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
-    _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 disables top-k)")
-    _check(s.repetition_penalty > 0, "sampling.repetition_penalty", "must be > 0")
-    _check(
-        all(isinstance(x, str) and x for x in s.stop), "sampling.stop", "must be non-empty strings"
-    )
-    _check(
-        bool(d.messages_column or d.template or d.prompt_column),
-        "dataset",
-        "no prompt source: set dataset.prompt_column, dataset.messages_column, dataset.template "
-        "or dataset.template_file",
-    )
-    _check(
-        not d.template_file or bool(d.template),
-        "dataset.template_file",
-        "is read by batchgen.config.convert (the command line does that); in code, call it or "
-        "set dataset.template to the text",
-    )
-    _check(
-        d.chat_template in CHAT_TEMPLATE_MODES,
-        "dataset.chat_template",
-        f"must be one of {CHAT_TEMPLATE_MODES}, got {d.chat_template!r}",
-    )
-    _check(d.limit is None or d.limit >= 1, "dataset.limit", "must be at least 1 when set")
-    _check(r.batch_size >= 1, "runner.batch_size", "must be at least 1")
-    _check(r.prefill_tokens >= 1, "runner.prefill_tokens", "must be at least 1")
-    _check(
-        r.max_padding is None or r.max_padding >= 0,
-        "runner.max_padding",
-        "must be >= 0 when set",
-    )
-    _check(r.engine in ENGINES, "runner.engine", f"must be one of {ENGINES}, got {r.engine!r}")
-    _check(
-        r.max_batch_tokens is None or r.max_batch_tokens >= 1,
-        "runner.max_batch_tokens",
-        "must be at least 1 when set",
-    )
-    _check(
-        r.on_long_prompt in PROMPT_POLICIES,
-        "runner.on_long_prompt",
-        f"must be one of {PROMPT_POLICIES}, got {r.on_long_prompt!r}",
-    )
-    _check(
-        r.on_bad_row in BAD_ROW_POLICIES,
-        "runner.on_bad_row",
-        f"must be one of {BAD_ROW_POLICIES}, got {r.on_bad_row!r}",
-    )
-    _check(r.lease_seconds > 0, "runner.lease_seconds", "must be > 0")
-    _check(r.threads is None or r.threads >= 1, "runner.threads", "must be at least 1 when set")
-    _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
-    _check(
-        o.compression in COMPRESSIONS,
-        "output.compression",
-        f"must be one of {COMPRESSIONS}, got {o.compression!r}",
-    )
-    _check(
-        _device_ok(m.device),
-        "model.device",
-        f"{m.device!r} is no device: use auto, cpu, cuda, cuda:N or mps",
-    )
-    _check(bool(o.dir), "output.dir", "must be set")
-
-
-# Escapes a stop string may hold: a shell and Hydra pass a typed `\n` on as two characters.
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
-_ESCAPE_RE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.?)", re.DOTALL)
-
-
-def unescape(text: str, key: str) -> str:
-    """Interpret the backslash escapes ``\\n \\t \\r \\\\ \\" \\' \\xHH \\uHHHH`` in ``text``.
-
-    Raises:
-        ConfigError: any other escape (say ``\\d``): it would be matched as two literal characters,
-            which is never what was meant; ``\\\\`` writes a backslash.
-    """
-
-    def one(m: re.Match) -> str:
-        code = m.group(1)
-        if code in _ESCAPES:
-            return _ESCAPES[code]
-        if len(code) > 1:  # xHH or uHHHH
-            return chr(int(code[1:], 16))
-        from batchgen.errors import ConfigError
-
-        raise ConfigError(
-            f"{key}={text!r}: unknown escape {m.group(0)}; use \\n, \\t, \\r, \\xHH or \\uHHHH, "
-            "and \\\\ for a backslash itself (README: Quoting)."
-        )
-
-    return _ESCAPE_RE.sub(one, text)
-
-
-def normalize_sampling(s: SamplingConfig) -> SamplingConfig:
-    """The settings as they decode: escapes in stop strings interpreted, ``temperature=0`` greedy.
-
-    ``temperature=0`` means greedy decoding, as in every API: ``do_sample=false``, and the
-    temperature back at its neutral 1.0 (greedy decoding reads no temperature), so the run's
-    fingerprint and output folder are those of the same settings without it.
-
-    Raises:
-        ConfigError: a stop string with an unknown escape.
-    """
-    stop = [
-        unescape(x, f"sampling.stop[{i}]") if isinstance(x, str) else x
-        for i, x in enumerate(s.stop)
-    ]
-    s = replace(s, stop=stop)
-    if s.temperature == 0:
-        s = replace(s, do_sample=False, temperature=SamplingConfig().temperature)
-    return s
-
-
-def read_template_file(d: DatasetConfig) -> DatasetConfig:
-    """Read ``dataset.template_file`` into ``dataset.template`` (the path is kept, for messages).
-
-    One trailing newline (which editors add) is dropped; ``pkg:`` and ``~`` paths work.
-
-    Raises:
-        ConfigError: both keys are set, or the file is missing, unreadable, not UTF-8, or not a
-            valid template.
-    """
-    from batchgen import paths
-    from batchgen.errors import ConfigError
-
-    if not d.template_file:
-        return d
-    name = d.template_file
-    if d.template:
-        raise ConfigError(
-            f"dataset.template_file={name!r} and dataset.template are both set: keep one "
-            "(dataset.template=null)."
-        )
-    path = Path(paths.resolve(name, "dataset.template_file")).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise ConfigError(f"dataset.template_file={name!r}: no such file.") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"dataset.template_file={name!r}: not UTF-8 text ({e.reason}).") from e
-    except OSError as e:
-        raise ConfigError(f"dataset.template_file={name!r} cannot be read: {e.strerror}.") from e
-    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
-    if not text.strip():
-        raise ConfigError(f"dataset.template_file={name!r} is empty.")
-    try:
-        list(string.Formatter().parse(text))
-    except ValueError as e:
-        raise ConfigError(
-            f"dataset.template_file={name!r}: not a valid template ({e}); fields are {{column}}, "
-            "and a literal brace is written {{ or }}."
-        ) from e
-    return replace(d, template=text)
-
-
-def convert(cfg: JobConfig) -> JobConfig:
-    """Finish converting a composed config: ``normalize_sampling`` and ``read_template_file``.
-
-    Raises:
-        ConfigError: naming the key, as those two do.
-    """
-    return replace(
-        cfg, sampling=normalize_sampling(cfg.sampling), dataset=read_template_file(cfg.dataset)
-    )

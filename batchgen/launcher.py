@@ -10,7 +10,7 @@ The exit status. Hydra's multirun ignores what ``launch`` returns, except that i
 ``launch`` (the stock launcher's ``job.results()`` raises submitit's ``UncompletedJobError`` for
 a cancelled task) becomes a traceback and exit 1. So ``launch`` here submits like
 hydra-submitit-launcher 1.2.0, waits for every task with ``job.exception()`` (which returns the
-error instead of raising it), reads the output with ``batchgen.status.collect``, prints the
+error instead of raising it), reads the output with ``batchgen.tools.status.collect``, prints the
 summary, then either returns one ``COMPLETED`` ``JobReturn`` per task (output complete: Hydra
 ends normally, exit 0) or raises ``SystemExit(1)``, which is no ``Exception``: neither the
 sweeper nor Hydra's error report catch it, and Python exits 1 without a traceback. (Hydra's
@@ -19,7 +19,8 @@ is judged when it ends.)
 
 Hydra instantiates launchers only by names under ``hydra_plugins.`` (those its plugin scan
 finds). Importing this module registers both classes as ``hydra_plugins.batchgen_launcher.*``,
-the ``_target_`` of ``conf/hydra/launcher/{slurm,local}.yaml``; ``batchgen.cli`` imports it.
+the ``_target_`` of ``batchgen/conf/hydra/launcher/{slurm,local}.yaml``; ``batchgen.cli``
+imports it.
 They keep their real module, so the job unpickles the launcher from ``batchgen.launcher``.
 """
 
@@ -126,7 +127,8 @@ def count_requeues(job_ids: list[str]) -> Counter[str]:
 
 def output_lines(out_dirs: list[Path]) -> tuple[bool, list[str]]:
     """Whether every output folder is complete, and one ``output ...`` line per folder."""
-    from batchgen.status import NotAnOutputDir, collect  # pyarrow: only once the tasks ended
+    from batchgen.errors import NotAnOutputDir
+    from batchgen.tools.status import collect  # pyarrow: only once the tasks ended
 
     complete, lines = True, []
     for out in out_dirs:

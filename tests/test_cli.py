@@ -11,6 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from batchgen.store import layout
+
 REPO = Path(__file__).resolve().parent.parent
 # Markers that only appear once a job gets past its checks: the GGUF conversion message and the
 # progress bar shown while the model generates (the positive test below shows both can appear).
@@ -220,9 +222,9 @@ def test_run_then_resume(work, tiny_models, prompts_file):
     for t in tables:
         assert set(t.column("sample_index").to_pylist()) == {0}
         assert all(0 < n <= 4 for n in t.column("completion_tokens").to_pylist())
-    run = json.loads((out / "_batchgen" / "run.json").read_text())
-    assert run["status"] == "complete"
-    assert run["summary"]["shards_done"] == 3
+    record = json.loads(layout.worker_file(out, 0, 1).read_text())
+    assert record["status"] == "complete"
+    assert record["summary"]["shards_done"] == 3
     mtimes = {n: (out / n).stat().st_mtime_ns for n in names}
 
     second = run_cli(*args, cwd=work)
@@ -407,10 +409,11 @@ def test_rows_per_shard_may_change_while_nothing_is_published(work, tiny_models,
 
 
 def test_rows_per_shard_change_is_refused_while_a_claim_is_live(tmp_path):
-    from batchgen import layout, manifest
-    from batchgen.claims import ClaimStore
+    from batchgen.cluster import claims
+    from batchgen.cluster.claims import ClaimStore
     from batchgen.config import JobConfig
     from batchgen.errors import ResumeError
+    from batchgen.store import layout, manifest
 
     parts = manifest.fingerprint_parts(JobConfig(), True, "float32", 12)
     run_file = layout.run_file(tmp_path)
@@ -419,10 +422,11 @@ def test_rows_per_shard_change_is_refused_while_a_claim_is_live(tmp_path):
     run_file.write_text(json.dumps(record))
     changed = json.loads(json.dumps(parts))
     changed["layout"]["rows_per_shard"] = 7
-    manifest.check_run_file(tmp_path, changed)  # nothing published, no claim: allowed
+    # nothing published, no claim: allowed
+    manifest.check_run_file(tmp_path, changed, lambda: claims.live_indices(tmp_path))
     assert ClaimStore(tmp_path, "other:1:0", 60).try_claim(0)  # a worker of that attempt, alive
     with pytest.raises(ResumeError, match=r"live claim on shard\(s\) \[0\]"):
-        manifest.check_run_file(tmp_path, changed)
+        manifest.check_run_file(tmp_path, changed, lambda: claims.live_indices(tmp_path))
 
 
 @pytest.fixture

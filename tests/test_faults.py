@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchgen import run
 from batchgen.errors import DataError
-from batchgen.runner import run
+from batchgen.store import layout
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 SETTINGS = [
@@ -180,7 +181,8 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_resume(tiny_models, data, reference
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == code, stderr
         assert f"stopped by {name}" in stderr and "Rerun the same command to resume" in stderr
-        assert json.loads((out / "_batchgen" / "run.json").read_text())["status"] == "interrupted"
+        record = json.loads(layout.worker_file(out, 0, 1).read_text())
+        assert record["status"] == "interrupted"
         claims = [json.loads(p.read_text()) for p in (out / "_batchgen" / "claims").iterdir()]
         assert all(c.get("released") for c in claims), claims
         assert not (out / "_batchgen" / "locks" / "run-rank0-of1.lock").exists()
@@ -270,7 +272,7 @@ def test_each_bad_row_kind_is_skipped_and_logged(tiny_models, make_job, tmp_path
     summary = run(cfg)
     assert [r["id"] for r in rows(out)] == ["ok-1"]
     errors = [
-        json.loads(line) for line in (out / "_batchgen" / "errors.jsonl").read_text().splitlines()
+        json.loads(line) for line in layout.worker_errors_file(out, 0, 1).read_text().splitlines()
     ]
     assert [(e["id"], e["kind"]) for e in errors] == [
         ("null", "skipped"),
@@ -298,7 +300,7 @@ def test_non_string_prompts_are_bad_rows(tiny_models, make_job, tmp_path):
     summary = run(make_job(tiny_models["base"], data, out, runner__on_bad_row="skip"))
     assert summary["totals"]["skipped"] == 2 and rows(out) == []
     errors = [
-        json.loads(line) for line in (out / "_batchgen" / "errors.jsonl").read_text().splitlines()
+        json.loads(line) for line in layout.worker_errors_file(out, 0, 1).read_text().splitlines()
     ]
     assert errors[0]["reason"] == "dataset.prompt_column 'prompt': not a string: int '1'"
 
@@ -379,7 +381,8 @@ def test_damaged_shard_moved_by_another_worker_meanwhile(
 ):
     """The quarantine race: another worker moves the damaged file between our listing and our
     open, or between our verdict and our move; either way we regenerate it, no traceback."""
-    from batchgen import verify, worker
+    from batchgen.cluster import shard_loop
+    from batchgen.store import verify
 
     out = tmp_path / "out"
     run(make_job(tiny_models["chat"], prompts_file, out))
@@ -398,7 +401,7 @@ def test_damaged_shard_moved_by_another_worker_meanwhile(
             verify.quarantine(path)
             return verdict
 
-        monkeypatch.setattr(worker, "verify_shard", racing)
+        monkeypatch.setattr(shard_loop, "verify_shard", racing)
         summary = run(make_job(tiny_models["chat"], prompts_file, out))
         assert summary["this_run"]["rows"] == 5 and rows(out) == before
     assert len(list(out.glob("_batchgen/quarantine/part-00001.corrupt-*"))) == 2

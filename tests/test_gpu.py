@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchgen import models
-from batchgen.batching import BatchRunner
 from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
-from batchgen.continuous import ContinuousEngine
-from batchgen.engine import Engine
-from batchgen.prompts import PromptRecord
+from batchgen.engine.batching import BatchRunner
+from batchgen.engine.continuous import ContinuousEngine
+from batchgen.engine.static import Engine
+from batchgen.inputs import models
+from batchgen.inputs.prompts import PromptRecord
 
 pytestmark = [
     pytest.mark.gpu,

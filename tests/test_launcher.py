@@ -14,8 +14,7 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from batchgen import launcher
-from batchgen.runner import run
+from batchgen import launcher, run
 
 
 class FakeJob:

@@ -14,6 +14,7 @@ import pytest
 
 from batchgen.errors import ResumeError
 from batchgen.runner import run
+from batchgen.store import layout
 
 
 def read(out):
@@ -37,7 +38,9 @@ def test_run_writes_shards_in_row_order(tiny_models, prompts_file, make_job, tmp
     assert all(r["completion_tokens"] == 8 and r["finish_reason"] == "length" for r in rows)
     assert summary["totals"]["rows"] == 12 and summary["totals"]["completion_tokens"] == 96
     run_json = json.loads((out / "_batchgen" / "run.json").read_text())
-    assert run_json["status"] == "complete"
+    record = json.loads(layout.worker_file(out, 0, 1).read_text())
+    assert record["status"] == "complete" and record["summary"]["shards_done"] == 3
+    assert "status" not in run_json and record["fingerprint"] == run_json["fingerprint"]
     assert run_json["config"]["output"]["rows_per_shard"] == 5
     meta = json.loads(pq.read_schema(out / "part-00000.parquet").metadata[b"batchgen"])
     assert meta["fingerprint"] == run_json["fingerprint"] and "transformers" in meta["versions"]
@@ -162,7 +165,7 @@ def test_kept_columns_named_like_outputs_are_prefixed(
     import pandas as pd
 
     from batchgen.errors import ConfigError
-    from batchgen.finalize import main as finalize
+    from batchgen.tools.finalize import main as finalize
 
     out = tmp_path / "out"
     cfg = make_job(tiny_models["chat"], prompts_file, out, dataset__keep_columns=["prompt", "uid"])

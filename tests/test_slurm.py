@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from batchgen.runner import run
+from batchgen import run
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slurm
@@ -174,7 +174,7 @@ def test_array_with_a_cancelled_task_equals_single_process(slurm, tiny_models, t
     try:
         victim = _rank1_after_its_first_shard(out, sweep)  # then cancel it
         subprocess.run(["scancel", victim], check=True)
-        status = [sys.executable, "-m", "batchgen.status", str(out)]
+        status = [sys.executable, "-m", "batchgen", "status", str(out)]
         _wait(
             lambda: subprocess.run(status, capture_output=True).returncode == 0,
             300,

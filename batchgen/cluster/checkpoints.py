@@ -1,0 +1,149 @@
+"""Batch checkpoints: the finished batches of an unfinished shard, kept across a stop or a kill.
+
+Invariant: a checkpoint only ever adds rows that an uninterrupted run would have produced. Each
+finished batch is written atomically (its writer's own temp name, then a rename) as a small
+Parquet file under ``_batchgen/checkpoints/part-NNNNN/``, recording the run's fingerprint and the
+shard's digest; a resume reuses exactly the rows whose checkpoint matches both (sampling is keyed
+by row id and sample index, never by batch, so the remaining rows come out as they would have).
+Any worker may reuse any checkpoint of a shard it holds, so a stolen shard resumes too; the
+folder is removed once its shard is published. Files written before the log-probability columns
+existed still load, as samples without log-probabilities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchgen.store import layout
+from batchgen.store.writer import temp_path
+
+if TYPE_CHECKING:  # the engine imports torch, which `status` must not pay for
+    from batchgen.engine.static import Sample
+
+META_KEY = b"batchgen_checkpoint"
+TOP_LOGPROB = pa.struct([pa.field("token_id", pa.int32()), pa.field("logprob", pa.float32())])
+SCHEMA = pa.schema(
+    [
+        pa.field("index", pa.int64()),
+        pa.field("sample_index", pa.int32()),
+        pa.field("text", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("completion_tokens", pa.int32()),
+        # Null when the run records none. float32 as recorded: the values round-trip exactly.
+        pa.field("logprobs", pa.list_(pa.float32())),
+        pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB))),
+    ]
+)
+
+
+def save(out_dir: Path, shard: int, identity: dict, batch: list[tuple[int, list[Sample]]]) -> None:
+    """Persist one finished batch: (row index, its samples) pairs.
+
+    Args:
+        identity: ``{"fingerprint": ..., "digest": ...}`` of the run and the shard.
+    """
+    if not batch:
+        return
+    rows = [
+        {
+            "index": index,
+            "sample_index": k,
+            "text": s.text,
+            "finish_reason": s.finish_reason,
+            "completion_tokens": s.completion_tokens,
+            "logprobs": s.logprobs,
+            "top_logprobs": None
+            if s.top_logprobs is None
+            else [[{"token_id": t, "logprob": p} for t, p in step] for step in s.top_logprobs],
+        }
+        for index, samples in batch
+        for k, s in enumerate(samples)
+    ]
+    schema = SCHEMA.with_metadata({META_KEY: json.dumps(identity).encode()})
+    folder = layout.checkpoint_dir(out_dir, shard)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Parquet inside, but not named so: duckdb and datasets would take it for an output shard.
+    final = folder / f"rows-{batch[0][0]:09d}-{os.urandom(6).hex()}.ckpt"
+    tmp = temp_path(final)
+    try:
+        with tmp.open("xb") as f:  # a Python file: a full disk raises with its errno
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
+        os.replace(tmp, final)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(final)) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(out_dir: Path, shard: int, identity: dict, samples: int) -> dict[int, list[Sample]]:
+    """The rows of ``shard`` that earlier attempts finished under the same identity.
+
+    A file of another identity, unreadable, or missing samples of a row contributes nothing.
+    """
+    from batchgen.engine.static import Sample
+
+    found: dict[int, list[Sample]] = {}
+    folder = layout.checkpoint_dir(out_dir, shard)
+    for path in sorted(folder.glob("rows-*.ckpt")) if folder.is_dir() else []:
+        try:
+            table = pq.read_table(path)
+            recorded = json.loads((table.schema.metadata or {})[META_KEY])
+        except (OSError, KeyError, ValueError, pa.ArrowException):
+            continue  # cut short by a crash before its rename cannot be: damaged since; redo
+        if recorded != identity:
+            continue
+        by_row: dict[int, list[Sample]] = {}
+        for row in table.to_pylist():
+            by_row.setdefault(row["index"], []).append(_sample(Sample, row))
+        found.update({i: s for i, s in by_row.items() if len(s) == samples})
+    return found
+
+
+def _sample(cls: type[Sample], row: dict) -> Sample:
+    """A checkpoint row as a Sample; columns an older file lacks are None."""
+    top = row.get("top_logprobs")
+    return cls(
+        row["text"],
+        row["finish_reason"],
+        row["completion_tokens"],
+        row.get("logprobs"),
+        None if top is None else [[(p["token_id"], p["logprob"]) for p in step] for step in top],
+    )
+
+
+def finished_batches(out_dir: Path, samples: int) -> list[dict]:
+    """Every checkpointed batch, whatever its identity: ``mtime``, ``rows``,
+    ``completion_tokens``, for progress reports (``batchgen status``)."""
+    found = []
+    for path in layout.checkpoints_dir(out_dir).glob("*/rows-*.ckpt"):
+        try:
+            tokens = pq.read_table(path, columns=["completion_tokens"]).column(0)
+            found.append(
+                {
+                    "mtime": path.stat().st_mtime,
+                    "rows": len(tokens) // max(samples, 1),
+                    "completion_tokens": pc.sum(tokens).as_py() or 0,
+                }
+            )
+        except (OSError, pa.ArrowException):
+            continue  # published and cleared meanwhile, or damaged
+    return found
+
+
+def clear(out_dir: Path, shard: int | None = None) -> None:
+    """Remove a shard's checkpoints once the shard is published; every shard's when None."""
+    if shard is None:
+        folder = layout.checkpoints_dir(out_dir)
+    else:
+        folder = layout.checkpoint_dir(out_dir, shard)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(folder)

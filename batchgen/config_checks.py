@@ -1,0 +1,330 @@
+"""Check and finish a composed config: value ranges a type cannot express, and conversion.
+
+Invariant: what the fingerprint records is what runs. ``convert`` finishes a composed config in
+one place: ``sampling.temperature=0`` becomes greedy decoding, stop strings get their escapes
+(``\\n``) interpreted, and ``dataset.template_file`` is read into ``dataset.template``.
+``validate`` refuses what no run could use, naming the key, before anything loads.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from batchgen import paths
+from batchgen.config import MODEL_DEFAULTS, DatasetConfig, JobConfig, SamplingConfig
+from batchgen.errors import ConfigError
+
+PROMPT_POLICIES = ("error", "truncate_left", "skip")
+BAD_ROW_POLICIES = ("error", "skip")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+ENGINES = ("auto", "static", "continuous")
+REASONING_MODES = ("auto", "off")
+MAX_TOP_LOGPROBS = 20
+# Parquet codecs every pyarrow build writes.
+COMPRESSIONS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
+
+
+def _device_ok(device: str) -> bool:
+    if device == "auto":
+        return True
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def check_sampling(s: SamplingConfig, key: str = "sampling") -> None:
+    """The ranges of the sampling settings: the job's, or one row's overrides (``key`` names
+    where they come from, e.g. a column).
+
+    Raises:
+        ConfigError: naming ``key.setting``.
+    """
+
+    # A null setting is the model's, checked once resolved (resolve_sampling).
+    def check(ok: bool, name: str, message: str) -> None:
+        _check(ok, f"{key}.{name}", message)
+
+    n = s.num_return_sequences
+    check(n >= 1, "num_return_sequences", "must be at least 1")
+    check(
+        s.do_sample is not False or n == 1,
+        "num_return_sequences",
+        "more than one sample per prompt needs sampling.do_sample=true and a temperature "
+        "above 0 (greedy decoding would return the same text n times)",
+    )
+    check(s.max_new_tokens is None or s.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+    check(s.temperature is None or s.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
+    check(s.top_p is None or 0 < s.top_p <= 1, "top_p", "must be in (0, 1]")
+    check(s.top_k is None or s.top_k >= 0, "top_k", "must be >= 0 (0 disables top-k)")
+    check(
+        s.repetition_penalty is None or s.repetition_penalty > 0,
+        "repetition_penalty",
+        "must be > 0",
+    )
+    check(s.min_p is None or 0 <= s.min_p < 1, "min_p", "must be in [0, 1) (0 disables it)")
+    check(all(isinstance(x, str) and x for x in s.stop), "stop", "must be non-empty strings")
+    check(
+        not (s.json_schema and s.regex),
+        "regex",
+        "and json_schema are both set: a sample follows one constraint",
+    )
+    if s.regex is not None:
+        try:
+            re.compile(s.regex)
+        except re.error as e:
+            raise ConfigError(f"{key}.regex={s.regex!r}: not a regular expression ({e}).") from e
+
+
+def resolve_sampling(s: SamplingConfig, model_values: dict[str, Any]) -> SamplingConfig:
+    """``s`` with every null setting of ``MODEL_DEFAULTS`` taken from ``model_values`` (the
+    model's generation config, as ``models.generation_defaults`` reads it).
+
+    Raises:
+        ConfigError: a resolved value is out of range (the model's config is named).
+    """
+    filled = {k: model_values[k] for k in MODEL_DEFAULTS if getattr(s, k) is None}
+    if not filled:
+        return s
+    s = replace(s, **filled)
+    if s.temperature == 0:  # greedy, as normalize_sampling makes it
+        s = replace(s, do_sample=False, temperature=SamplingConfig().temperature)
+    check_sampling(s, "sampling (from the model's generation config)")
+    return s
+
+
+def validate(cfg: JobConfig) -> None:
+    """Check value ranges and combinations that a type alone cannot express.
+
+    Raises:
+        ConfigError: naming the offending key.
+    """
+    d, r, o, m = cfg.dataset, cfg.runner, cfg.output, cfg.model
+    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+    check_sampling(cfg.sampling)
+    _check(
+        o.reasoning in REASONING_MODES or len(o.reasoning.split()) == 2,
+        "output.reasoning",
+        f"must be auto, off, or the two tags 'OPEN CLOSE' (e.g. '<think> </think>'), got "
+        f"{o.reasoning!r}",
+    )
+    _check(o.top_logprobs >= 0, "output.top_logprobs", "must be >= 0 (0: none)")
+    _check(
+        o.top_logprobs <= MAX_TOP_LOGPROBS,
+        "output.top_logprobs",
+        f"must be at most {MAX_TOP_LOGPROBS}, as in the OpenAI API",
+    )
+    _check(
+        bool(d.messages_column or d.template or d.prompt_column),
+        "dataset",
+        "no prompt source: set dataset.prompt_column, dataset.messages_column, dataset.template "
+        "or dataset.template_file",
+    )
+    _check(
+        not d.template_file or bool(d.template),
+        "dataset.template_file",
+        "is read by batchgen.config_checks.convert (the command line does that); in code, call "
+        "it or set dataset.template to the text",
+    )
+    _check(
+        d.chat_template in CHAT_TEMPLATE_MODES,
+        "dataset.chat_template",
+        f"must be one of {CHAT_TEMPLATE_MODES}, got {d.chat_template!r}",
+    )
+    _check(d.limit is None or d.limit >= 1, "dataset.limit", "must be at least 1 when set")
+    b = r.batch_size
+    _check(
+        b == "auto" or (isinstance(b, int) and not isinstance(b, bool)),
+        "runner.batch_size",
+        f"must be a number of rows or auto, got {b!r}",
+    )
+    _check(b == "auto" or b >= 1, "runner.batch_size", "must be at least 1 (or auto)")
+    _check(r.prefill_tokens >= 1, "runner.prefill_tokens", "must be at least 1")
+    _check(
+        r.max_padding is None or r.max_padding >= 0,
+        "runner.max_padding",
+        "must be >= 0 when set",
+    )
+    _check(r.engine in ENGINES, "runner.engine", f"must be one of {ENGINES}, got {r.engine!r}")
+    _check(
+        r.max_batch_tokens is None or r.max_batch_tokens >= 1,
+        "runner.max_batch_tokens",
+        "must be at least 1 when set",
+    )
+    _check(
+        r.on_long_prompt in PROMPT_POLICIES,
+        "runner.on_long_prompt",
+        f"must be one of {PROMPT_POLICIES}, got {r.on_long_prompt!r}",
+    )
+    _check(
+        r.on_bad_row in BAD_ROW_POLICIES,
+        "runner.on_bad_row",
+        f"must be one of {BAD_ROW_POLICIES}, got {r.on_bad_row!r}",
+    )
+    _check(r.lease_seconds > 0, "runner.lease_seconds", "must be > 0")
+    _check(r.threads is None or r.threads >= 1, "runner.threads", "must be at least 1 when set")
+    _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
+    _check(
+        o.compression in COMPRESSIONS,
+        "output.compression",
+        f"must be one of {COMPRESSIONS}, got {o.compression!r}",
+    )
+    _check(
+        _device_ok(m.device),
+        "model.device",
+        f"{m.device!r} is no device: use auto, cpu, cuda, cuda:N or mps",
+    )
+    _check(bool(o.dir), "output.dir", "must be set")
+
+
+def read_json_schema(s: SamplingConfig) -> SamplingConfig:
+    """``sampling.json_schema`` as the schema's JSON text, read from its file when it names one.
+
+    Inline JSON (starting with ``{``) is kept; anything else is a path (``pkg:`` and ``~``
+    work). The text is checked as a JSON schema, so a typo fails before any model loads.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or the text is not a JSON schema.
+    """
+    if s.json_schema is None:
+        return s
+    text, key = s.json_schema, f"sampling.json_schema={s.json_schema[:60]!r}"
+    if not text.lstrip().startswith("{"):
+        path = Path(paths.resolve(text, "sampling.json_schema")).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{key}: neither inline JSON nor a readable file ({e}).") from e
+    return replace(s, json_schema=schema_text(text, key))
+
+
+def schema_text(text: str, key: str) -> str:
+    """A JSON schema's compact text (no spaces, key order kept), once checked as a schema.
+
+    Raises:
+        ConfigError: naming ``key``: not JSON, or not a valid JSON schema.
+    """
+    import json
+
+    import jsonschema
+
+    try:
+        schema = json.loads(text)
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except ValueError as e:
+        raise ConfigError(f"{key}: not JSON ({e}).") from e
+    except jsonschema.SchemaError as e:
+        raise ConfigError(f"{key}: not a valid JSON schema ({e.message}).") from e
+    # Key order is kept: the grammar makes the model write properties in the schema's order
+    # (a "reasoning" field before the "answer" one stays so).
+    return json.dumps(schema, separators=(",", ":"))
+
+
+# Escapes a stop string may hold: a shell and Hydra pass a typed `\n` on as two characters.
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+_ESCAPE_RE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.?)", re.DOTALL)
+
+
+def unescape(text: str, key: str) -> str:
+    """Interpret the backslash escapes ``\\n \\t \\r \\\\ \\" \\' \\xHH \\uHHHH`` in ``text``.
+
+    Raises:
+        ConfigError: any other escape (say ``\\d``): it would be matched as two literal characters,
+            which is never what was meant; ``\\\\`` writes a backslash.
+    """
+
+    def one(m: re.Match) -> str:
+        code = m.group(1)
+        if code in _ESCAPES:
+            return _ESCAPES[code]
+        if len(code) > 1:  # xHH or uHHHH
+            return chr(int(code[1:], 16))
+        raise ConfigError(
+            f"{key}={text!r}: unknown escape {m.group(0)}; use \\n, \\t, \\r, \\xHH or \\uHHHH, "
+            "and \\\\ for a backslash itself (README: Quoting)."
+        )
+
+    return _ESCAPE_RE.sub(one, text)
+
+
+def normalize_sampling(s: SamplingConfig) -> SamplingConfig:
+    """The settings as they decode: escapes in stop strings interpreted, ``temperature=0`` greedy.
+
+    ``temperature=0`` means greedy decoding, as in every API: ``do_sample=false``, and the
+    temperature back at its neutral 1.0 (greedy decoding reads no temperature), so the run's
+    fingerprint and output folder are those of the same settings without it.
+
+    Raises:
+        ConfigError: a stop string with an unknown escape.
+    """
+    stop = [
+        unescape(x, f"sampling.stop[{i}]") if isinstance(x, str) else x
+        for i, x in enumerate(s.stop)
+    ]
+    s = replace(s, stop=stop)
+    if s.temperature == 0:
+        s = replace(s, do_sample=False, temperature=SamplingConfig().temperature)
+    return s
+
+
+def read_template_file(d: DatasetConfig) -> DatasetConfig:
+    """Read ``dataset.template_file`` into ``dataset.template`` (the path is kept, for messages).
+
+    One trailing newline (which editors add) is dropped; ``pkg:`` and ``~`` paths work.
+
+    Raises:
+        ConfigError: both keys are set, or the file is missing, unreadable, not UTF-8, or not a
+            valid template.
+    """
+    if not d.template_file:
+        return d
+    name = d.template_file
+    if d.template:
+        raise ConfigError(
+            f"dataset.template_file={name!r} and dataset.template are both set: keep one "
+            "(dataset.template=null)."
+        )
+    path = Path(paths.resolve(name, "dataset.template_file")).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"dataset.template_file={name!r}: no such file.") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"dataset.template_file={name!r}: not UTF-8 text ({e.reason}).") from e
+    except OSError as e:
+        raise ConfigError(f"dataset.template_file={name!r} cannot be read: {e.strerror}.") from e
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text.strip():
+        raise ConfigError(f"dataset.template_file={name!r} is empty.")
+    try:
+        list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise ConfigError(
+            f"dataset.template_file={name!r}: not a valid template ({e}); fields are {{column}}, "
+            "and a literal brace is written {{ or }}."
+        ) from e
+    return replace(d, template=text)
+
+
+def convert(cfg: JobConfig) -> JobConfig:
+    """Finish converting a composed config: ``normalize_sampling``, ``read_json_schema`` and
+    ``read_template_file``.
+
+    Raises:
+        ConfigError: naming the key, as those two do.
+    """
+    sampling = read_json_schema(normalize_sampling(cfg.sampling))
+    return replace(cfg, sampling=sampling, dataset=read_template_file(cfg.dataset))

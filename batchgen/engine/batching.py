@@ -1,0 +1,327 @@
+"""Run a shard through an engine: plan batches, split on out-of-memory, adapt the budget, and
+tune the batch size and engine when asked to (``batchgen.engine.tuning``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from batchgen.config import RunnerConfig, SamplingConfig
+from batchgen.engine import tuning
+from batchgen.engine.batch_plan import plan_batches
+from batchgen.engine.continuous import ContinuousEngine
+from batchgen.engine.memory import Budget, batch_tokens, model_memory
+from batchgen.engine.static import Engine, Sample
+from batchgen.errors import ConfigError, Interrupted
+from batchgen.inputs.prompts import PromptRecord, Skipped
+
+log = logging.getLogger(__name__)
+
+# Rows failing one after another, each alone, before the job stops: past this it is the model or
+# the device that is broken, not the rows.
+FAILING_STREAK_LIMIT = 8
+
+
+# Devices where continuous batching beat static batching in scripts/bench.py (docs/benchmarks.md).
+# On the CPU it lost (0.89x vs 4.66x the baseline); no GPU run has been measured yet.
+AUTO_CONTINUOUS_DEVICES: tuple[str, ...] = ()
+
+
+def choose_engine(
+    runner: RunnerConfig,
+    sampling: SamplingConfig,
+    encoder_decoder: bool,
+    device: str,
+    logprobs: bool = False,
+    per_row: bool = False,
+) -> str:
+    """``static`` or ``continuous`` for this job; ``auto`` picks the faster one that applies, or
+    stays ``auto`` where both apply on a ``tuning.PROBE_DEVICES`` device, for ``BatchRunner`` to
+    probe.
+
+    ``logprobs``: log-probabilities are recorded (output.logprobs or output.top_logprobs), which
+    takes a logits processor that continuous batching has no place for. ``per_row``: rows carry
+    their own sampling (``dataset.sampling_column``), batched by setting.
+
+    Raises:
+        ConfigError: ``runner.engine=continuous`` for a job it cannot serve.
+    """
+    unsupported = tuning.continuous_blockers(sampling, encoder_decoder, logprobs, per_row)
+    if runner.engine == "continuous" and unsupported:
+        raise ConfigError(
+            f"runner.engine=continuous: transformers' continuous batching takes no logits "
+            f"processors, so it cannot serve {', '.join(unsupported)}; use runner.engine=static "
+            "or auto."
+        )
+    if runner.engine == "auto":
+        kind = device.split(":")[0]
+        if unsupported:
+            return "static"
+        if kind in AUTO_CONTINUOUS_DEVICES:
+            return "continuous"
+        return "auto" if kind in tuning.PROBE_DEVICES else "static"
+    return runner.engine
+
+
+def build_engine(
+    kind: str,
+    model,
+    tokenizer,
+    sampling: SamplingConfig,
+    runner: RunnerConfig,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+) -> Engine:
+    """The engine ``choose_engine`` named, over ``model`` (which it does not modify); for
+    ``auto``, a continuous one, whose ``generate`` is the static engine's: it can be either.
+
+    ``logprobs`` and ``top_logprobs`` are output.logprobs and output.top_logprobs.
+    """
+    cls = ContinuousEngine if kind in ("continuous", "auto") else Engine
+    return cls(
+        model,
+        tokenizer,
+        sampling,
+        compile=runner.compile,
+        prefill_tokens=runner.prefill_tokens,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA/MPS out-of-memory errors, which a smaller batch can avoid."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+# Settings a row's own constraint may vary within one batch (the constraint processor reads each
+# row's); every other sampling setting is shared by a batch.
+PER_ROW_IN_BATCH = ("json_schema", "regex")
+
+
+def sampling_groups(
+    records: list[PromptRecord], job: SamplingConfig
+) -> list[tuple[SamplingConfig, list[PromptRecord]]]:
+    """Records grouped by how they decode (their own sampling, else the job's), in order of
+    first appearance; each group's sampling is its first record's."""
+    groups: dict[str, tuple[SamplingConfig, list[PromptRecord]]] = {}
+    for record in records:
+        sampling = record.sampling or job
+        shared = {k: v for k, v in asdict(sampling).items() if k not in PER_ROW_IN_BATCH}
+        key = json.dumps(shared, sort_keys=True)
+        groups.setdefault(key, (sampling, []))[1].append(record)
+    return list(groups.values())
+
+
+class BatchRunner:
+    """Feeds records to an engine in planned batches; one instance lives for the whole job.
+
+    ``engine_kind`` is ``choose_engine``'s answer (None: the engine's own kind); ``auto`` probes
+    both engines on the first rows. ``tuner`` holds the batch size, token budget and engine as
+    tuned so far (``batchgen.engine.tuning``), ``budget`` the token budget in force.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        runner: RunnerConfig,
+        sampling: SamplingConfig,
+        seed: int,
+        stop: threading.Event | None = None,
+        engine_kind: str | None = None,
+    ):
+        self.engine = engine
+        self.runner = runner
+        self.sampling = sampling
+        self.seed = seed
+        kind = engine_kind or ("continuous" if isinstance(engine, ContinuousEngine) else "static")
+        logprobs = bool(engine.logprobs or engine.top_logprobs)
+        blockers = tuning.continuous_blockers(sampling, engine.encoder_decoder, logprobs, False)
+        memory = None
+        if runner.batch_size == tuning.AUTO:
+            memory = model_memory(
+                engine.model,
+                engine.device,
+                sampling.max_new_tokens,
+                runner.prefill_tokens,
+                engine.chunked_prefill,
+            )
+        self.tuner = tuning.Tuner(
+            runner,
+            memory,
+            engine.device,
+            None if kind == "auto" else kind,
+            tuning.engine_reason(runner, kind, engine.device, blockers),
+        )
+        self.budget = Budget(self.tuner.token_budget)
+        self.stop = stop or threading.Event()
+        self.failing_streak = 0
+
+    def choices(self) -> dict:
+        """The batch size, token budget and engine the job runs with, and why (``Tuner.record``)."""
+        return self.tuner.record(self.budget.limit)
+
+    def run(
+        self,
+        records: list[PromptRecord],
+        on_rows: Callable[[int, int], None],
+        on_batch: Callable[[list[tuple[int, list[Sample]]]], None] | None = None,
+    ) -> tuple[dict[int, list[Sample]], list[Skipped]]:
+        """Generate every record; ``on_rows(rows, tokens)`` reports progress as batches finish.
+
+        ``on_batch`` receives each finished batch's (row index, samples) pairs as it finishes,
+        to persist them (``batchgen.cluster.checkpoints``). Records with their own sampling
+        (``record.sampling``) are batched with those that decode alike (``sampling_groups``):
+        a batch never runs to a longer ``max_new_tokens`` than its own rows ask for.
+
+        Returns:
+            (row index -> that row's samples, rows that failed alone with the error)
+
+        Raises:
+            Interrupted: ``stop`` was set; the records are not all done.
+            Exception: the error of a run of failing rows (see FAILING_STREAK_LIMIT).
+        """
+        results: dict[int, list[Sample]] = {}
+        failed: list[Skipped] = []
+        uniform = all(r.sampling is None for r in records)
+        if self.tuner.engine is None and uniform and len(records) >= 2:
+            records = self._probe_engines(records, results, failed, on_rows, on_batch)
+        if self.tuner.engine == "continuous" and uniform and records and not self.stop.is_set():
+            outs = self._continuous(records, on_rows, on_batch)
+            if outs is not None:
+                return {**results, **outs}, failed
+        for sampling, group in sampling_groups(records, self.sampling):
+            self._run_group(group, sampling, results, failed, on_rows, on_batch)
+        return results, failed
+
+    def _continuous(self, records, on_rows, on_batch) -> dict[int, list[Sample]] | None:
+        """Every record through continuous batching; None when it failed (redo them static)."""
+        try:
+            outs = self.engine.generate_all(records, self.seed, on_row=lambda t: on_rows(1, t))
+        except Exception as e:  # noqa: BLE001 - the static path handles rows one by one
+            log.warning("continuous batching failed (%s); redoing the rows in static batches", e)
+            return None
+        if on_batch is not None:
+            on_batch([(r.index, o) for r, o in zip(records, outs, strict=True)])
+        return {r.index: o for r, o in zip(records, outs, strict=True)}
+
+    def _probe_engines(self, records, results, failed, on_rows, on_batch) -> list[PromptRecord]:
+        """Generate the first rows by both engines, alternately by length so each gets alike
+        prompts, and let the tuner keep the faster; returns the records left."""
+        ordered = sorted(records, key=lambda r: (-len(r.token_ids), r.index))
+        rows = self.tuner.plan_rows(
+            len(ordered), tuning.row_slots(ordered, self.sampling), self.budget.current
+        )
+        half = min(rows, len(ordered) // 2)
+        static, continuous = ordered[: 2 * half : 2], ordered[1 : 2 * half : 2]
+        started = tuning.clock()
+        self._run_group(static, self.sampling, results, failed, on_rows, on_batch)
+        static_rate = self._tokens(static, results) / max(tuning.clock() - started, 1e-9)
+        if self.stop.is_set():
+            raise Interrupted
+        started = tuning.clock()
+        outs = self._continuous(continuous, on_rows, on_batch)
+        if outs is None:
+            self.tuner.engines_probed(half, static_rate, None)
+            self._run_group(continuous, self.sampling, results, failed, on_rows, on_batch)
+        else:
+            results.update(outs)
+            seconds = max(tuning.clock() - started, 1e-9)
+            self.tuner.engines_probed(
+                half, static_rate, self._tokens(continuous, results) / seconds
+            )
+        return ordered[2 * half :]
+
+    @staticmethod
+    def _tokens(records: list[PromptRecord], results: dict[int, list[Sample]]) -> int:
+        return sum(s.completion_tokens for r in records for s in results.get(r.index, []))
+
+    def _run_group(self, records, sampling, results, failed, on_rows, on_batch) -> None:
+        """Generate records that decode with the same ``sampling``, into ``results``/``failed``."""
+        pending = records
+        while pending:
+            size = self.tuner.plan_rows(
+                len(pending), tuning.row_slots(pending, sampling), self.budget.current
+            )
+            planned_with = (self.budget.current, self.tuner.rows)
+            batches = plan_batches(
+                pending,
+                size,
+                self.budget.current,
+                sampling.max_new_tokens,
+                sampling.num_return_sequences,
+                self.runner.max_padding,
+            )
+            pending = []
+            for i, batch in enumerate(batches):
+                if self.stop.is_set():
+                    raise Interrupted
+                finished = []
+                for record, outs in self._measured(batch, sampling):
+                    if isinstance(outs, Skipped):
+                        failed.append(outs)
+                    else:
+                        results[record.index] = outs
+                        finished.append((record.index, outs))
+                if on_batch is not None:
+                    on_batch(finished)
+                on_rows(len(batch), self._tokens(batch, results))
+                if (self.budget.current, self.tuner.rows) != planned_with:
+                    # Re-plan the rest: after an out-of-memory each batch planned before would
+                    # run out again before splitting; after a tuning step, at the new size.
+                    pending = [r for later in batches[i + 1 :] for r in later]
+                    break
+
+    def _measured(self, batch, sampling) -> list[tuple[PromptRecord, Any]]:
+        """``_generate``, timing the decoding steps for the tuner while it searches."""
+        if not self.tuner.searching:
+            return self._generate(batch, sampling)
+        clock = tuning.StepClock(self.engine.on_step)
+        self.engine.on_step, splits = clock, self.budget.splits
+        try:
+            pairs = self._generate(batch, sampling)
+        finally:
+            self.engine.on_step = clock.inner
+        if self.budget.splits == splits:  # a split batch's steps time several calls
+            self.tuner.observed(len(batch), clock.rate(), self.budget)
+        return pairs
+
+    def _generate(
+        self, batch: list[PromptRecord], sampling: SamplingConfig
+    ) -> list[tuple[PromptRecord, Any]]:
+        outs = None
+        try:
+            outs = self.engine.generate(batch, self.seed, sampling)
+        except Exception as e:  # noqa: BLE001 - any row may be the culprit; isolate it
+            if len(batch) == 1:
+                return [(batch[0], self._failed(batch[0], e))]
+            if is_out_of_memory(e):
+                slots = batch_tokens(batch, sampling)
+                self.budget.shrink(slots)
+                self.tuner.out_of_memory(self.budget, len(batch), slots)
+        if outs is None:
+            # Out of the except block, the error's traceback no longer holds the failed
+            # attempt's tensors (its KV cache), so the halves get that memory back.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            # Outputs do not depend on batch composition, so halves give the same samples.
+            half = len(batch) // 2
+            return self._generate(batch[:half], sampling) + self._generate(batch[half:], sampling)
+        self.budget.succeeded()
+        self.failing_streak = 0
+        return list(zip(batch, outs, strict=True))
+
+    def _failed(self, record: PromptRecord, error: Exception) -> Skipped:
+        self.failing_streak += 1
+        if self.failing_streak >= FAILING_STREAK_LIMIT:
+            raise error  # not a bad row: generation itself is broken
+        log.warning("row %s failed alone and is recorded as failed: %s", record.id, error)
+        return Skipped(
+            record.index, record.id, f"generation failed: {type(error).__name__}: {error}"
+        )

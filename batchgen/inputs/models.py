@@ -1,0 +1,310 @@
+"""Find, convert and load models and tokenizers; choose device, dtype and the pad token.
+
+Loading happens in two steps so that every cheap check runs before the weights load:
+``load_tokenizer`` (plus the model config) first, ``load_model`` only once the data is known good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchgen import paths
+from batchgen.config import MODEL_DEFAULTS, ModelConfig, SamplingConfig
+from batchgen.config_checks import resolve_sampling
+from batchgen.errors import ConfigError, ModelError
+
+# Config attributes that hold a decoder's context length, in the order models use them.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+@dataclass
+class ModelSource:
+    """Where weights and tokenizer load from, once ``pkg:`` and GGUF files are resolved."""
+
+    location: str
+    gguf_file: str | None = None
+
+
+def cache_root() -> Path:
+    """Folder for converted models: ``$BATCHGEN_CACHE``, else ``~/.cache/batchgen``."""
+    return Path(os.environ.get("BATCHGEN_CACHE", Path.home() / ".cache" / "batchgen"))
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    """Resolve ``model.name_or_path`` (and ``model.gguf_file``) without loading anything.
+
+    Raises:
+        ModelError: a local path or GGUF file does not exist, or a hub id while the hub is
+            unreachable (``batchgen.inputs.hub.hub_unreachable``) and the model is not in
+            the cache.
+    """
+    try:
+        location = paths.resolve(cfg.name_or_path, "model.name_or_path")
+    except Exception as e:
+        raise ModelError(str(e)) from e
+    looks_local = location.startswith((".", "/", "~")) or Path(location).exists()
+    if looks_local and not Path(location).expanduser().is_dir():
+        raise ModelError(f"model.name_or_path={cfg.name_or_path!r}: no such folder {location!r}.")
+    if cfg.gguf_file:
+        gguf = Path(location).expanduser() / cfg.gguf_file
+        if looks_local and not gguf.is_file():
+            raise ModelError(f"model.gguf_file={cfg.gguf_file!r}: not found in {location!r}.")
+    if not looks_local:  # a hub id: fail at once, not after a minute of retries, when offline
+        from huggingface_hub import constants
+
+        from batchgen.inputs.hub import hub_unreachable
+
+        why = hub_unreachable(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        cached = Path(constants.HF_HUB_CACHE, f"models--{location.replace('/', '--')}").is_dir()
+        if why is not None and not cached:
+            raise ModelError(
+                f"model.name_or_path={cfg.name_or_path!r} is no local folder, so it names a hub "
+                f"model, but the Hugging Face hub is unreachable ({why}). To run offline, set "
+                "model.name_or_path to a local folder, or set HF_HUB_OFFLINE=1 to load a hub "
+                "model from the local cache (~/.cache/huggingface, $HF_HOME)."
+            )
+    return ModelSource(str(Path(location).expanduser()) if looks_local else location, cfg.gguf_file)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(source: ModelSource) -> ModelSource:
+    """De-quantize a local GGUF file once into a cached ``save_pretrained`` folder.
+
+    Loading a GGUF file costs about 20 s on two cores; the cached folder loads in under one.
+    The cache key is the file's content hash, and the folder appears atomically (rename), so
+    concurrent workers never read a half-written copy.
+    """
+    if not source.gguf_file or not Path(source.location).is_dir():
+        return source
+    gguf = Path(source.location) / source.gguf_file
+    target = cache_root() / "converted" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (target / "config.json").is_file():
+        return ModelSource(str(target))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"batchgen: converting {gguf.name} once into {target} (later runs load in ~1 s)")
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
+    # The GGUF loader leaves a quantizer on the de-quantized fp32 model, and save_pretrained
+    # refuses such a model; the weights themselves are plain tensors by now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:  # another process published the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return ModelSource(str(target))
+
+
+# transformers' own values where a generation config sets none (GenerationConfig's documented
+# defaults), and batchgen's max_new_tokens where it sets neither max_new_tokens nor max_length
+# beyond transformers' 20 (prompt included), which no dataset job wants.
+GENERATE_DEFAULTS = {
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 50,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "max_new_tokens": 256,
+}
+
+
+def generation_defaults(generation_config) -> dict[str, Any]:
+    """The sampling ``model.generate()`` with no arguments uses under ``generation_config``:
+    its values, transformers' defaults where it sets none (``GENERATE_DEFAULTS``)."""
+    values = {k: getattr(generation_config, k, None) for k in GENERATE_DEFAULTS}
+    return {k: GENERATE_DEFAULTS[k] if v is None else v for k, v in values.items()}
+
+
+def load_generation_config(source: ModelSource, cfg: ModelConfig):
+    """The model's ``generation_config.json`` (cheap, no weights); transformers' defaults when
+    the model ships none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source.location, revision=cfg.revision)
+    except OSError:  # no generation_config.json: many base models
+        return GenerationConfig()
+
+
+def load_config_and_tokenizer(source: ModelSource, cfg: ModelConfig):
+    """Load the model config and tokenizer (cheap), with the tokenizer set up for batching.
+
+    Returns:
+        (config, tokenizer)
+
+    Raises:
+        ModelError: the model cannot be found (hub unreachable, bad id) or has no usable pad token.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"model.name_or_path={cfg.name_or_path!r} could not be loaded: {e}. "
+            "Use a local folder, or check the id and that the hub is reachable."
+        ) from e
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    # Decoder-only prompts end where generation starts, so they are padded on the left;
+    # an encoder reads the whole padded input and conventionally pads on the right.
+    tokenizer.padding_side = "right" if encoder_decoder else "left"
+    _set_pad_token(tokenizer, cfg)
+    return config, tokenizer
+
+
+def _set_pad_token(tokenizer, cfg: ModelConfig) -> None:
+    if cfg.pad_token is not None:
+        if cfg.pad_token not in tokenizer.get_vocab():
+            raise ModelError(
+                f"model.pad_token={cfg.pad_token!r} is not in the tokenizer's vocabulary."
+            )
+        tokenizer.pad_token = cfg.pad_token
+    elif tokenizer.pad_token is None:
+        # Pads are masked out of attention and sliced off the output, so any existing token is
+        # sound; EOS is the usual choice because generate also fills finished rows with it.
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelError(
+                f"model.name_or_path={cfg.name_or_path!r}: the tokenizer has no pad, EOS or "
+                "UNK token to pad batches with; set model.pad_token to a token of its vocabulary."
+            )
+        tokenizer.pad_token = fallback
+
+
+def context_length(config, tokenizer, cfg: ModelConfig) -> int | None:
+    """Most tokens (prompt plus completion) the model can attend to; None when unbounded."""
+    if cfg.max_context:
+        return cfg.max_context
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in CONTEXT_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None
+
+
+def resolve_device_dtype(cfg: ModelConfig) -> tuple[str, str]:
+    """Pick device and dtype for ``auto``: CUDA bf16 (fp16 without bf16), MPS fp16, CPU fp32.
+
+    Raises:
+        ConfigError: a CUDA device was asked for where none is visible.
+    """
+    import torch
+
+    device = cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.device={device!r}: no CUDA device is visible to this process "
+            "(CUDA_VISIBLE_DEVICES, drivers, or a CPU build of torch); use model.device=auto."
+        )
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        elif device == "mps":
+            dtype = "float16"
+        else:
+            dtype = "float32"
+    return device, dtype
+
+
+def attention(cfg: ModelConfig, device: str, dtype: str) -> str | None:
+    """The attention kernel: flash-attn 2 where it can run, else transformers' default.
+
+    That default is PyTorch's SDPA wherever the architecture has it, and the eager kernel for
+    those that lack it (RWKV, for one, which an explicit ``"sdpa"`` would refuse to load).
+    """
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    import importlib.util
+
+    flash = importlib.util.find_spec("flash_attn") is not None
+    half = dtype in ("float16", "bfloat16")
+    return "flash_attention_2" if flash and half and device.startswith("cuda") else None
+
+
+def load_model(source: ModelSource, config, cfg: ModelConfig, device: str, dtype: str):
+    """Load the weights with the causal-LM or seq2seq class the config calls for, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.utils import logging as hf_logging
+
+    # A per-tensor bar for a one-second load only clutters the job's own progress bar.
+    hf_logging.disable_progress_bar()
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(
+            source.location,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attention(cfg, device, dtype),
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"model.name_or_path={cfg.name_or_path!r}: weights failed to load: {e}"
+        ) from e
+    return model.to(device).eval()
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU threads: ``runner.threads``, else Slurm's CPUs per task, else leave it.
+
+    Several workers on one node each taking every core's worth of OpenMP threads spin against
+    each other (seen at 0.4 tokens/s for two Slurm tasks on two cores, 150x slower).
+    """
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    threads = threads or (int(slurm) if slurm.isdigit() else None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def model_sampling(
+    sampling: SamplingConfig, source: ModelSource, cfg: ModelConfig
+) -> SamplingConfig:
+    """``sampling`` with its null settings (``sampling=model``) taken from the model's
+    generation config, read only when one is null.
+
+    Raises:
+        ConfigError: a value the model's config gives is out of range.
+    """
+    if all(getattr(sampling, k) is not None for k in MODEL_DEFAULTS):
+        return sampling
+    return resolve_sampling(sampling, generation_defaults(load_generation_config(source, cfg)))

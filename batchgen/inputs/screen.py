@@ -1,0 +1,268 @@
+"""Whole-dataset checks that Arrow answers in seconds, before the model loads.
+
+Invariant: nothing here turns the table's rows into Python objects; every pass is Arrow compute
+over blocks of a column, so a 10M-row dataset is screened in seconds and in bounded memory.
+What needs rendering or the tokenizer row by row happens per shard
+(``batchgen.cluster.shard_inputs``), where the same policies apply again and are authoritative.
+Checked here:
+
+- rows without a usable prompt (null, empty or whitespace, not a string, malformed messages),
+  refused up front under ``runner.on_bad_row=error``;
+- duplicate ids in ``dataset.id_column``;
+- prompts that may be too long. A prompt's token count is at most its UTF-8 byte count (each
+  token of a byte-level or byte-fallback tokenizer covers at least one byte) plus the tokens
+  that the template and special tokens add, so most rows are provably short without
+  tokenizing; under ``runner.on_long_prompt=error`` the others are tokenized now, up to
+  ``EXACT_LIMIT`` rows, and the rest are checked as their shard is reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchgen.config import DatasetConfig, JobConfig
+from batchgen.errors import DataError
+from batchgen.inputs import prompts
+from batchgen.inputs.dataset import Table, template_fields
+
+# Rows per Arrow block: bounds the transient memory of one pass.
+BLOCK_ROWS = 1 << 16
+# Rows that may be too long and are tokenized up front under on_long_prompt=error.
+EXACT_LIMIT = 20_000
+# Tokens a tokenizer may add around a text beyond its bytes (a SentencePiece dummy prefix).
+TOKEN_SLACK = 2
+# Template tokens per chat message beyond its role and content bytes (ChatML uses 5).
+MESSAGE_SLACK = 16
+
+
+def _blocks(table: Table, name: str) -> Iterator[tuple[int, pa.Array]]:
+    return table.scan(name, BLOCK_ROWS)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _bad_text(block: pa.Array) -> np.ndarray:
+    """Null, empty or whitespace-only strings; every row when the column holds no strings."""
+    if not _is_text(block.type):
+        return np.ones(len(block), dtype=bool)
+    blank = pc.or_(pc.equal(pc.binary_length(block), 0), pc.utf8_is_space(block))
+    return pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
+
+
+def _message_parts(block: pa.Array) -> tuple[pa.Array, np.ndarray] | None:
+    """(flattened messages, their row numbers), or None when the type is no list of structs."""
+    if not (pa.types.is_list(block.type) or pa.types.is_large_list(block.type)):
+        return None
+    item = block.type.value_type
+    if not pa.types.is_struct(item) or not all(
+        item.get_field_index(k) >= 0 and _is_text(item.field(k).type) for k in ("role", "content")
+    ):
+        return None
+    parents = pc.list_parent_indices(block).to_numpy(zero_copy_only=False)
+    return pc.list_flatten(block), parents
+
+
+def _bad_messages(block: pa.Array) -> np.ndarray:
+    parts = _message_parts(block)
+    if parts is None:
+        return np.ones(len(block), dtype=bool)
+    lengths = pc.list_value_length(block)
+    bad = pc.fill_null(pc.equal(lengths, 0), True).to_numpy(zero_copy_only=False).copy()
+    flat, parents = parts
+    broken = pc.is_null(flat).to_numpy(zero_copy_only=False).copy()
+    for key in ("role", "content"):
+        broken |= pc.is_null(pc.struct_field(flat, key)).to_numpy(zero_copy_only=False)
+    bad[parents[broken]] = True
+    return bad
+
+
+def bad_row_indices(table: Table, cfg: DatasetConfig) -> np.ndarray:
+    """Indices of the rows that have no usable prompt, in row order."""
+    if cfg.messages_column:
+        checks = [(cfg.messages_column, _bad_messages)]
+    elif cfg.template:
+        checks = [
+            (f, lambda b: pc.is_null(b).to_numpy(zero_copy_only=False))
+            for f in template_fields(cfg.template)
+        ]
+    else:
+        checks = [(cfg.prompt_column, _bad_text)]
+    bad = np.zeros(len(table), dtype=bool)
+    for name, check in checks:
+        for offset, block in _blocks(table, name):
+            bad[offset : offset + len(block)] |= check(block)
+    return np.flatnonzero(bad)
+
+
+def refuse_bad_rows(table: Table, cfg: DatasetConfig, tokenizer, chat: bool) -> None:
+    """Refuse the job when any row has no usable prompt (``runner.on_bad_row=error``).
+
+    Raises:
+        DataError: listing the first rows with their ids and reasons.
+    """
+    bad = bad_row_indices(table, cfg)
+    if len(bad) == 0:
+        return
+    listed = []
+    for i in bad[:10].tolist():
+        ids, texts, problems = prompts.render_texts(table.rows(i, i + 1), cfg, tokenizer, chat)
+        listed.append(prompts.Skipped(i, ids[0], problems[0] or "no usable prompt"))
+    prompts.refuse_bad_rows(listed, len(bad))
+
+
+def check_encoding(table: Table) -> None:
+    """Refuse text that is not valid UTF-8 (Arrow's JSON and CSV readers let it through, and
+    it would fail only when its shard is reached).
+
+    Raises:
+        DataError: naming the column and the row (its line in a jsonl file).
+    """
+    for name in table.dataset.column_names:
+        for offset, block in _blocks(table, name):
+            try:
+                block.validate(full=True)
+            except pa.ArrowInvalid as e:
+                row = offset + _first_invalid(block)
+                line = f" (line {row + 1})" if table.location.endswith(".jsonl") else ""
+                raise DataError(
+                    f"dataset.path={table.location!r}: column {name!r} of row {row}{line} is "
+                    f"not valid UTF-8 text ({e}). Fix or drop that row."
+                ) from e
+
+
+def _first_invalid(block: pa.Array) -> int:
+    for i in range(len(block)):
+        try:
+            block.slice(i, 1).validate(full=True)
+        except pa.ArrowInvalid:
+            return i
+    return 0
+
+
+def check_unique_ids(table: Table, id_column: str | None) -> None:
+    """Refuse a ``dataset.id_column`` whose values repeat.
+
+    Raises:
+        DataError: naming the column and a few repeated ids.
+    """
+    if not id_column:
+        return
+    column = pa.chunked_array([block for _, block in _blocks(table, id_column)])
+    if not _is_text(column.type):
+        try:
+            column = pc.cast(column, pa.string())
+        except pa.ArrowNotImplementedError:
+            return  # ids of a nested type: each shard checks its own (prompts.row_ids)
+    distinct = pc.count_distinct(column, mode="all").as_py()
+    pa.default_memory_pool().release_unused()  # the hash table: as large as the ids
+    if distinct == len(column):
+        return
+    counts = pc.value_counts(column)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    raise prompts.duplicate_ids_error(id_column, [str(v) for v in repeated.to_pylist()])
+
+
+def _byte_lengths(table: Table, cfg: DatasetConfig) -> np.ndarray:
+    """Per row, the UTF-8 bytes of what is rendered into the prompt, beyond the template."""
+    total = np.zeros(len(table), dtype=np.int64)
+    if cfg.messages_column:
+        for offset, block in _blocks(table, cfg.messages_column):
+            parts = _message_parts(block)
+            if parts is None:
+                return total  # rows that bad_row_indices refuses or skips
+            flat, parents = parts
+            size = pc.add(
+                pc.binary_length(pc.struct_field(flat, "content")),
+                pc.binary_length(pc.struct_field(flat, "role")),
+            )
+            size = pc.fill_null(size, 0).to_numpy(zero_copy_only=False) + MESSAGE_SLACK
+            total[offset : offset + len(block)] += np.bincount(
+                parents, weights=size, minlength=len(block)
+            ).astype(np.int64)
+        return total
+    fields = template_fields(cfg.template) if cfg.template else [cfg.prompt_column]
+    for name in fields:
+        for offset, block in _blocks(table, name):
+            text = block if _is_text(block.type) else pc.cast(block, pa.string())
+            size = pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
+            total[offset : offset + len(block)] += size
+    return total
+
+
+def _template_tokens(cfg: DatasetConfig, tokenizer, chat: bool) -> int:
+    """Tokens of a prompt whose rendered fields are all empty: the template's own share."""
+    literal = 0
+    if cfg.template and not cfg.messages_column:
+        empty = dict.fromkeys(template_fields(cfg.template), "")
+        literal = len(cfg.template.format_map(empty).encode())
+    if chat or cfg.messages_column:
+        turns = [{"role": "user", "content": ""}]
+        if cfg.system_prompt:
+            turns.insert(0, {"role": "system", "content": cfg.system_prompt})
+        text = tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=True, **cfg.chat_template_kwargs
+        )
+        wrapper = len(tokenizer(text, add_special_tokens=False).input_ids)
+    else:
+        wrapper = len(tokenizer("").input_ids)
+    return wrapper + literal + TOKEN_SLACK
+
+
+def maybe_long(table: Table, cfg: DatasetConfig, tokenizer, chat: bool, room: int) -> np.ndarray:
+    """Indices of rows whose prompt is not provably within ``room`` tokens."""
+    if cfg.chat_template_kwargs_column:  # each row may render the template its own way
+        return np.arange(len(table))
+    try:
+        overhead = _template_tokens(cfg, tokenizer, chat)
+    except Exception:  # noqa: BLE001 - a template that refuses empty turns: prove nothing
+        return np.arange(len(table))
+    return np.flatnonzero(_byte_lengths(table, cfg) + overhead > room)
+
+
+def refuse_long_prompts(table: Table, cfg: DatasetConfig, tokenizer, chat: bool, room: int) -> int:
+    """Refuse the job now when a prompt is longer than ``room`` tokens, where that is cheap.
+
+    Returns:
+        How many rows could not be checked now (more than ``EXACT_LIMIT`` may be long); their
+        shards check them when reached.
+
+    Raises:
+        DataError: a prompt is too long (``prompts.apply_length_policy`` words it).
+    """
+    candidates = maybe_long(table, cfg, tokenizer, chat, room)
+    if len(candidates) > EXACT_LIMIT:
+        return len(candidates)
+    records = []
+    for i in candidates.tolist():
+        found, _ = prompts.build_records(table.rows(i, i + 1), cfg, tokenizer, chat)
+        records += found
+    prompts.apply_length_policy(records, room, "error", tokenizer)
+    return 0
+
+
+def screen_table(cfg: JobConfig, table: Table, tokenizer, chat: bool, room: int | None) -> None:
+    """The whole-table checks that the job's policies make refusals, before the model loads.
+
+    Raises:
+        DataError: naming the column and rows, as each check does.
+    """
+    d, r = cfg.dataset, cfg.runner
+    check_encoding(table)
+    check_unique_ids(table, d.id_column)
+    if r.on_bad_row == "error":
+        refuse_bad_rows(table, d, tokenizer, chat)
+    if room is not None and r.on_long_prompt == "error":
+        unchecked = refuse_long_prompts(table, d, tokenizer, chat, room)
+        if unchecked:
+            print(
+                f"batchgen: {unchecked:,} prompts may be longer than the {room} tokens left for "
+                "a prompt; each is checked when its shard is reached "
+                "(runner.on_long_prompt=error then stops the job there).",
+                flush=True,
+            )

@@ -1,0 +1,206 @@
+"""The run's identity: config fingerprint, ``_batchgen/run.json``, and the resume check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from batchgen.config import JobConfig, SamplingConfig
+from batchgen.errors import ResumeError
+from batchgen.store import layout
+from batchgen.store.records import read_run_file
+from batchgen.store.rows import OutputSpec
+
+
+def fingerprint_parts(
+    cfg: JobConfig,
+    chat: bool,
+    dtype: str,
+    num_rows: int | None,
+    output: OutputSpec | None = None,
+) -> dict:
+    """Every setting that changes what is generated, grouped by where it comes from.
+
+    The rows themselves are not hashed here: each shard records its own rows' digest
+    (``batchgen.cluster.shard_inputs``), checked when that shard is resumed, so no worker reads the
+    whole dataset to tell whether it changed. ``num_rows`` is None for a stream. ``output``
+    (the optional columns) enters only when it writes any, so older folders still resume.
+    """
+    m, d = cfg.model, cfg.dataset
+    return {
+        "model": {
+            "name_or_path": m.name_or_path,
+            "gguf_file": m.gguf_file,
+            "revision": m.revision,
+            "dtype": dtype,
+            "pad_token": m.pad_token,
+            "max_context": m.max_context,
+        },
+        "sampling": sampling_parts(cfg.sampling),
+        "prompts": {
+            "chat_template": chat,
+            "system_prompt": d.system_prompt,
+            "template": d.template,
+            "prompt_column": d.prompt_column,
+            "messages_column": d.messages_column,
+            "id_column": d.id_column,
+            "keep_columns": list(d.keep_columns),
+            "on_long_prompt": cfg.runner.on_long_prompt,
+            "on_bad_row": cfg.runner.on_bad_row,
+            **_unless_default({k: getattr(d, k) for k in LATER_PROMPTS}, LATER_PROMPTS),
+        },
+        "data": {
+            "source": d.path,
+            "name": d.name,
+            "split": d.split,
+            "rows": num_rows,
+        },
+        "layout": {
+            # Batch size, token budget and engine are left out: each sample's randomness is its
+            # own (batchgen.engine.sampling), so batching changes no output beyond
+            # floating-point ties.
+            "rows_per_shard": cfg.output.rows_per_shard,
+            "seed": cfg.seed,
+        },
+        **({"output": _output_parts(output)} if output and output.columns else {}),
+    }
+
+
+# Settings added after batchgen 0.1.0 enter the fingerprint only when set away from their
+# default, so a folder written before they existed still resumes under the new version.
+LATER_SAMPLING = ("min_p", "ignore_eos", "json_schema", "regex")
+LATER_PROMPTS = {
+    "chat_template_kwargs": {},
+    "chat_template_kwargs_column": None,
+    "sampling_column": None,
+}
+
+
+def _unless_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``values`` less the keys of ``defaults`` whose value is their default."""
+    return {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
+
+
+def sampling_parts(s: SamplingConfig) -> dict[str, Any]:
+    """The sampling settings as fingerprinted: all, less later additions left at their default."""
+    defaults = asdict(SamplingConfig())
+    return _unless_default(asdict(s), {k: defaults[k] for k in LATER_SAMPLING})
+
+
+def _output_parts(output: OutputSpec) -> dict[str, Any]:
+    return {
+        "reasoning": list(output.reasoning) if output.reasoning else None,
+        "logprobs": output.logprobs,
+        "top_logprobs": output.top_logprobs,
+    }
+
+
+def fingerprint(parts: dict) -> str:
+    """Short stable hash of the fingerprint parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        flat.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return flat
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    """``key: old -> new`` for each differing setting, one per line."""
+    a, b = _flatten(old), _flatten(new)
+    lines = [
+        f"  {k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
+    return "\n".join(lines) or "  (settings recorded without details)"
+
+
+def refuse(out_dir: Path, where: str, old_parts: dict, new_parts: dict) -> ResumeError:
+    """The error for a folder that holds another config's run, listing what differs."""
+    return ResumeError(
+        f"output.dir={str(out_dir)!r} holds a run with a different config fingerprint ({where}); "
+        f"resuming would mix outputs of two configs. What differs (recorded -> now):\n"
+        f"{describe_difference(old_parts, new_parts)}\n"
+        f"Start a new folder with output.dir=SOMEWHERE_ELSE, or rerun with the recorded settings. "
+        f"Finished shards were not touched."
+    )
+
+
+def _only_rows_per_shard_differs(old: dict, new: dict) -> bool:
+    """Whether the recorded parts equal the new ones once ``layout.rows_per_shard`` is set equal."""
+    if not isinstance(old.get("layout"), dict) or not isinstance(new.get("layout"), dict):
+        return False
+    rows = new["layout"].get("rows_per_shard")
+    return fingerprint({**old, "layout": {**old["layout"], "rows_per_shard": rows}}) == fingerprint(
+        new
+    )
+
+
+def check_run_file(out_dir: Path, parts: dict, live_claims: Callable[[], list[int]]) -> None:
+    """Refuse an output folder whose ``run.json`` records another config fingerprint.
+
+    One difference is let through: ``output.rows_per_shard`` alone, while the folder holds no
+    published shard and no live claim (an interrupted first attempt). Shard boundaries then
+    exist nowhere, so nothing of the old layout can mix with the new one; the run record is
+    rewritten with the new fingerprint when the run starts. Any other difference could change
+    the outputs and is refused even then.
+
+    Finished shards carry the fingerprint too and are checked one by one on resume
+    (``batchgen.store.verify``), which also covers a folder whose ``run.json`` was lost.
+
+    Args:
+        out_dir: the output folder.
+        parts: this run's fingerprint parts.
+        live_claims: the shards a worker may be writing now (``claims.live_indices``); called
+            only when the rows-per-shard exception is in question, since it reads every claim.
+
+    Raises:
+        ResumeError: naming what differs.
+        NotAnOutputDir: ``run.json`` is not JSON or has no fingerprint, naming the file.
+    """
+    from batchgen.store.writer import finished_shards
+
+    run_file = layout.run_file(out_dir)
+    if run_file.is_file():
+        recorded = read_run_file(out_dir)
+        if recorded.get("fingerprint") != fingerprint(parts):
+            old = recorded.get("fingerprint_parts", {})
+            where = str(run_file.relative_to(out_dir))
+            error = refuse(out_dir, where, old, parts)
+            if not _only_rows_per_shard_differs(old, parts) or finished_shards(out_dir):
+                raise error
+            live = live_claims()
+            if live:
+                raise ResumeError(
+                    f"{error} No shard is published yet, but a worker holds a live claim on "
+                    f"shard(s) {live}: output.rows_per_shard can change once every worker of "
+                    "the earlier attempt has stopped."
+                )
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the outputs."""
+    import datasets
+    import pyarrow
+    import torch
+    import transformers
+
+    from batchgen.version import __version__
+
+    return {
+        "batchgen": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "pyarrow": pyarrow.__version__,
+    }

@@ -1,0 +1,168 @@
+"""Who ran the job and how it went: the shared run record and one record per worker.
+
+Invariant: no worker's facts are overwritten by another's. ``run.json`` holds only what every
+worker of a run shares (fingerprint, its parts, versions, and the config, whose per-worker
+settings such as ``runner.rank`` are the last writer's and read by no tool), written atomically,
+so whichever worker writes last changes nothing that matters. Everything a worker knows of
+itself alone (status, device, engine, host, pid, summary) goes to its own
+``workers/rank-R-of-W.record``, which only that rank writes: a restart of the rank replaces it, and
+no worker's record is lost to another's. Readers merge the records (``read_workers``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from batchgen.errors import NotAnOutputDir
+from batchgen.store import layout
+from batchgen.store.writer import write_json_atomic
+
+RUN_KEYS = ("fingerprint", "fingerprint_parts", "config", "versions")
+# Merged status: the first of these that any worker records. A live worker makes the run
+# running; one worker that saw every shard done makes it complete, whatever the others saw
+# when they stopped earlier.
+STATUS_ORDER = ("running", "complete", "interrupted", "incomplete")
+
+
+def write_run_file(out_dir: Path, meta: dict[str, Any]) -> None:
+    """Write ``run.json``: the run's identity (``RUN_KEYS`` of ``meta``), the same for every worker.
+
+    Raises:
+        OSError: the file cannot be written (its name as ``filename``).
+    """
+    write_json_atomic(layout.run_file(out_dir), {k: meta[k] for k in RUN_KEYS})
+
+
+def write_worker_file(
+    out_dir: Path,
+    meta: dict[str, Any],
+    rank: int,
+    world_size: int,
+    status: str,
+    summary: dict[str, Any] | None = None,
+) -> None:
+    """Write this worker's record: its own part of ``meta`` (device, engine), status and summary.
+
+    Raises:
+        OSError: the file cannot be written (its name as ``filename``).
+    """
+    payload = {
+        "rank": rank,
+        "world_size": world_size,
+        "fingerprint": meta["fingerprint"],
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        **{k: v for k, v in meta.items() if k not in RUN_KEYS},
+        "status": status,
+        "updated_at": time.time(),
+    }
+    if summary is not None:
+        payload["summary"] = summary
+    write_json_atomic(layout.worker_file(out_dir, rank, world_size), payload)
+
+
+def read_run_file(out_dir: Path) -> dict[str, Any]:
+    """The run record of ``out_dir``.
+
+    Raises:
+        NotAnOutputDir: no such folder, no ``run.json``, or one that is not JSON or has no
+            fingerprint; the message names the file.
+    """
+    out_dir = Path(out_dir)
+    path = layout.run_file(out_dir)
+    if not out_dir.is_dir():
+        raise NotAnOutputDir(f"{str(out_dir)!r} is not a folder.")
+    try:
+        run = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotAnOutputDir(
+            f"{str(out_dir)!r} has no {path.relative_to(out_dir)}: not a batchgen output folder, "
+            "or no run has started in it yet."
+        ) from None
+    except (OSError, ValueError) as e:
+        raise NotAnOutputDir(
+            f"{path} cannot be read as JSON ({e}): remove it and rerun the job, which rewrites "
+            "it (each shard records the fingerprint too)."
+        ) from None
+    if not isinstance(run, dict) or "fingerprint" not in run:
+        raise NotAnOutputDir(f"{path} has no fingerprint: not written by batchgen.")
+    return run
+
+
+def _records(out_dir: Path, run: dict[str, Any]) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted(layout.workers_dir(out_dir).glob(layout.WORKER_RECORD_GLOB)):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # written atomically, so only a hand-edited file; the others still count
+        # Records of an earlier fingerprint (output.rows_per_shard changed before any shard was
+        # published) describe a run that no longer exists.
+        if isinstance(record, dict) and record.get("fingerprint") == run.get("fingerprint"):
+            records.append(record)
+    if not records and "status" in run:
+        # Written before per-worker records: run.json carried the one worker's record.
+        records.append({k: v for k, v in run.items() if k not in RUN_KEYS})
+    return records
+
+
+def _throughput(summaries: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Rows/s and tokens/s of the workers' last runs, added up: they ran side by side."""
+    rows = tokens = 0.0
+    for s in summaries:
+        this_run = s.get("this_run") or {}
+        seconds = this_run.get("generate_seconds") or 0.0
+        if seconds > 0:
+            rows += (this_run.get("rows", 0) + this_run.get("skipped", 0)) / seconds
+            tokens += this_run.get("completion_tokens", 0) / seconds
+    if not rows and not tokens:
+        return None
+    return {"rows_per_second": rows, "completion_tokens_per_second": tokens}
+
+
+def read_workers(out_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """The worker records of the run in ``out_dir``, merged.
+
+    Args:
+        out_dir: the output folder.
+        run: its run record (``read_run_file``; ``{}`` when there is none: then only records
+            without a fingerprint would match, so none do).
+
+    Returns:
+        ``records``: each worker's record (``rank``, ``world_size``, ``host``, ``pid``,
+        ``device``, ``engine``, ``status``, ``updated_at``, ``summary`` once it finished), by
+        world size and rank; ``status``: the run's (``STATUS_ORDER``), None without records;
+        ``shards_total`` and ``rows_total``: as any worker recorded them (None for a stream no
+        worker has read to its end); ``phases``: seconds per phase summed over the workers
+        (worker-seconds); ``wall_seconds``: the longest worker's; ``throughput``: rows/s and
+        completion tokens/s of the workers' last runs added up, None when none generated.
+    """
+    records = sorted(
+        _records(Path(out_dir), run),
+        key=lambda r: (r.get("world_size") or 0, r.get("rank") or 0),
+    )
+    summaries = [r["summary"] for r in records if isinstance(r.get("summary"), dict)]
+    statuses = {r.get("status") for r in records}
+    phases: dict[str, float] = {}
+    for s in summaries:
+        for name, seconds in (s.get("phases") or {}).items():
+            phases[name] = phases.get(name, 0.0) + seconds
+    walls = [s["wall_seconds"] for s in summaries if s.get("wall_seconds") is not None]
+    return {
+        "records": records,
+        "status": next((s for s in STATUS_ORDER if s in statuses), None),
+        "shards_total": next(
+            (s["shards_total"] for s in summaries if s.get("shards_total") is not None), None
+        ),
+        "rows_total": next(
+            (s["rows_total"] for s in summaries if s.get("rows_total") is not None), None
+        ),
+        "phases": phases or None,
+        "wall_seconds": max(walls, default=None),
+        "throughput": _throughput(summaries),
+    }

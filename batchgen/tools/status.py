@@ -1,0 +1,254 @@
+"""``batchgen status OUTPUT_DIR``: how far a run is, from its output folder alone.
+
+Reads ``_batchgen/run.json``, the worker records (``_batchgen/workers/``, merged), the footers of
+the published shards and the claim files, and nothing else (no config, no model, no scheduler),
+so it works from a login node while workers run. Exit status: 0 when every shard is done, 1 while
+some are not, 2 when the folder is not a batchgen output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from batchgen.cluster import checkpoints
+from batchgen.cluster.claims import DEFAULT_LEASE, ClaimStore
+from batchgen.cluster.lock import is_live
+from batchgen.errors import NotAnOutputDir
+from batchgen.progress import Totals
+from batchgen.store import layout
+from batchgen.store.records import read_run_file, read_workers
+from batchgen.store.writer import read_footers
+
+EXIT_COMPLETE, EXIT_INCOMPLETE, EXIT_NOT_OUTPUT = 0, 1, 2
+
+
+def _layout(run: dict[str, Any], merged: dict[str, Any], path: Path) -> tuple[int, int, int]:
+    """Total shards, total rows and rows per shard of the run."""
+    parts = run.get("fingerprint_parts") or {}
+    per_shard = (parts.get("layout") or {}).get("rows_per_shard") or (
+        (run.get("config") or {}).get("output") or {}
+    ).get("rows_per_shard")
+    total = merged["shards_total"]
+    rows = merged["rows_total"] or (parts.get("data") or {}).get("rows")
+    if rows is None and ((run.get("config") or {}).get("dataset") or {}).get("streaming"):
+        raise NotAnOutputDir(
+            f"{path}: the dataset is streamed and no worker has read it to its end yet, so its "
+            "row count is unknown; ask again when one has."
+        )
+    if rows is None or not per_shard:
+        raise NotAnOutputDir(f"{path} does not record the row count and rows per shard.")
+    if total is None:
+        total = math.ceil(rows / per_shard)
+    return total, rows, per_shard
+
+
+def _throughput(done: list[dict], merged: dict[str, Any]) -> dict[str, Any]:
+    """Rows/s and tokens/s, from the times of two or more finished shards or batches."""
+    timed = sorted(done, key=lambda s: s["mtime"])
+    span = timed[-1]["mtime"] - timed[0]["mtime"] if len(timed) > 1 else 0.0
+    if span > 0:
+        # The first shard's work happened before the first mtime: it is outside the span.
+        later = timed[1:]
+        return {
+            "rows_per_second": sum(s["rows"] for s in later) / span,
+            "completion_tokens_per_second": sum(s["completion_tokens"] for s in later) / span,
+            "source": "shard and batch times",
+        }
+    if merged["throughput"]:
+        return {**merged["throughput"], "source": "worker records"}
+    return {"rows_per_second": None, "completion_tokens_per_second": None, "source": None}
+
+
+def _run_status(
+    out_dir: Path, run: dict[str, Any], merged: dict[str, Any], clock: Callable[[], float]
+) -> str | None:
+    """The workers' merged status, but "stopped" for a "running" run that no worker holds any more.
+
+    Every live worker holds a lock whose mtime its heartbeat touches every third of the lease;
+    a worker killed (or a second Ctrl-C) leaves ``running`` behind with no heartbeat.
+    """
+    status = merged["status"]
+    if status != "running":
+        return status
+    lease = ((run.get("config") or {}).get("runner") or {}).get("lease_seconds") or DEFAULT_LEASE
+    locks = layout.locks_dir(out_dir).glob("*.lock")
+    if any(is_live(lock, lease, clock()) for lock in locks):
+        return status
+    return "stopped (no live worker: rerun the same command to resume)"
+
+
+def collect(
+    out_dir: Path,
+    lease_seconds: float = DEFAULT_LEASE,
+    clock: Callable[[], float] = time.time,
+) -> dict[str, Any]:
+    """Gather the state of the run in ``out_dir``.
+
+    Args:
+        out_dir: the run's output folder.
+        lease_seconds: lease assumed for unreadable claim files (judged by their mtime).
+        clock: seconds since the epoch.
+
+    Returns:
+        A JSON-serialisable report: ``complete``, ``shards`` (``total``, ``done``, ``claimed``,
+        ``expired``, ``pending``), ``rows`` (``total``, ``done``, ``remaining``), ``totals``
+        (summed shard totals), ``workers`` (per claim owner: live and expired shard indices),
+        ``foreign`` (shard files of another fingerprint or unreadable), ``throughput``,
+        ``eta_seconds`` and ``records`` (per worker record: ``rank``, ``world_size``,
+        ``status``, ``host``, ``device``, ``engine``).
+
+    Raises:
+        NotAnOutputDir: no folder, no usable ``run.json``.
+    """
+    out_dir = Path(out_dir)
+    run = read_run_file(out_dir)
+    merged = read_workers(out_dir, run)
+    total, num_rows, per_shard = _layout(run, merged, layout.run_file(out_dir))
+    totals, done, foreign = Totals(), [], []
+    for index, footer in read_footers(out_dir).items():
+        ours = footer.meta is not None and footer.meta.get("fingerprint") == run["fingerprint"]
+        try:
+            mtime = footer.path.stat().st_mtime
+        except OSError:
+            ours = False  # quarantined since it was listed
+        if not ours or index >= total:
+            foreign.append(footer.path.name)
+            continue
+        shard = footer.shard
+        totals.add(Totals(**shard["totals"]))
+        rows = shard["stop"] - shard["start"]
+        tokens = shard["totals"]["completion_tokens"]
+        done.append({"index": index, "rows": rows, "completion_tokens": tokens, "mtime": mtime})
+    done_set = {s["index"] for s in done}
+    workers: dict[str, dict[str, Any]] = {}
+    claimed = expired = 0
+    for c in ClaimStore.describe(out_dir, lease_seconds, clock):
+        if c["index"] in done_set or c["index"] >= total or c["released"]:
+            continue
+        key = c["owner"] or "(unreadable claim)"
+        w = workers.setdefault(
+            key,
+            {**{k: c[k] for k in ("owner", "host", "pid", "rank")}, "shards": [], "expired": []},
+        )
+        w["expired" if c["expired"] else "shards"].append(c["index"])
+        expired += c["expired"]
+        claimed += not c["expired"]
+    rows_done = sum(s["rows"] for s in done)
+    samples = ((run.get("config") or {}).get("sampling") or {}).get("num_return_sequences", 1)
+    batches = checkpoints.finished_batches(out_dir, samples)  # of shards still in progress
+    remaining = num_rows - rows_done - sum(b["rows"] for b in batches)
+    speed = _throughput(done + batches, merged)
+    rate = speed["rows_per_second"]
+    return {
+        "output_dir": str(out_dir),
+        "fingerprint": run["fingerprint"],
+        "run_status": _run_status(out_dir, run, merged, clock),
+        "complete": len(done) == total,
+        "shards": {
+            "total": total,
+            "done": len(done),
+            "claimed": claimed,
+            "expired": expired,
+            "pending": total - len(done) - claimed - expired,
+        },
+        "rows": {"total": num_rows, "done": rows_done, "remaining": remaining},
+        "rows_per_shard": per_shard,
+        "totals": totals.to_dict(),
+        "workers": sorted(workers.values(), key=lambda w: (w["rank"] is None, w["rank"] or 0)),
+        "foreign": foreign,
+        "throughput": speed,
+        "eta_seconds": remaining / rate if rate else (0.0 if remaining == 0 else None),
+        "records": [
+            {k: r.get(k) for k in ("rank", "world_size", "status", "host", "device", "engine")}
+            for r in merged["records"]
+        ],
+    }
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The report of ``collect`` as aligned lines for the terminal."""
+    sh, rows, t, speed = report["shards"], report["rows"], report["totals"], report["throughput"]
+    lines = [
+        f"batchgen status  {report['output_dir']}",
+        f"  run         {report['run_status']}, fingerprint {report['fingerprint']}",
+        f"  shards      {sh['done']}/{sh['total']} done, {sh['claimed']} claimed, "
+        f"{sh['expired']} expired claims, {sh['pending']} pending",
+    ]
+    if report["records"]:
+        statuses = Counter(r["status"] for r in report["records"])
+        lines.append(
+            f"  records     {len(report['records'])} worker record(s): "
+            + ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
+        )
+    for i, w in enumerate(report["workers"]):
+        live = f"{len(w['shards'])} claimed {w['shards']}" if w["shards"] else "0 claimed"
+        gone = f", EXPIRED {w['expired']} (to be redone)" if w["expired"] else ""
+        label = "workers" if i == 0 else ""
+        lines.append(f"  {label:<11} {w['owner'] or '(unreadable claim)'}  {live}{gone}")
+    lines += [
+        f"  rows        {rows['done']:,}/{rows['total']:,} done ({t['skipped']:,} skipped), "
+        f"{t['samples']:,} samples",
+        f"  tokens      {t['prompt_tokens']:,} prompt, {t['completion_tokens']:,} completion",
+    ]
+    if speed["source"]:
+        lines.append(
+            f"  throughput  {speed['completion_tokens_per_second']:,.1f} tokens/s, "
+            f"{speed['rows_per_second']:,.2f} rows/s (from {speed['source']})"
+        )
+    if report["complete"]:
+        lines.append("  complete    every shard is done")
+    else:
+        eta = report["eta_seconds"]
+        left = sh["total"] - sh["done"]
+        when = _duration(eta) if eta is not None else "unknown (no throughput yet)"
+        lines.append(f"  eta         {when} for {left} shards ({rows['remaining']:,} rows)")
+    if report["foreign"]:
+        lines.append(
+            f"  foreign     {len(report['foreign'])} shard files of another run or unreadable"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the status of a run; returns the exit status (0 complete, 1 not yet, 2 no run)."""
+    parser = argparse.ArgumentParser(
+        prog="batchgen status",
+        description="Progress of a batchgen run, read from its output folder alone.",
+    )
+    parser.add_argument("output_dir", type=Path, help="the run's output.dir")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        help="seconds after which an unreadable claim file counts as expired (default 60)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = collect(args.output_dir, args.lease)
+    except NotAnOutputDir as e:
+        print(f"batchgen status: error: {e}", file=sys.stderr)
+        return EXIT_NOT_OUTPUT
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_COMPLETE if report["complete"] else EXIT_INCOMPLETE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Prompt rendering: messages, system prompt, raw text, templates, BOS handling, long prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchgen.config import DatasetConfig
+from batchgen.errors import ConfigError, DataError
+from batchgen.inputs.dataset import Rows
+from batchgen.inputs.prompts import (
+    apply_bad_row_policy,
+    apply_length_policy,
+    build_records,
+    check_room,
+    uses_chat_template,
+)
+
+
+def rows(**columns) -> Rows:
+    return Rows(columns=columns, kept_types={})
+
+
+def test_prompt_column_wrapped_as_user_turn_with_system_prompt(smol_tokenizer):
+    cfg = DatasetConfig(prompt_column="p", system_prompt="Answer in French.")
+    recs, _ = build_records(rows(p=["Hi there"]), cfg, smol_tokenizer, chat=True)
+    assert recs[0].text == (
+        "<|im_start|>system\nAnswer in French.<|im_end|>\n"
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert recs[0].id == "0"
+
+
+def test_messages_column_rendered_with_generation_prompt(smol_tokenizer):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    cfg = DatasetConfig(messages_column="messages", system_prompt="ignored: row has one")
+    recs, _ = build_records(rows(messages=[msgs]), cfg, smol_tokenizer, chat=True)
+    expected = smol_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert recs[0].text == expected
+    assert recs[0].text.endswith("<|im_start|>assistant\n")
+    assert "ignored" not in recs[0].text
+
+
+def test_no_double_bos_for_template_rendered_text(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.add_bos_token = True
+    raw_ids = tok("x")["input_ids"]
+    assert raw_ids[0] == tok.bos_token_id  # the tokenizer itself would prepend a BOS
+    recs, _ = build_records(rows(p=["hello"]), DatasetConfig(prompt_column="p"), tok, chat=True)
+    assert recs[0].token_ids.count(tok.bos_token_id) == 1
+    assert recs[0].token_ids[0] == tok.bos_token_id
+
+
+def test_raw_text_for_base_model(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["base"])
+    cfg = DatasetConfig(prompt_column="p")
+    assert uses_chat_template(cfg, tok) is False
+    recs, _ = build_records(rows(p=["Once upon a time"]), cfg, tok, chat=False)
+    assert recs[0].text == "Once upon a time"
+    assert recs[0].token_ids == tok("Once upon a time")["input_ids"]
+
+
+def test_chat_template_modes(smol_tokenizer, tiny_models):
+    from transformers import AutoTokenizer
+
+    assert uses_chat_template(DatasetConfig(), smol_tokenizer) is True
+    assert uses_chat_template(DatasetConfig(chat_template="off"), smol_tokenizer) is False
+    base = AutoTokenizer.from_pretrained(tiny_models["base"])
+    with pytest.raises(ConfigError, match="dataset.chat_template=on"):
+        uses_chat_template(DatasetConfig(chat_template="on"), base)
+    with pytest.raises(ConfigError, match="dataset.messages_column"):
+        uses_chat_template(DatasetConfig(messages_column="m"), base)
+
+
+def test_template_with_column_fields_and_kept_columns(smol_tokenizer):
+    cfg = DatasetConfig(
+        prompt_column=None,
+        template="Translate to {lang}: {text}",
+        id_column="uid",
+        keep_columns=["lang"],
+    )
+    data = rows(text=["good morning"], lang=["German"], uid=[17])
+    rec = build_records(data, cfg, smol_tokenizer, chat=False)[0][0]
+    assert rec.text == "Translate to German: good morning"
+    assert rec.id == "17"
+    assert rec.kept == {"lang": "German"}
+
+
+@pytest.mark.parametrize(
+    "bad,why", [(None, "missing"), ("", "empty"), ("   ", "empty"), (5, "not a string: int")]
+)
+def test_bad_prompt_rows_are_collected_with_reason(smol_tokenizer, bad, why):
+    data = rows(p=["fine", bad, "also fine"], uid=["a", "b", "c"])
+    cfg = DatasetConfig(prompt_column="p", id_column="uid")
+    recs, bad_rows = build_records(data, cfg, smol_tokenizer, True)
+    assert [r.id for r in recs] == ["a", "c"] and [r.index for r in recs] == [0, 2]
+    assert [(b.index, b.id) for b in bad_rows] == [(1, "b")]
+    assert bad_rows[0].reason.startswith("dataset.prompt_column 'p': " + why)
+    with pytest.raises(DataError, match=r"1 row\(s\) have no usable prompt: id 'b'.*on_bad_row"):
+        apply_bad_row_policy(bad_rows, "error")
+    assert apply_bad_row_policy(bad_rows, "skip") == bad_rows
+
+
+@pytest.mark.parametrize(
+    "bad", [[], "hello", [{"role": "user"}], [{"content": "x"}], [["user", "x"]], None]
+)
+def test_bad_messages_are_collected(smol_tokenizer, bad):
+    good = [{"role": "user", "content": "hi"}]
+    recs, bad_rows = build_records(
+        rows(m=[good, bad]), DatasetConfig(messages_column="m"), smol_tokenizer, True
+    )
+    assert [r.id for r in recs] == ["0"]
+    assert [b.id for b in bad_rows] == ["1"]
+    assert "dataset.messages_column 'm': expected a non-empty list" in bad_rows[0].reason
+
+
+def test_template_row_with_null_field_is_bad(smol_tokenizer):
+    cfg = DatasetConfig(prompt_column=None, template="{a} and {b}")
+    recs, bad_rows = build_records(rows(a=["x", "y"], b=[1, None]), cfg, smol_tokenizer, False)
+    assert [r.text for r in recs] == ["x and 1"]
+    assert bad_rows[0].reason == "dataset.template field 'b': missing (null)"
+
+
+def test_duplicate_ids_refused(smol_tokenizer):
+    data = rows(p=["a", "b", "c"], uid=["x", "y", "x"])
+    with pytest.raises(DataError, match="not unique.*'x'"):
+        build_records(data, DatasetConfig(prompt_column="p", id_column="uid"), smol_tokenizer, True)
+
+
+def _long_records(tok):
+    data = rows(p=["short", "word " * 50, "tiny", "more words " * 40])
+    return build_records(data, DatasetConfig(prompt_column="p"), tok, chat=False)[0]
+
+
+def test_long_prompt_error_lists_ids(smol_tokenizer):
+    with pytest.raises(DataError, match=r"2 prompt\(s\) exceed the 20 tokens.*\['1', '3'\]"):
+        apply_length_policy(_long_records(smol_tokenizer), 20, "error", smol_tokenizer)
+
+
+def test_long_prompt_skip_reports_rows(smol_tokenizer):
+    kept, skipped = apply_length_policy(_long_records(smol_tokenizer), 20, "skip", smol_tokenizer)
+    assert [r.id for r in kept] == ["0", "2"]
+    assert [(s.index, s.id) for s in skipped] == [(1, "1"), (3, "3")]
+    assert "20 tokens" in skipped[0].reason
+
+
+def test_long_prompt_truncate_left_keeps_the_end(smol_tokenizer):
+    recs = _long_records(smol_tokenizer)
+    original = list(recs[3].token_ids)
+    kept, skipped = apply_length_policy(recs, 20, "truncate_left", smol_tokenizer)
+    assert skipped == [] and len(kept) == 4
+    assert kept[3].token_ids == original[-20:]
+    assert kept[3].text == smol_tokenizer.decode(original[-20:])
+    assert kept[0].text == "short"
+
+
+def test_no_room_for_prompt(smol_tokenizer):
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        check_room(0)
+
+
+def test_every_row_bad_gives_no_records(smol_tokenizer):
+    recs, bad_rows = build_records(
+        rows(p=[None, ""]), DatasetConfig(prompt_column="p"), smol_tokenizer, True
+    )
+    assert recs == [] and [b.id for b in bad_rows] == ["0", "1"]

@@ -1,0 +1,140 @@
+"""Whole-table checks in Arrow: they agree with the per-row Python rules they stand in for."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen.config import DatasetConfig
+from batchgen.errors import DataError
+from batchgen.inputs import screen
+from batchgen.inputs.dataset import open_dataset
+from batchgen.inputs.prompts import build_records, render_texts
+
+
+def table_of(tmp_path, rows, **cfg):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = DatasetConfig(path=str(path), **cfg)
+    return open_dataset(cfg), cfg
+
+
+def python_bad(table, cfg, tokenizer, chat):
+    _, _, problems = render_texts(table.rows(0, len(table)), cfg, tokenizer, chat)
+    return [i for i, p in enumerate(problems) if p]
+
+
+def test_bad_prompts_match_the_python_rules(tmp_path, smol_tokenizer, monkeypatch):
+    monkeypatch.setattr(screen, "BLOCK_ROWS", 3)  # rows cross block boundaries
+    prompts = ["fine", None, "", "   ", "\n\t", "also fine", None, " x "]
+    table, cfg = table_of(tmp_path, [{"p": p} for p in prompts], prompt_column="p")
+    found = screen.bad_row_indices(table, cfg).tolist()
+    assert found == [1, 2, 3, 4, 6] == python_bad(table, cfg, smol_tokenizer, False)
+
+
+def test_a_column_of_numbers_is_all_bad(tmp_path, smol_tokenizer):
+    table, cfg = table_of(tmp_path, [{"p": i} for i in range(4)], prompt_column="p")
+    assert screen.bad_row_indices(table, cfg).tolist() == [0, 1, 2, 3]
+    assert python_bad(table, cfg, smol_tokenizer, False) == [0, 1, 2, 3]
+
+
+def test_bad_messages_match_the_python_rules(tmp_path, smol_tokenizer):
+    user = {"role": "user", "content": "hi"}
+    rows = [
+        {"m": [user]},
+        {"m": None},
+        {"m": []},
+        {"m": [user, {"role": "assistant", "content": None}]},
+        {"m": [{"role": None, "content": "x"}]},
+        {"m": [{"role": "system", "content": "be brief"}, user]},
+    ]
+    table, cfg = table_of(tmp_path, rows, prompt_column=None, messages_column="m")
+    found = screen.bad_row_indices(table, cfg).tolist()
+    assert found == [1, 2, 3, 4] == python_bad(table, cfg, smol_tokenizer, True)
+
+
+def test_template_fields_may_not_be_null(tmp_path, smol_tokenizer):
+    rows = [{"a": "x", "b": 1}, {"a": None, "b": 2}, {"a": "y", "b": None}]
+    table, cfg = table_of(tmp_path, rows, prompt_column=None, template="{a}: {b}")
+    found = screen.bad_row_indices(table, cfg).tolist()
+    assert found == [1, 2] == python_bad(table, cfg, smol_tokenizer, False)
+
+
+def test_refusal_names_rows_ids_and_reasons(tmp_path, smol_tokenizer):
+    rows = [{"uid": f"u{i}", "p": None if i % 4 == 1 else f"text {i}"} for i in range(50)]
+    table, cfg = table_of(tmp_path, rows, prompt_column="p", id_column="uid")
+    with pytest.raises(DataError) as err:
+        screen.refuse_bad_rows(table, cfg, smol_tokenizer, True)
+    message = str(err.value)
+    assert message.startswith("13 row(s) have no usable prompt: id 'u1':")
+    assert "missing (null)" in message and "(and 3 more)" in message
+    assert "runner.on_bad_row=skip" in message
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    rows = [{"uid": u, "p": "x"} for u in ["a", "b", "a", "c", "b"]]
+    table, cfg = table_of(tmp_path, rows, prompt_column="p", id_column="uid")
+    with pytest.raises(
+        DataError, match=r"dataset.id_column='uid' is not unique: e.g. \['a', 'b'\]"
+    ):
+        screen.check_unique_ids(table, "uid")
+    rows = [{"n": i, "p": "x"} for i in range(5)]
+    numbers, _ = table_of(tmp_path, rows, prompt_column="p", id_column="n")
+    screen.check_unique_ids(numbers, "n")  # integer ids, all distinct
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_length_bound_is_never_below_the_token_count(tmp_path, smol_tokenizer, chat):
+    rng = random.Random(0)
+    alphabet = "abc xyz ÉéΩ漢字🙂 \n,.!0123456789"
+    prompts = [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200))) for _ in range(300)
+    ]
+    table, cfg = table_of(tmp_path, [{"p": p} for p in prompts], prompt_column="p")
+    records, _ = build_records(table.rows(0, len(table)), cfg, smol_tokenizer, chat)
+    tokens = np.array([len(r.token_ids) for r in records])
+    for room in (20, 60, 120, 400):
+        flagged = set(screen.maybe_long(table, cfg, smol_tokenizer, chat, room).tolist())
+        assert {i for i, n in enumerate(tokens) if n > room} <= flagged
+    # Most rows are provably short against a roomy context: the bound is useful, not vacuous.
+    assert len(screen.maybe_long(table, cfg, smol_tokenizer, chat, 400)) < len(prompts) // 10
+
+
+def test_length_bound_for_messages_and_templates(tmp_path, smol_tokenizer):
+    convo = [{"role": "system", "content": "brief"}, {"role": "user", "content": "é" * 30}]
+    table, cfg = table_of(tmp_path, [{"m": convo}], prompt_column=None, messages_column="m")
+    records, _ = build_records(table.rows(0, 1), cfg, smol_tokenizer, True)
+    assert screen.maybe_long(table, cfg, smol_tokenizer, True, len(records[0].token_ids) - 1).size
+    rows = [{"a": "word " * 20, "b": 12345}]
+    table, cfg = table_of(tmp_path, rows, prompt_column=None, template="Say {a} then {b}.")
+    records, _ = build_records(table.rows(0, 1), cfg, smol_tokenizer, True)
+    assert screen.maybe_long(table, cfg, smol_tokenizer, True, len(records[0].token_ids) - 1).size
+
+
+def test_long_prompts_refused_early_or_left_to_their_shard(tmp_path, smol_tokenizer, monkeypatch):
+    rows = [{"uid": f"u{i}", "p": "word " * (5 if i != 7 else 300)} for i in range(20)]
+    table, cfg = table_of(tmp_path, rows, prompt_column="p", id_column="uid")
+    with pytest.raises(DataError, match=r"1 prompt\(s\) exceed the 100 tokens.*\['u7'\]"):
+        screen.refuse_long_prompts(table, cfg, smol_tokenizer, True, 100)
+    assert screen.refuse_long_prompts(table, cfg, smol_tokenizer, True, 1000) == 0
+    monkeypatch.setattr(screen, "EXACT_LIMIT", 0)
+    assert screen.refuse_long_prompts(table, cfg, smol_tokenizer, True, 100) == 1
+
+
+def test_screening_a_wide_table_reads_no_rows_into_python(tmp_path, monkeypatch):
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"p": f"prompt {i}"}) + "\n" for i in range(20_000)))
+    table = open_dataset(DatasetConfig(path=str(path), prompt_column="p"))
+
+    def no_python(*_):
+        raise AssertionError("rows were read into Python")
+
+    monkeypatch.setattr(type(table), "rows", no_python)
+    cfg = DatasetConfig(path=str(path), prompt_column="p")
+    assert screen.bad_row_indices(table, cfg).size == 0
+    screen.check_unique_ids(table, "p")
