@@ -9,7 +9,6 @@ with the shard loop's own row builder, so a prompt gives the same completion her
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -232,10 +231,6 @@ class Generator:
             raise ConfigError(
                 f"{', '.join(f'{k}: {len(v)}' for k, v in columns.items())}: one value per prompt."
             )
-        if ids is not None:
-            repeated = sorted(i for i, n in Counter(columns["id"]).items() if n > 1)
-            if repeated:
-                raise prompts.duplicate_ids_error("id", repeated)
         records, bad = prompts.build_records(rows, dataset, self.tokenizer, chat, sampling=s)
         prompts.apply_bad_row_policy(bad, self.runner.on_bad_row)
         room = self.context - s.max_new_tokens if self.context else None
