@@ -26,7 +26,7 @@ from batchgen.store.records import read_run_file, read_workers
 from batchgen.store.shards import plan_shards
 from batchgen.store.summary import add_totals
 from batchgen.store.verify import verify_shard
-from batchgen.store.writer import BASE_FIELDS, Footer, kept_name, read_footers
+from batchgen.store.writer import Footer, read_footers
 
 
 def check(out_dir: Path) -> tuple[dict, int | None, dict[int, Footer], list[str]]:
@@ -69,10 +69,9 @@ def check(out_dir: Path) -> tuple[dict, int | None, dict[int, Footer], list[str]
 def dataset_card(run: dict, rows_total: int, footers: dict[int, Footer]) -> str:
     """The README.md text: YAML header for ``datasets``, then config, model, counts, schema."""
     t = add_totals(footers).to_dict()
-    kept = run["config"]["dataset"]["keep_columns"]
-    columns = [f.name for f in BASE_FIELDS] + [kept_name(c) for c in kept]
+    # The shards' own schema: output columns, the optional ones the run wrote, kept columns.
     schema = pq.read_schema(footers[min(footers)].path)
-    rows = "\n".join(f"| `{c}` | {schema.field(c).type} |" for c in columns)
+    rows = "\n".join(f"| `{f.name}` | {f.type} |" for f in schema)
     return f"""---
 configs:
 - config_name: default
