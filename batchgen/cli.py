@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import importlib
 import json
 import sys
@@ -89,6 +90,7 @@ def _label(location: str) -> str:
     return "".join(c if c.isalnum() or c in "._+-" else "-" for c in name).lstrip(".") or "x"
 
 
+@functools.cache  # the preset files are package data: fixed for the process
 def _sampling_presets() -> dict[str, SamplingConfig]:
     presets = {}
     for path in sorted((Path(CONFIG_DIR) / "sampling").glob("*.yaml")):

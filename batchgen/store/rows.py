@@ -8,6 +8,7 @@ and the optional columns ``OutputSpec`` turns on, the same for every row of a jo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,7 +68,8 @@ def output_spec(cfg: JobConfig, tokenizer, chat: bool) -> OutputSpec:
         logprobs=o.logprobs,
         top_logprobs=o.top_logprobs,
         sampling=s,
-        token_text=lambda token: tokenizer.decode([token]),
+        # Every alternative at every position is a token id: decode each distinct one once.
+        token_text=functools.lru_cache(maxsize=65536)(lambda token: tokenizer.decode([token])),
     )
 
 
