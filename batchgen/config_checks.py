@@ -8,6 +8,7 @@ one place: ``sampling.temperature=0`` becomes greedy decoding, stop strings get 
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from dataclasses import replace
@@ -100,8 +101,7 @@ def resolve_sampling(s: SamplingConfig, model_values: dict[str, Any]) -> Samplin
     if not filled:
         return s
     s = replace(s, **filled)
-    if s.temperature == 0:  # greedy, as normalize_sampling makes it
-        s = replace(s, do_sample=False, temperature=SamplingConfig().temperature)
+    s = greedy_if_zero(s)
     check_sampling(s, "sampling (from the model's generation config)")
     return s
 
@@ -211,6 +211,9 @@ def read_json_schema(s: SamplingConfig) -> SamplingConfig:
     return replace(s, json_schema=schema_text(text, key))
 
 
+# Millions of rows (an OpenAI Batch file, a per-row column) usually share a handful of schemas:
+# each is checked once. A refusal raises, and is not cached.
+@functools.lru_cache(maxsize=1024)
 def schema_text(text: str, key: str) -> str:
     """A JSON schema's compact text (no spaces, key order kept), once checked as a schema.
 
@@ -275,8 +278,14 @@ def normalize_sampling(s: SamplingConfig) -> SamplingConfig:
         for i, x in enumerate(s.stop)
     ]
     s = replace(s, stop=stop)
+    return greedy_if_zero(s)
+
+
+def greedy_if_zero(s: SamplingConfig) -> SamplingConfig:
+    """``temperature=0`` as greedy decoding, as in every API: ``do_sample=false`` and the
+    temperature back at its neutral value, so it is recorded and fingerprinted as greedy."""
     if s.temperature == 0:
-        s = replace(s, do_sample=False, temperature=SamplingConfig().temperature)
+        return replace(s, do_sample=False, temperature=SamplingConfig().temperature)
     return s
 
 

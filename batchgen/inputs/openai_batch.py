@@ -15,7 +15,6 @@ OpenAI samples by default, so every request samples unless its temperature is 0.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -110,12 +109,6 @@ def _integer(body: dict, key: str, low: int) -> int | None:
     return value
 
 
-@functools.lru_cache(maxsize=64)
-def _canonical_schema(text: str) -> str:
-    # Millions of requests usually share a handful of schemas: check each one once.
-    return schema_text(text, "body.response_format.json_schema.schema")
-
-
 def _json_schema(body: dict) -> str | None:
     fmt = body.get("response_format")
     if fmt is None:
@@ -132,7 +125,8 @@ def _json_schema(body: dict) -> str | None:
                 "body.response_format.json_schema.schema", f"expected an object, got {schema!r}"
             )
         try:
-            return _canonical_schema(json.dumps(schema))
+            # schema_text checks each distinct schema once (cached).
+            return schema_text(json.dumps(schema), "body.response_format.json_schema.schema")
         except ConfigError as e:
             raise BadRequest("body.response_format", str(e)) from e
     raise BadRequest(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchgen.config import DatasetConfig, SamplingConfig
-from batchgen.config_checks import check_sampling, schema_text
+from batchgen.config_checks import check_sampling, greedy_if_zero, schema_text
 from batchgen.errors import ConfigError
 from batchgen.inputs.dataset import Rows
 
@@ -87,8 +87,7 @@ def row_sampling(job: SamplingConfig, value: Any, column: str) -> RowSampling | 
             expected = "/".join(t.__name__ for t in SAMPLING_TYPES[key])
             raise ValueError(f"column {column!r}: {key} must be {expected}, got {v!r}")
     sampling = dataclasses.replace(job, **overrides)
-    if sampling.temperature == 0:  # greedy, as in every API (normalize_sampling for the job)
-        sampling = dataclasses.replace(sampling, do_sample=False, temperature=1.0)
+    sampling = greedy_if_zero(sampling)
     try:
         if sampling.json_schema is not None:
             key = f"column {column!r} json_schema"
