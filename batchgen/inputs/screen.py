@@ -257,7 +257,9 @@ def screen_table(cfg: JobConfig, table: Table, tokenizer, chat: bool, room: int 
     check_unique_ids(table, d.id_column)
     if r.on_bad_row == "error":
         refuse_bad_rows(table, d, tokenizer, chat)
-    if room is not None and r.on_long_prompt == "error":
+    # A row with its own max_new_tokens (dataset.sampling_column) has its own room: its shard
+    # checks it (prompts.apply_length_policy).
+    if room is not None and r.on_long_prompt == "error" and not d.sampling_column:
         unchecked = refuse_long_prompts(table, d, tokenizer, chat, room)
         if unchecked:
             print(
