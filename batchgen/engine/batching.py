@@ -196,7 +196,8 @@ class BatchRunner:
             outs = self._continuous(records, on_rows, on_batch)
             if outs is not None:
                 return {**results, **outs}, failed
-        for sampling, group in sampling_groups(records, self.sampling):
+        groups = [(self.sampling, records)] if uniform else sampling_groups(records, self.sampling)
+        for sampling, group in groups:
             self._run_group(group, sampling, results, failed, on_rows, on_batch)
         return results, failed
 
