@@ -6,15 +6,22 @@ Parquet file under ``_batchgen/checkpoints/part-NNNNN/``, recording the run's fi
 shard's digest; a resume reuses exactly the rows whose checkpoint matches both (sampling is keyed
 by row id and sample index, never by batch, so the remaining rows come out as they would have).
 Any worker may reuse any checkpoint of a shard it holds, so a stolen shard resumes too; the
-folder is removed once its shard is published. Files written before the log-probability columns
-existed still load, as samples without log-probabilities.
+folder is removed once its shard is published.
+
+Nothing damaged is reused: a file's name carries the SHA-256 of its bytes (``rows-FIRST-SUM.ckpt``),
+which covers its rows and its recorded identity alike, and is checked before the file is parsed.
+A file whose bytes do not match (a flipped bit, a cut, a copy torn by a host crash), that does not
+parse, or that has no sum (written by an older batchgen) is discarded with one warning line
+naming it, and its rows are generated again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +37,8 @@ if TYPE_CHECKING:  # the engine imports torch, which `status` must not pay for
     from batchgen.engine.static import Sample
 
 META_KEY = b"batchgen_checkpoint"
+# rows-FIRSTROW-SUM.ckpt: SUM is the first 32 hex digits of the SHA-256 of the file's bytes.
+NAME_RE = re.compile(r"^rows-(\d{9})-([0-9a-f]{32})\.ckpt$")
 TOP_LOGPROB = pa.struct([pa.field("token_id", pa.int32()), pa.field("logprob", pa.float32())])
 SCHEMA = pa.schema(
     [
@@ -69,14 +78,18 @@ def save(out_dir: Path, shard: int, identity: dict, batch: list[tuple[int, list[
         for k, s in enumerate(samples)
     ]
     schema = SCHEMA.with_metadata({META_KEY: json.dumps(identity).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    data = sink.getvalue().to_pybytes()
     folder = layout.checkpoint_dir(out_dir, shard)
     folder.mkdir(parents=True, exist_ok=True)
     # Parquet inside, but not named so: duckdb and datasets would take it for an output shard.
-    final = folder / f"rows-{batch[0][0]:09d}-{os.urandom(6).hex()}.ckpt"
+    # Two writers of the same batch write the same bytes under the same name: either rename wins.
+    final = folder / f"rows-{batch[0][0]:09d}-{_checksum(data)}.ckpt"
     tmp = temp_path(final)
     try:
         with tmp.open("xb") as f:  # a Python file: a full disk raises with its errno
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
+            f.write(data)
         os.replace(tmp, final)
     except OSError as e:
         raise OSError(e.errno, e.strerror or str(e), str(final)) from e
@@ -84,21 +97,54 @@ def save(out_dir: Path, shard: int, identity: dict, batch: list[tuple[int, list[
         tmp.unlink(missing_ok=True)
 
 
+def _checksum(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _read(path: Path) -> tuple[pa.Table | None, dict | None, str | None]:
+    """(rows, recorded identity, None), or (None, None, what is wrong) for a damaged file; a
+    file removed meanwhile (its shard published) reads as (None, None, None)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, None, None
+    except OSError as e:
+        return None, None, f"unreadable ({e.strerror})"
+    named = NAME_RE.match(path.name)
+    if named is None:
+        return None, None, "no checksum in its name (written by an older batchgen)"
+    if _checksum(data) != named.group(2):
+        return None, None, "its bytes do not match its checksum"
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+        return table, json.loads((table.schema.metadata or {})[META_KEY]), None
+    except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+        return None, None, f"not a checkpoint ({type(e).__name__})"
+
+
+def _discard(out_dir: Path, path: Path, why: str) -> None:
+    print(
+        f"batchgen: checkpoint {path.relative_to(out_dir)} is damaged ({why}); discarded, its "
+        "rows are generated again",
+        flush=True,
+    )
+    path.unlink(missing_ok=True)
+
+
 def load(out_dir: Path, shard: int, identity: dict, samples: int) -> dict[int, list[Sample]]:
     """The rows of ``shard`` that earlier attempts finished under the same identity.
 
-    A file of another identity, unreadable, or missing samples of a row contributes nothing.
+    A damaged file is discarded with a warning (module docstring); a file of another identity,
+    or missing samples of a row, contributes nothing.
     """
     from batchgen.engine.static import Sample
 
     found: dict[int, list[Sample]] = {}
     folder = layout.checkpoint_dir(out_dir, shard)
     for path in sorted(folder.glob("rows-*.ckpt")) if folder.is_dir() else []:
-        try:
-            table = pq.read_table(path)
-            recorded = json.loads((table.schema.metadata or {})[META_KEY])
-        except (OSError, KeyError, ValueError, pa.ArrowException):
-            continue  # cut short by a crash before its rename cannot be: damaged since; redo
+        table, recorded, damage = _read(path)
+        if damage is not None:
+            _discard(out_dir, path, damage)
         if recorded != identity:
             continue
         by_row: dict[int, list[Sample]] = {}
@@ -109,13 +155,12 @@ def load(out_dir: Path, shard: int, identity: dict, samples: int) -> dict[int, l
 
 
 def _sample(cls: type[Sample], row: dict) -> Sample:
-    """A checkpoint row as a Sample; columns an older file lacks are None."""
-    top = row.get("top_logprobs")
+    top = row["top_logprobs"]
     return cls(
         row["text"],
         row["finish_reason"],
         row["completion_tokens"],
-        row.get("logprobs"),
+        row["logprobs"],
         None if top is None else [[(p["token_id"], p["logprob"]) for p in step] for step in top],
     )
 

@@ -36,7 +36,7 @@ def test_saved_batches_come_back_only_under_the_same_identity(tmp_path):
     assert not folder.exists()
 
 
-def test_logprobs_round_trip_and_older_files_load_without(tmp_path):
+def test_logprobs_round_trip(tmp_path):
     values = torch.tensor([-0.1, -2.3, -0.0]).tolist()  # float32, as the engine records them
     top = [[(11, values[0]), (4, -3.5)], [(7, values[1]), (11, -2.75)], [(2, 0.0), (9, -30.0)]]
     scored = Sample("abc", "stop", 3, values, top)
@@ -44,13 +44,54 @@ def test_logprobs_round_trip_and_older_files_load_without(tmp_path):
     checkpoints.save(tmp_path, 0, IDENTITY, batch)
     assert checkpoints.load(tmp_path, 0, IDENTITY, samples=2) == dict(batch)
 
-    # A file from before the log-probability columns: its samples come back without them.
-    old = pa.schema([f for f in checkpoints.SCHEMA if "logprobs" not in f.name])
-    row = {"index": 2, "sample_index": 0, "text": "z", "finish_reason": "stop"}
-    table = pa.Table.from_pylist([{**row, "completion_tokens": 1}], schema=old)
-    table = table.replace_schema_metadata({checkpoints.META_KEY: json.dumps(IDENTITY).encode()})
-    pq.write_table(table, layout.checkpoint_dir(tmp_path, 0) / "rows-000000002-old.ckpt")
-    assert checkpoints.load(tmp_path, 0, IDENTITY, samples=1)[2] == [Sample("z", "stop", 1)]
+
+def _saved(tmp_path, first: int, text: str):
+    checkpoints.save(tmp_path, 0, IDENTITY, [(first, [Sample(text, "length", 9)])])
+    return next(layout.checkpoint_dir(tmp_path, 0).glob(f"rows-{first:09d}-*.ckpt"))
+
+
+def test_damaged_files_are_discarded_with_a_warning_naming_them(tmp_path, capsys):
+    texts = {i: f"response number {i} " * 8 for i in range(6)}
+    files = {i: _saved(tmp_path, i, t) for i, t in texts.items()}
+    raw = bytearray(files[0].read_bytes())
+    at = raw.find(b"response number 0")
+    assert at > 0, "the text is stored uncompressed enough to find"
+    raw[at + 3] ^= 0x01  # one bit inside the response's text: 'response' -> 'resqonse'
+    files[0].write_bytes(raw)
+    files[1].write_bytes(files[1].read_bytes()[:-40])  # cut short
+    files[2].write_bytes(b"")  # an empty file after a host crash
+    # A well-formed checkpoint whose rows were rewritten: its bytes no longer match its name.
+    other = _saved(tmp_path / "elsewhere", 3, "not what the model wrote")
+    files[3].write_bytes(other.read_bytes())
+    # Written by a batchgen without checksums: nothing vouches for its rows.
+    legacy = files[4].with_name("rows-000000004-0123456789ab.ckpt")
+    files[4].rename(legacy)
+    assert checkpoints.load(tmp_path, 0, IDENTITY, samples=1) == {
+        5: [Sample(texts[5], "length", 9)]
+    }
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 5
+    for path in (files[0], files[1], files[2], files[3], legacy):
+        name = str(path.relative_to(tmp_path))
+        assert any(line.startswith(f"batchgen: checkpoint {name} is damaged (") for line in said)
+        assert not path.exists()
+    assert [p.name for p in layout.checkpoint_dir(tmp_path, 0).iterdir()] == [files[5].name]
+
+
+def test_random_bit_flips_never_come_back_as_rows(tmp_path):
+    import random
+
+    rng = random.Random(7)
+    reference = {0: [Sample("el " * 30, "length", 30, [-0.5] * 30)]}
+    for trial in range(200):
+        folder = tmp_path / str(trial)
+        checkpoints.save(folder, 0, IDENTITY, list(reference.items()))
+        path = next(layout.checkpoint_dir(folder, 0).iterdir())
+        raw = bytearray(path.read_bytes())
+        for _ in range(rng.choice([1, 1, 2, 8])):
+            raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        path.write_bytes(raw)
+        assert checkpoints.load(folder, 0, IDENTITY, samples=1) == {}
 
 
 @pytest.fixture
@@ -117,6 +158,48 @@ def test_ctrl_c_at_sixty_percent_of_a_shard_loses_at_most_one_batch(
     assert sum(calls.seen) == 200 - kept  # nothing generated twice
     assert rows(out) == reference
     assert not (out / "_batchgen" / "checkpoints").exists()
+
+
+def test_resume_over_damaged_checkpoints_publishes_a_clean_runs_rows(
+    tiny_models, data, make_job, tmp_path, calls, capsys
+):
+    settings = {
+        "sampling__do_sample": True,
+        "sampling__max_new_tokens": 6,
+        "output__rows_per_shard": 200,
+        "runner__batch_size": 8,
+    }
+    full = tmp_path / "full"
+    run(make_job(tiny_models["chat"], data, full, **settings))
+    reference = rows(full)
+
+    out = tmp_path / "out"
+    calls.seen.clear()
+    calls.stop_after = 6
+    with pytest.raises(Stopped):
+        run(make_job(tiny_models["chat"], data, out, **settings))
+    saved = sorted(layout.checkpoint_dir(out, 0).glob("rows-*.ckpt"))
+    assert len(saved) == 6
+    text = max(pq.read_table(saved[1]).column("text").to_pylist(), key=len).encode()
+    raw = bytearray(saved[1].read_bytes())
+    at = raw.find(text)
+    assert at >= 0
+    raw[at + 1] ^= 0x04  # one bit of one character of the response
+    saved[1].write_bytes(raw)
+    raw = bytearray(saved[3].read_bytes())
+    for at in (100, 500, 900):
+        raw[at] ^= 0x81
+    saved[3].write_bytes(raw)
+    saved[4].write_bytes(saved[4].read_bytes()[:300])
+    capsys.readouterr()
+
+    calls.seen.clear()
+    calls.stop_after = None
+    run(make_job(tiny_models["chat"], data, out, **settings))
+    said = [x for x in capsys.readouterr().out.splitlines() if " is damaged " in x]
+    assert [x.split()[2] for x in said] == [str(saved[i].relative_to(out)) for i in (1, 3, 4)]
+    assert sum(calls.seen) == 200 - 6 * 8 + 3 * 8  # the three damaged batches, generated again
+    assert rows(out) == reference
 
 
 def test_changed_rows_do_not_reuse_checkpoints(tiny_models, data, make_job, tmp_path, calls):
