@@ -6,7 +6,6 @@ import json
 import os
 import signal
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
