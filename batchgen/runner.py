@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batchgen.cluster import checkpoints, claims
-from batchgen.cluster.lock import RunLock
+from batchgen.cluster.lock import RunLock, live_fingerprints
 from batchgen.cluster.ranks import WorkerInfo, resolve_worker
 from batchgen.cluster.shard_inputs import ShardInputs
 from batchgen.cluster.shard_loop import LoopSettings, ShardLoop
@@ -23,7 +23,7 @@ from batchgen.errors import BatchgenError, Interrupted, Stopped
 from batchgen.inputs import dataset, models, prompts, screen
 from batchgen.progress import Progress, describe_sampling, format_summary
 from batchgen.store import layout, manifest, writer
-from batchgen.store.records import write_run_file, write_worker_file
+from batchgen.store.records import run_file_guard, write_run_file, write_worker_file
 from batchgen.store.rows import OutputSpec, output_spec
 from batchgen.store.shards import Shard, plan_shards
 from batchgen.store.summary import summarize
@@ -88,7 +88,7 @@ def prepare(cfg: JobConfig) -> Prepared:
         check_constraint(cfg.sampling)
         output = output_spec(cfg, tokenizer, chat)
         parts = manifest.fingerprint_parts(cfg, chat, dtype, num_rows, output)
-        manifest.check_run_file(out_dir, parts, lambda: claims.live_indices(out_dir))
+        _admit(cfg, out_dir, lock, parts)
         context = models.context_length(model_config, tokenizer, cfg.model)
         room = context - cfg.sampling.max_new_tokens if context else None
         prompts.check_room(room)
@@ -132,6 +132,30 @@ def prepare(cfg: JobConfig) -> Prepared:
     except BaseException:
         lock.release()
         raise
+
+
+def _admit(cfg: JobConfig, out_dir: Path, lock: RunLock, parts: dict) -> None:
+    """Join the run recorded in ``out_dir`` or record this one, atomically with other workers.
+
+    Raises:
+        ResumeError: the folder holds another config's run (``manifest.check_run_file``).
+    """
+    fingerprint = manifest.fingerprint(parts)
+    identity = {
+        "fingerprint": fingerprint,
+        "fingerprint_parts": parts,
+        "config": cfg.to_dict(),
+        "versions": manifest.versions(),
+    }
+    with run_file_guard(out_dir):
+        if manifest.check_run_file(
+            out_dir,
+            parts,
+            lambda: claims.live_indices(out_dir),
+            lambda: live_fingerprints(out_dir, cfg.runner.lease_seconds, lock.path),
+        ):
+            write_run_file(out_dir, identity)
+        lock.attach(fingerprint)
 
 
 def _run_metadata(p: Prepared) -> dict:
@@ -225,7 +249,6 @@ def generate(p: Prepared) -> dict:
     """
     started = time.perf_counter()
     meta = _run_metadata(p)
-    write_run_file(p.out_dir, meta)
     w = p.worker
     write_worker_file(p.out_dir, meta, w.rank, w.world_size, "running")
     _tidy(p, complete=False)

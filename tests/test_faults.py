@@ -163,6 +163,66 @@ def test_second_runner_on_the_same_folder_is_refused(tiny_models, data, tmp_path
     assert f"pid {first.pid}" in second.stderr and "batchgen: error:" in second.stderr
 
 
+# The command line, with a pause between the run-record check and what follows it, so two
+# workers started together both reach the check before either has recorded the run.
+SLOW_ADMISSION = """
+import sys, time
+from batchgen.store import manifest
+real = manifest.check_run_file
+def slow(*args, **kwargs):
+    verdict = real(*args, **kwargs)
+    time.sleep(1.0)
+    return verdict
+manifest.check_run_file = slow
+from batchgen.cli import main
+sys.argv[0] = "batchgen"
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        (["sampling.max_new_tokens=12"], ["sampling.max_new_tokens=13"]),
+        (["sampling.do_sample=false"], ["seed=5"]),
+    ],
+    ids=["max_new_tokens", "greedy-vs-sampled"],
+)
+def test_two_configs_started_at_once_never_share_a_folder(tiny_models, data, tmp_path, settings):
+    for attempt in range(2):
+        out = tmp_path / f"out{attempt}"
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    SLOW_ADMISSION,
+                    *cli(tiny_models["chat"], data, out)[3:],
+                    "dataset.limit=6",
+                    "runner.world_size=2",
+                    f"runner.rank={rank}",
+                    *settings[rank],
+                ],
+                env=ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in (0, 1)
+        ]
+        ends = [(p.communicate(timeout=300), p.returncode) for p in procs]
+        assert sorted(code for _, code in ends) == [0, 2], [err for (_, err), _ in ends]
+        (_, refused), _ = next(e for e in ends if e[1] == 2)
+        assert "batchgen: error:" in refused and "different config fingerprint" in refused
+        assert all("Traceback" not in out + err for (out, err), _ in ends)
+        recorded = json.loads(layout.run_file(out).read_text())["fingerprint"]
+        footers = [
+            json.loads(pq.read_schema(f).metadata[b"batchgen"]) for f in out.glob("*.parquet")
+        ]
+        assert len(footers) == 6
+        assert {f["fingerprint"] for f in footers} == {recorded}
+
+
 def test_sigterm_and_ctrl_c_stop_cleanly_and_resume(tiny_models, data, reference, tmp_path):
     out = tmp_path / "out"
     for sig, code, name in ((signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")):

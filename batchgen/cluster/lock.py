@@ -14,6 +14,10 @@ slow taker could rename away the fresh lock a faster taker has just created; und
 taker re-reads the lock and removes it only if it is still the stale one it judged. The kernel drops
 an ``flock`` when its process dies, so the guard itself never goes stale; the empty guard file stays
 in the folder after a takeover.
+
+Once its worker has been admitted to the run (``batchgen.store.manifest.check_run_file``), the
+lock also records the fingerprint it generates under (``attach``), so the run record is never
+replaced under a live worker of another config (``live_fingerprints``).
 """
 
 from __future__ import annotations
@@ -98,6 +102,20 @@ def _read(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else {}
 
 
+def live_fingerprints(out_dir: Path, lease_seconds: float, own: Path) -> dict[str, dict[str, Any]]:
+    """The fingerprints that live workers other than ``own`` (a lock file) were admitted under,
+    each with one of its holders' records (``pid``, ``host``, ``argv``...)."""
+    found: dict[str, dict[str, Any]] = {}
+    now = time.time()
+    for path in sorted(layout.locks_dir(out_dir).glob("*.lock")):
+        holder = _read(path)
+        if path == own or not holder or not is_live(path, lease_seconds, now):
+            continue
+        if isinstance(holder.get("fingerprint"), str):
+            found.setdefault(holder["fingerprint"], holder)
+    return found
+
+
 def is_live(path: Path, lease_seconds: float, now: float) -> bool:
     """Whether the lock at ``path`` has a live holder: a heartbeat within the lease, and, for a
     holder in this host's pid namespace, a running process (a kill is seen at once)."""
@@ -142,6 +160,8 @@ class RunLock:
         self.lease_seconds = lease_seconds
         self._beating = threading.Event()
         self._thread: threading.Thread | None = None
+        # The heartbeat compares the file with ``_record``; ``attach`` rewrites both at once.
+        self._state = threading.Lock()
 
     def _new_record(self) -> dict[str, Any]:
         pid = os.getpid()
@@ -201,12 +221,15 @@ class RunLock:
             self.path.unlink()
             return True
 
-    def _beat(self, record: dict[str, Any]) -> None:
+    def _beat(self) -> None:
         while not self._beating.wait(self.lease_seconds / 3):
             try:
-                if _read(self.path) != record:
-                    raise FileNotFoundError(self.path)
-                os.utime(self.path)
+                with self._state:
+                    if self._record is None:
+                        return  # released
+                    if _read(self.path) != self._record:
+                        raise FileNotFoundError(self.path)
+                    os.utime(self.path)
             except FileNotFoundError:
                 log.warning(
                     "batchgen: the run lock %s was taken over after this process went silent "
@@ -239,7 +262,7 @@ class RunLock:
                 self._record = record
                 self._beating.clear()
                 self._thread = threading.Thread(
-                    target=self._beat, args=(record,), name="batchgen-lock", daemon=True
+                    target=self._beat, name="batchgen-lock", daemon=True
                 )
                 self._thread.start()
                 return taken_over
@@ -252,9 +275,31 @@ class RunLock:
                 taken_over = holder
         raise self._refusal(_read(self.path) or {})
 
+    def attach(self, fingerprint: str) -> None:
+        """Record in the held lock the run fingerprint this worker was admitted under.
+
+        Raises:
+            RuntimeError: the lock is not held.
+            OSError: the lock cannot be rewritten (its name as ``filename``).
+        """
+        with self._state:
+            if self._record is None:
+                raise RuntimeError(f"{self.path} is not held by this RunLock")
+            record = {**self._record, "fingerprint": fingerprint}
+            tmp = temp_path(self.path)
+            try:
+                tmp.write_text(json.dumps(record) + "\n")
+                os.replace(tmp, self.path)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._record = record
+
     def release(self) -> bool:
         """Remove the lock if it is still this object's and this process's; True if removed."""
-        record, self._record = self._record, None
+        with self._state:
+            record, self._record = self._record, None
         self._beating.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()

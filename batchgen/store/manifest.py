@@ -145,14 +145,24 @@ def _only_rows_per_shard_differs(old: dict, new: dict) -> bool:
     )
 
 
-def check_run_file(out_dir: Path, parts: dict, live_claims: Callable[[], list[int]]) -> None:
-    """Refuse an output folder whose ``run.json`` records another config fingerprint.
+def check_run_file(
+    out_dir: Path,
+    parts: dict,
+    live_claims: Callable[[], list[int]],
+    live_fingerprints: Callable[[], dict[str, dict]],
+) -> bool:
+    """Admit a worker with these fingerprint parts to the run in ``out_dir``, or refuse it.
+
+    Call it under ``records.run_file_guard``, and record the answer (write ``run.json`` when
+    told to, then attach the fingerprint to the worker's lock) before leaving the guard: the
+    first worker to record the run's identity wins, and every later one is judged against it,
+    however close their starts.
 
     One difference is let through: ``output.rows_per_shard`` alone, while the folder holds no
-    published shard and no live claim (an interrupted first attempt). Shard boundaries then
-    exist nowhere, so nothing of the old layout can mix with the new one; the run record is
-    rewritten with the new fingerprint when the run starts. Any other difference could change
-    the outputs and is refused even then.
+    published shard, no live claim, and no live worker admitted under another fingerprint (an
+    interrupted first attempt). Shard boundaries then exist nowhere, so nothing of the old
+    layout can mix with the new one; the run record is replaced. Any other difference could
+    change the outputs and is refused even then.
 
     Finished shards carry the fingerprint too and are checked one by one on resume
     (``batchgen.store.verify``), which also covers a folder whose ``run.json`` was lost.
@@ -162,6 +172,11 @@ def check_run_file(out_dir: Path, parts: dict, live_claims: Callable[[], list[in
         parts: this run's fingerprint parts.
         live_claims: the shards a worker may be writing now (``claims.live_indices``); called
             only when the rows-per-shard exception is in question, since it reads every claim.
+        live_fingerprints: fingerprint -> a holder's lock record, of the other live workers
+            admitted to this folder (``lock.live_fingerprints``); called only then, too.
+
+    Returns:
+        True when ``run.json`` is to be written with this run's identity (none yet, or replaced).
 
     Raises:
         ResumeError: naming what differs.
@@ -170,21 +185,32 @@ def check_run_file(out_dir: Path, parts: dict, live_claims: Callable[[], list[in
     from batchgen.store.writer import finished_shards
 
     run_file = layout.run_file(out_dir)
-    if run_file.is_file():
-        recorded = read_run_file(out_dir)
-        if recorded.get("fingerprint") != fingerprint(parts):
-            old = recorded.get("fingerprint_parts", {})
-            where = str(run_file.relative_to(out_dir))
-            error = refuse(out_dir, where, old, parts)
-            if not _only_rows_per_shard_differs(old, parts) or finished_shards(out_dir):
-                raise error
-            live = live_claims()
-            if live:
-                raise ResumeError(
-                    f"{error} No shard is published yet, but a worker holds a live claim on "
-                    f"shard(s) {live}: output.rows_per_shard can change once every worker of "
-                    "the earlier attempt has stopped."
-                )
+    if not run_file.is_file():
+        return True
+    recorded = read_run_file(out_dir)
+    ours = fingerprint(parts)
+    if recorded.get("fingerprint") == ours:
+        return False
+    old = recorded.get("fingerprint_parts", {})
+    error = refuse(out_dir, str(run_file.relative_to(out_dir)), old, parts)
+    if not _only_rows_per_shard_differs(old, parts) or finished_shards(out_dir):
+        raise error
+    live = live_claims()
+    if live:
+        raise ResumeError(
+            f"{error} No shard is published yet, but a worker holds a live claim on "
+            f"shard(s) {live}: output.rows_per_shard can change once every worker of "
+            "the earlier attempt has stopped."
+        )
+    others = {fp: who for fp, who in live_fingerprints().items() if fp != ours}
+    if others:
+        who = next(iter(others.values()))
+        raise ResumeError(
+            f"{error} No shard is published yet, but a worker of that run is live (pid "
+            f"{who.get('pid')} on host {who.get('host')}): output.rows_per_shard can change "
+            "once it has stopped."
+        )
+    return True
 
 
 def versions() -> dict[str, str]:

@@ -2,8 +2,9 @@
 
 Invariant: no worker's facts are overwritten by another's. ``run.json`` holds only what every
 worker of a run shares (fingerprint, its parts, versions, and the config, whose per-worker
-settings such as ``runner.rank`` are the last writer's and read by no tool), written atomically,
-so whichever worker writes last changes nothing that matters. Everything a worker knows of
+settings such as ``runner.rank`` are its first writer's and read by no tool), written atomically
+by the first worker admitted, under ``run_file_guard`` (``batchgen.store.manifest``), and
+rewritten only to replace a run that never published a shard. Everything a worker knows of
 itself alone (status, device, engine, host, pid, summary) goes to its own
 ``workers/rank-R-of-W.record``, which only that rank writes: a restart of the rank replaces it, and
 no worker's record is lost to another's. Readers merge the records (``read_workers``).
@@ -11,10 +12,13 @@ no worker's record is lost to another's. Readers merge the records (``read_worke
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,26 @@ RUN_KEYS = ("fingerprint", "fingerprint_parts", "config", "versions")
 # running; one worker that saw every shard done makes it complete, whatever the others saw
 # when they stopped earlier.
 STATUS_ORDER = ("running", "complete", "interrupted", "incomplete")
+
+
+@contextlib.contextmanager
+def run_file_guard(out_dir: Path) -> Iterator[None]:
+    """Hold the folder's run-record guard: an exclusive ``flock`` on ``run.json.guard``, which
+    serializes admission to the run across processes and hosts (NFS emulates ``flock`` with
+    byte-range locks); the kernel drops it when its holder dies.
+
+    Raises:
+        OSError: the guard file cannot be created or locked (its name as ``filename``).
+    """
+    path = layout.run_guard_file(out_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        guard = path.open("a")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    with guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        yield
 
 
 def write_run_file(out_dir: Path, meta: dict[str, Any]) -> None:

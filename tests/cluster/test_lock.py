@@ -148,6 +148,26 @@ def test_heartbeat_keeps_a_held_lock_fresh(tmp_path):
     assert not lock.path.exists()
 
 
+def test_attached_fingerprint_is_seen_by_other_workers_while_the_lock_lives(tmp_path, caplog):
+    first = RunLock(tmp_path, "run-rank0-of2", lease_seconds=0.6)
+    second = RunLock(tmp_path, "run-rank1-of2", lease_seconds=0.6)
+    first.acquire()
+    second.acquire()
+    try:
+        assert lock_mod.live_fingerprints(tmp_path, 0.6, second.path) == {}  # not admitted yet
+        first.attach("fp-a")
+        assert json.loads(first.path.read_text())["fingerprint"] == "fp-a"
+        time.sleep(0.5)  # beats after the rewrite: the heartbeat still knows its own lock
+        assert time.time() - first.path.stat().st_mtime < 0.6
+        assert "taken over" not in caplog.text
+        seen = lock_mod.live_fingerprints(tmp_path, 0.6, second.path)
+        assert list(seen) == ["fp-a"] and seen["fp-a"]["pid"] == os.getpid()
+        assert lock_mod.live_fingerprints(tmp_path, 0.6, first.path) == {}  # its own is no other
+    finally:
+        assert first.release() and second.release()
+    assert lock_mod.live_fingerprints(tmp_path, 0.6, second.path) == {}
+
+
 def test_frozen_holder_in_another_pid_namespace_is_taken_over(tmp_path):
     """A real holder in its own pid namespace (a container), alive, then frozen past the lease."""
     if os.geteuid() != 0:
