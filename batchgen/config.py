@@ -135,6 +135,10 @@ class RunnerConfig:
     world_size: int | None = None
     # Seconds a shard claim lives without a heartbeat; a dead worker's shard is redone after it.
     lease_seconds: float = 120.0
+    # A worker whose shard in hand makes no progress (no decoding step, prefill chunk or batch)
+    # for this long releases its claims and exits with status 3 (null: never). Model loading
+    # is not counted.
+    stall_seconds: float | None = 1800.0
     # After its own shards, a worker takes unfinished shards whose claims are free or expired.
     steal: bool = True
     # CPU threads for torch; None: Slurm's SLURM_CPUS_PER_TASK when set, else torch's default.

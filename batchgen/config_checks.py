@@ -26,6 +26,11 @@ CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 ENGINES = ("auto", "static", "continuous")
 REASONING_MODES = ("auto", "off")
 MAX_TOP_LOGPROBS = 20
+# Shortest lease the claims' heartbeat can honour: it renews every third of the lease, and a
+# claim is trusted for publishing only while a quarter of it is left.
+MIN_LEASE_SECONDS = 1.0
+# Shortest stall the watchdog can tell from a slow step: it looks once a second at most.
+MIN_STALL_SECONDS = 1.0
 # Parquet codecs every pyarrow build writes.
 COMPRESSIONS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
 
@@ -174,7 +179,19 @@ def validate(cfg: JobConfig) -> None:
         "runner.on_bad_row",
         f"must be one of {BAD_ROW_POLICIES}, got {r.on_bad_row!r}",
     )
-    _check(r.lease_seconds > 0, "runner.lease_seconds", "must be > 0")
+    _check(
+        r.lease_seconds >= MIN_LEASE_SECONDS,
+        "runner.lease_seconds",
+        f"{r.lease_seconds:g} is below the floor of {MIN_LEASE_SECONDS:g} s: the heartbeat renews "
+        "claims every third of the lease, and a shorter one expires before a renewal lands "
+        "(use 60 or more on shared storage)",
+    )
+    _check(
+        r.stall_seconds is None or r.stall_seconds >= MIN_STALL_SECONDS,
+        "runner.stall_seconds",
+        f"{r.stall_seconds} is below the floor of {MIN_STALL_SECONDS:g} s: the watchdog looks "
+        "once a second, and a healthy decoding step can take that long (null turns it off)",
+    )
     _check(r.threads is None or r.threads >= 1, "runner.threads", "must be at least 1 when set")
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
     _check(

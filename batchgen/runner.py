@@ -14,6 +14,7 @@ from batchgen.cluster.ranks import WorkerInfo, resolve_worker
 from batchgen.cluster.shard_inputs import ShardInputs
 from batchgen.cluster.shard_loop import LoopSettings, ShardLoop
 from batchgen.cluster.signals import StopRequested
+from batchgen.cluster.watchdog import Watchdog
 from batchgen.config import JobConfig
 from batchgen.config_checks import validate
 from batchgen.engine.batching import BatchRunner, build_engine, choose_engine
@@ -88,12 +89,12 @@ def prepare(cfg: JobConfig) -> Prepared:
         check_constraint(cfg.sampling)
         output = output_spec(cfg, tokenizer, chat)
         parts = manifest.fingerprint_parts(cfg, chat, dtype, num_rows, output)
-        _admit(cfg, out_dir, lock, parts)
         context = models.context_length(model_config, tokenizer, cfg.model)
         room = context - cfg.sampling.max_new_tokens if context else None
         prompts.check_room(room)
         if not streaming:
             screen.screen_table(cfg, table, tokenizer, chat, room)
+        _admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
         encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
         inputs = ShardInputs(
             None if streaming else table,
@@ -180,6 +181,15 @@ def _engine(p: Prepared) -> Engine:
     )
 
 
+def _watchdog(p: Prepared, meta: dict) -> Watchdog:
+    """The stall watchdog; giving up, the worker records the stall and drops its run lock."""
+    w = p.worker
+    watchdog = Watchdog(p.cfg.runner.stall_seconds, w.rank)
+    watchdog.on_stall(lambda: write_worker_file(p.out_dir, meta, w.rank, w.world_size, "stalled"))
+    watchdog.on_stall(p.lock.release)
+    return watchdog
+
+
 def _loop(p: Prepared, meta: dict, stop, progress: Progress, published: set[int]) -> ShardLoop:
     r, sampling = p.cfg.runner, p.cfg.sampling
     settings = LoopSettings(
@@ -201,6 +211,7 @@ def _loop(p: Prepared, meta: dict, stop, progress: Progress, published: set[int]
         settings,
         progress,
         published,
+        _watchdog(p, meta),
     )
 
 

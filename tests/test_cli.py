@@ -255,10 +255,12 @@ def _cut_short(path: Path) -> Path:
         ("output.compression=nonsense", ["output.compression", "'nonsense'", "zstd"]),
         ("model.device=nonsense", ["model.device", "'nonsense'", "cuda:N"]),
         ("model.device=cuda:0", ["model.device='cuda:0'", "no CUDA device"]),
+        ("runner.lease_seconds=1e-9", ["runner.lease_seconds: 1e-09", "floor of 1 s"]),
+        ("runner.stall_seconds=0.5", ["runner.stall_seconds: 0.5", "floor of 1 s"]),
         (_bad_utf8, ["latin1.jsonl", "column 'prompt' of row 1 (line 2)", "UTF-8"]),
         (_cut_short, ["cut.jsonl", "line 3 is not valid JSON"]),
     ],
-    ids=["compression", "device", "no-cuda", "non-utf8-jsonl", "truncated-jsonl"],
+    ids=["compression", "device", "no-cuda", "lease", "stall", "non-utf8-jsonl", "truncated-jsonl"],
 )
 def test_bad_values_get_one_line_before_the_model_loads(work, tiny_models, override, expected):
     out = work / "out"

@@ -223,6 +223,64 @@ def test_two_configs_started_at_once_never_share_a_folder(tiny_models, data, tmp
         assert {f["fingerprint"] for f in footers} == {recorded}
 
 
+# The command line, with generation hung for good at its second batch while every thread of the
+# process lives on (a hung CUDA kernel, a dead collective); it says when the hang began.
+HUNG_GENERATION = """
+import sys, threading, time
+from batchgen.engine.static import Engine
+real = Engine.generate
+calls = []
+def generate(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        print(f"hung at {time.time()}", file=sys.stderr, flush=True)
+        threading.Event().wait()
+    return real(self, *args, **kwargs)
+Engine.generate = generate
+from batchgen.cli import main
+sys.argv[0] = "batchgen"
+main()
+"""
+
+
+def test_worker_hung_inside_generation_gives_its_shards_up(tiny_models, data, reference, tmp_path):
+    out = tmp_path / "out"
+    extra = ["runner.world_size=2", "runner.lease_seconds=2", "runner.stall_seconds=3"]
+    hung = subprocess.Popen(
+        [sys.executable, "-c", HUNG_GENERATION, *cli(tiny_models["chat"], data, out)[3:]]
+        + [*extra, "runner.rank=1"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    healthy = subprocess.Popen(
+        cli(tiny_models["chat"], data, out, *extra, "runner.rank=0"),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, said = hung.communicate(timeout=300)
+        ended = time.time()
+        _, healthy_said = healthy.communicate(timeout=300)
+    finally:
+        for proc in (hung, healthy):
+            if proc.poll() is None:
+                proc.kill()
+    assert hung.returncode == 3, said
+    began = float(said.split("hung at ")[1].split()[0])
+    assert ended - began < 3 + 2 + 5  # stall + lease, and the slack of a busy machine
+    stalled = [x for x in said.splitlines() if x.startswith("batchgen: error: worker 1 stalled")]
+    assert len(stalled) == 1 and "runner.stall_seconds=3" in stalled[0], said
+    assert "Traceback" not in said
+    assert healthy.returncode == 0, healthy_said
+    assert rows(out) == reference
+    record = json.loads(layout.worker_file(out, 1, 2).read_text())
+    assert record["status"] == "stalled"
+
+
 def test_sigterm_and_ctrl_c_stop_cleanly_and_resume(tiny_models, data, reference, tmp_path):
     out = tmp_path / "out"
     for sig, code, name in ((signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")):

@@ -8,7 +8,9 @@ Invariant: a worker reads, renders and verifies only what it touches. A finished
 own share is verified (decoded whole, fingerprint and rows' digest) when the loop reaches it,
 before it is skipped; another worker's finished shard is skipped unread; an unfinished one is
 rendered and tokenized only once this worker holds its claim. The model loads at the first
-shard that needs generating, so a finished job never loads it.
+shard that needs generating, so a finished job never loads it. A shard in hand is watched
+(``watchdog``): if its work stops moving for ``runner.stall_seconds``, the worker releases its
+claims and exits.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from batchgen.cluster.claims import ClaimStore
 from batchgen.cluster.heartbeat import Heartbeat
 from batchgen.cluster.ranks import WorkerInfo, assign_shards
 from batchgen.cluster.shard_inputs import ShardInputs, ShardWork
+from batchgen.cluster.watchdog import Watchdog
 from batchgen.engine.batching import BatchRunner
 from batchgen.errors import Interrupted
 from batchgen.inputs.dataset import Rows, Stream
@@ -82,6 +85,8 @@ class ShardLoop:
             ``samples`` (``num_return_sequences``) of the job.
         progress: the bar.
         published: shards published before this run started (not counted on the bar).
+        watchdog: watches each shard in hand; the loop adds its own give-up steps (stop the
+            claims' heartbeat, release them).
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class ShardLoop:
         settings: LoopSettings,
         progress: Progress,
         published: set[int],
+        watchdog: Watchdog,
     ):
         self.out_dir = out_dir
         self.worker = worker
@@ -106,6 +112,10 @@ class ShardLoop:
         self.settings = settings
         self.progress = progress
         self.store = ClaimStore(out_dir, default_owner(worker.rank), settings.lease_seconds)
+        self.heartbeat = Heartbeat(self.store)
+        self.watchdog = watchdog
+        watchdog.on_stall(self.heartbeat.stop)
+        watchdog.on_stall(self.store.release_all)
         self.result = LoopResult()
         self.counted = set(published)  # shards on the bar, or not to be put there
         self.seen: set[int] = set()  # shards the loop has reached once
@@ -118,7 +128,7 @@ class ShardLoop:
         mine = set(own)
         others = [i for i in reversed(sorted(by_index)) if i not in mine]
         pending = own + (others if self.settings.steal else [])
-        with Heartbeat(self.store):
+        with self.heartbeat, self.watchdog:
             try:
                 while True:
                     # A published shard stays published: each pass looks only at what is left,
@@ -138,7 +148,7 @@ class ShardLoop:
         that another live worker holds is kept in memory and waited for at the end.
         """
         held: dict[int, tuple[Shard, Rows]] = {}
-        with Heartbeat(self.store):
+        with self.heartbeat, self.watchdog:
             try:
                 for start, batch in stream.blocks(rows_per_shard):
                     shard = Shard(start // rows_per_shard, start, start + batch.num_rows)
@@ -179,13 +189,14 @@ class ShardLoop:
         if not self.store.try_claim(shard.index):
             return False
         try:
-            if self._published(shard):  # finished by someone between our look and our claim
-                return True
-            started = time.perf_counter()
-            work = self.inputs.build(shard, rows)
-            self.result.tokenize_seconds += time.perf_counter() - started
-            self._generate(work)
-            return self._published(shard)
+            with self.watchdog.watch(shard.name):
+                if self._published(shard):  # finished by someone between our look and our claim
+                    return True
+                started = time.perf_counter()
+                work = self.inputs.build(shard, rows)
+                self.result.tokenize_seconds += time.perf_counter() - started
+                self._generate(work)
+                return self._published(shard)
         finally:
             self._release(shard)
 
@@ -254,16 +265,27 @@ class ShardLoop:
             self.result.kept_rows += len(batch)
             if self.result.kept_rows < len(item.records):  # the last batch: publish instead
                 checkpoints.save(self.out_dir, shard.index, identity, batch)
+            self.watchdog.beat()
 
         if self.batcher is None:
-            self.batcher = self.make_batcher()
-            self.batcher.engine.on_step = self.progress.step
+            with self.watchdog.paused():  # loading and sizing the model is no stall
+                self.batcher = self.make_batcher()
+            self.batcher.engine.on_step = self._stepped
+            self.batcher.engine.on_prefill = self.watchdog.beat
         padded_before = self.batcher.engine.padded_tokens
         started = time.perf_counter()
-        fresh, failed = self.batcher.run(todo, self.progress.update, persist)
+        fresh, failed = self.batcher.run(todo, self._rows_done, persist)
         seconds = time.perf_counter() - started
         padded = self.batcher.engine.padded_tokens - padded_before
         return {**results, **fresh}, failed, padded, seconds
+
+    def _stepped(self, tokens: int) -> None:
+        self.watchdog.beat()
+        self.progress.step(tokens)
+
+    def _rows_done(self, rows: int, tokens: int) -> None:
+        self.watchdog.beat()
+        self.progress.update(rows, tokens)
 
     def _shard_meta(self, item: ShardWork, totals: Totals, failed: list, seconds: float) -> dict:
         """The footer metadata of a shard: the run's, plus what this shard holds and who made it."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,11 +101,13 @@ def prefill(
     pad_id: int,
     cache_len: int,
     max_tokens: int,
+    on_chunk: Callable[[], None] | None = None,
 ) -> Prefilled | None:
     """Prefill ``prompts`` chunk by chunk into one static cache of ``cache_len`` positions.
 
     ``cache_len`` must hold T-1 prompt tokens plus the new ones. Each prompt is computed once
     and fills ``copies`` consecutive cache rows (B = prompts x copies), one per sample.
+    ``on_chunk`` is called after each forward pass (the shared prefix, each chunk).
 
     Returns None where this does not apply, and the caller generates the plain way: prompts of
     one token (nothing to prefill) and caches not made of plain static layers (sliding windows).
@@ -121,6 +124,8 @@ def prefill(
     shared = shared_prefix(prompts)
     rows = len(prompts) * copies
     prefix = _forward(model, torch.tensor([prompts[0][:shared]], device=device)) if shared else []
+    if shared and on_chunk is not None:
+        on_chunk()
     _allocate(cache, prefix, rows)
     pad_slots = 0
     for chunk in prefill_chunks([len(p) - 1 - shared for p in prompts], max_tokens):
@@ -136,6 +141,8 @@ def prefill(
             (k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix
         ]
         parts = _forward(model, ids, mask, past)
+        if on_chunk is not None:
+            on_chunk()
         _allocate(cache, parts, rows)
         index = torch.tensor([i * copies + c for i in chunk for c in range(copies)], device=device)
         for layer, (keys, values) in zip(cache.layers, parts, strict=True):

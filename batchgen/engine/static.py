@@ -158,6 +158,8 @@ class Engine:
         # Called with the tokens each decoding step produced (rows not yet finished): a
         # progress bar moves as tokens come, not once per batch.
         self.on_step: Callable[[int], None] | None = None
+        # Called after each prefill forward pass: a long prefill is work moving, not a stall.
+        self.on_prefill: Callable[[], None] | None = None
         self.device = next(model.parameters()).device
         self.padded_tokens = 0  # pad slots computed in prompt prefill, for the padding-waste figure
         # Pad slots held in the decode batches' KV caches (left of shorter prompts): never
@@ -253,7 +255,9 @@ class Engine:
                     self.cache_len, -(-length // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET
                 )
                 self.cache_len = length
-            filled = prefill(self.model, prompts, n, self.pad_id, length, self.prefill_tokens)
+            filled = prefill(
+                self.model, prompts, n, self.pad_id, length, self.prefill_tokens, self.on_prefill
+            )
         if filled is None:
             # Pad slots per prompt, as the chunks count them: each of its samples repeats them.
             width = attention_mask.shape[1]
