@@ -16,6 +16,7 @@ from transformers.generation.streamers import BaseStreamer
 from batchgen.config import SamplingConfig
 from batchgen.engine.constrained import constraint_processor
 from batchgen.engine.logprobs import LogprobRecorder, RowLogprobs
+from batchgen.engine.partial_char import PartialCharTrimmer
 from batchgen.engine.prefill import prefill, supports_prefill
 from batchgen.engine.sampling import sample_keys, sampling_processors
 from batchgen.inputs.prompts import PromptRecord
@@ -137,6 +138,7 @@ class Engine:
         top_logprobs: int = 0,
     ):
         self.tokenizer = tokenizer
+        self.partial_char = PartialCharTrimmer(tokenizer)
         self.sampling = sampling
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
         self.pad_id = tokenizer.pad_token_id
@@ -270,7 +272,8 @@ class Engine:
         """Cut one generated row at its end, decode it and say why it ended.
 
         Its recorded ``scores`` are cut at the same end: one per token the text was decoded
-        from, the EOS included when it ends the row, nothing of the pads after it.
+        from, the EOS included when it ends the row, nothing of the pads after it. A character
+        the token limit cut in two is left out of the text only (``engine.partial_char``).
         """
         end, reason = len(ids), "length"
         eos_at = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
@@ -286,6 +289,10 @@ class Engine:
             text, reason = text[:hit], "stop"
             if eos_at is not None and self.pad_id in self.eos_ids:
                 end = eos_at  # that "EOS" was the pad filled in after the stop string
+        if reason == "length":
+            # Only the token limit cuts a character in two: EOS and stop strings end the text
+            # where the model did.
+            text = self.partial_char.trim(ids[:end], text)
         if scores is None:
             return Sample(text, reason, end)
         logprobs, top = scores.cut(end)
