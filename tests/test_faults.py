@@ -423,6 +423,30 @@ def test_non_string_prompts_are_bad_rows(tiny_models, make_job, tmp_path):
     assert errors[0]["reason"] == "dataset.prompt_column 'prompt': not a string: int '1'"
 
 
+def test_one_bad_value_in_a_mixed_column_is_the_one_bad_row(tiny_models, make_job, tmp_path):
+    data = tmp_path / "mixed.jsonl"
+    lines = [{"uid": f"row-{i}", "prompt": 42 if i == 7 else f"hello {i}"} for i in range(12)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    refused = make_job(tiny_models["base"], data, tmp_path / "refused", sampling__max_new_tokens=4)
+    with pytest.raises(DataError) as err:
+        run(refused)
+    assert str(err.value).startswith(
+        "1 row(s) have no usable prompt: id 'row-7' (row 7, line 8): "
+        "dataset.prompt_column 'prompt': not a string: int '42'. Fix the data"
+    )
+    out = tmp_path / "out"
+    cfg = make_job(
+        tiny_models["base"], data, out, runner__on_bad_row="skip", sampling__max_new_tokens=4
+    )
+    summary = run(cfg)
+    assert [r["id"] for r in rows(out)] == [f"row-{i}" for i in range(12) if i != 7]
+    errors = [
+        json.loads(line) for line in layout.worker_errors_file(out, 0, 1).read_text().splitlines()
+    ]
+    assert [(e["id"], e["kind"]) for e in errors] == [("row-7", "skipped")]
+    assert summary["totals"]["skipped"] == 1 and summary["totals"]["rows"] == 11
+
+
 def _in_pid_namespace(args: list[str], log) -> subprocess.Popen:
     """A worker in its own pid namespace (as in a container: it is pid 1 there)."""
     return subprocess.Popen(

@@ -75,7 +75,8 @@ def _row_ids(rows: Rows, cfg: DatasetConfig) -> list[str]:
     return ids
 
 
-def _messages_problem(value: Any) -> str | None:
+def messages_problem(value: Any) -> str | None:
+    """Why ``value`` is no usable ``dataset.messages_column`` value, or None when it is."""
     ok = (
         isinstance(value, list)
         and value
@@ -138,7 +139,7 @@ def render_texts(
         column = rows.columns[cfg.messages_column]
         problems = [
             f"dataset.messages_column {cfg.messages_column!r}: {why}"
-            if (why := _messages_problem(v))
+            if (why := messages_problem(v))
             else ""
             for v in column
         ]
@@ -218,13 +219,20 @@ def build_records(
     return records, bad
 
 
-def refuse_bad_rows(listed: list[Skipped], total: int) -> None:
+def refuse_bad_rows(listed: list[Skipped], total: int, lines: bool = False) -> None:
     """Refuse the job over rows without a usable prompt, naming the first of ``total``.
+
+    Args:
+        lines: the rows are a jsonl file's lines, one each: name the line too.
 
     Raises:
         DataError: always.
     """
-    named = "; ".join(f"id {b.id!r}: {b.reason}" for b in listed[:10])
+
+    def where(row: int) -> str:
+        return f"row {row}, line {row + 1}" if lines else f"row {row}"
+
+    named = "; ".join(f"id {b.id!r} ({where(b.index)}): {b.reason}" for b in listed[:10])
     more = f" (and {total - 10} more)" if total > 10 else ""
     raise DataError(
         f"{total} row(s) have no usable prompt: {named}{more}. Fix the data, or set "

@@ -1,7 +1,8 @@
 """Whole-dataset checks that Arrow answers in seconds, before the model loads.
 
 Invariant: nothing here turns the table's rows into Python objects; every pass is Arrow compute
-over blocks of a column, so a 10M-row dataset is screened in seconds and in bounded memory.
+over blocks of a column, so a 10M-row dataset is screened in seconds and in bounded memory. A
+column of mixed types, stored as JSON text, is judged from that text (``inputs.jsontext``).
 What needs rendering or the tokenizer row by row happens per shard
 (``batchgen.cluster.shard_inputs``), where the same policies apply again and are authoritative.
 Checked here:
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 
 from batchgen.config import DatasetConfig, JobConfig
 from batchgen.errors import DataError
-from batchgen.inputs import prompts
+from batchgen.inputs import jsontext, prompts
 from batchgen.inputs.dataset import Table, template_fields
 
 # Rows per Arrow block: bounds the transient memory of one pass.
@@ -49,37 +50,66 @@ def _is_text(t: pa.DataType) -> bool:
 
 def _bad_text(block: pa.Array) -> np.ndarray:
     """Null, empty or whitespace-only strings; every row when the column holds no strings."""
+    if jsontext.is_json(block.type):
+        return jsontext.bad_text(block)
     if not _is_text(block.type):
         return np.ones(len(block), dtype=bool)
     blank = pc.or_(pc.equal(pc.binary_length(block), 0), pc.utf8_is_space(block))
     return pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
 
 
-def _message_parts(block: pa.Array) -> tuple[pa.Array, np.ndarray] | None:
-    """(flattened messages, their row numbers), or None when the type is no list of structs."""
+def _null(block: pa.Array) -> np.ndarray:
+    if jsontext.is_json(block.type):
+        return jsontext.nulls(block)
+    return pc.is_null(block).to_numpy(zero_copy_only=False)
+
+
+def _message_items(items: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per message: (unusable, a bound on its role and content bytes plus ``MESSAGE_SLACK``),
+    or None when the type holds no {role, content} pair of strings."""
+    if jsontext.is_json(items.type):
+        return jsontext.bad_message_items(items), jsontext.byte_lengths(items)
+    if not pa.types.is_struct(items.type):
+        return None
+    broken = pc.is_null(items).to_numpy(zero_copy_only=False).copy()
+    size = np.full(len(items), MESSAGE_SLACK, dtype=np.int64)
+    for key in ("role", "content"):
+        if items.type.get_field_index(key) < 0:
+            return None
+        value = pc.struct_field(items, key)
+        if jsontext.is_json(value.type):
+            broken |= ~jsontext.strings(value)
+            size += jsontext.byte_lengths(value)
+        elif _is_text(value.type):
+            broken |= pc.is_null(value).to_numpy(zero_copy_only=False)
+            size += pc.fill_null(pc.binary_length(value), 0).to_numpy(zero_copy_only=False)
+        else:
+            return None
+    return broken, size
+
+
+def _messages(block: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per row: (no usable messages, a bound on their bytes as ``_message_items`` counts them),
+    or None when no row can hold usable messages."""
+    if jsontext.is_json(block.type):
+        return jsontext.bad_messages(block), jsontext.byte_lengths(block)
     if not (pa.types.is_list(block.type) or pa.types.is_large_list(block.type)):
         return None
-    item = block.type.value_type
-    if not pa.types.is_struct(item) or not all(
-        item.get_field_index(k) >= 0 and _is_text(item.field(k).type) for k in ("role", "content")
-    ):
+    items = _message_items(pc.list_flatten(block))
+    if items is None:
         return None
+    broken, size = items
     parents = pc.list_parent_indices(block).to_numpy(zero_copy_only=False)
-    return pc.list_flatten(block), parents
+    lengths = pc.list_value_length(block)
+    bad = pc.fill_null(pc.equal(lengths, 0), True).to_numpy(zero_copy_only=False).copy()
+    bad[parents[broken]] = True
+    total = np.bincount(parents, weights=size, minlength=len(block)).astype(np.int64)
+    return bad, total
 
 
 def _bad_messages(block: pa.Array) -> np.ndarray:
-    parts = _message_parts(block)
-    if parts is None:
-        return np.ones(len(block), dtype=bool)
-    lengths = pc.list_value_length(block)
-    bad = pc.fill_null(pc.equal(lengths, 0), True).to_numpy(zero_copy_only=False).copy()
-    flat, parents = parts
-    broken = pc.is_null(flat).to_numpy(zero_copy_only=False).copy()
-    for key in ("role", "content"):
-        broken |= pc.is_null(pc.struct_field(flat, key)).to_numpy(zero_copy_only=False)
-    bad[parents[broken]] = True
-    return bad
+    found = _messages(block)
+    return np.ones(len(block), dtype=bool) if found is None else found[0]
 
 
 def bad_row_indices(table: Table, cfg: DatasetConfig) -> np.ndarray:
@@ -87,10 +117,7 @@ def bad_row_indices(table: Table, cfg: DatasetConfig) -> np.ndarray:
     if cfg.messages_column:
         checks = [(cfg.messages_column, _bad_messages)]
     elif cfg.template:
-        checks = [
-            (f, lambda b: pc.is_null(b).to_numpy(zero_copy_only=False))
-            for f in template_fields(cfg.template)
-        ]
+        checks = [(f, _null) for f in template_fields(cfg.template)]
     else:
         checks = [(cfg.prompt_column, _bad_text)]
     bad = np.zeros(len(table), dtype=bool)
@@ -113,7 +140,7 @@ def refuse_bad_rows(table: Table, cfg: DatasetConfig, tokenizer, chat: bool) -> 
     for i in bad[:10].tolist():
         ids, texts, problems = prompts.render_texts(table.rows(i, i + 1), cfg, tokenizer, chat)
         listed.append(prompts.Skipped(i, ids[0], problems[0] or "no usable prompt"))
-    prompts.refuse_bad_rows(listed, len(bad))
+    prompts.refuse_bad_rows(listed, len(bad), lines=table.location.endswith(".jsonl"))
 
 
 def check_encoding(table: Table) -> None:
@@ -153,7 +180,11 @@ def check_unique_ids(table: Table, id_column: str | None) -> None:
     """
     if not id_column:
         return
-    column = pa.chunked_array([block for _, block in _blocks(table, id_column)])
+    blocks = [block for _, block in _blocks(table, id_column)]
+    mixed = jsontext.is_json(blocks[0].type)
+    # Equal JSON texts are equal ids: ``datasets`` writes a value as one text (the string "12"
+    # and the number 12 alike as ``12``, which ``prompts`` reads back as the same id).
+    column = pa.chunked_array([jsontext.texts(b) for b in blocks] if mixed else blocks)
     if not _is_text(column.type):
         try:
             column = pc.cast(column, pa.string())
@@ -164,8 +195,9 @@ def check_unique_ids(table: Table, id_column: str | None) -> None:
     if distinct == len(column):
         return
     counts = pc.value_counts(column)
-    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    raise prompts.duplicate_ids_error(id_column, [str(v) for v in repeated.to_pylist()])
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+    shown = jsontext.decoded_strs(repeated) if mixed else [str(v) for v in repeated]
+    raise prompts.duplicate_ids_error(id_column, shown)
 
 
 def _byte_lengths(table: Table, cfg: DatasetConfig) -> np.ndarray:
@@ -173,26 +205,25 @@ def _byte_lengths(table: Table, cfg: DatasetConfig) -> np.ndarray:
     total = np.zeros(len(table), dtype=np.int64)
     if cfg.messages_column:
         for offset, block in _blocks(table, cfg.messages_column):
-            parts = _message_parts(block)
-            if parts is None:
+            found = _messages(block)
+            if found is None:
                 return total  # rows that bad_row_indices refuses or skips
-            flat, parents = parts
-            size = pc.add(
-                pc.binary_length(pc.struct_field(flat, "content")),
-                pc.binary_length(pc.struct_field(flat, "role")),
-            )
-            size = pc.fill_null(size, 0).to_numpy(zero_copy_only=False) + MESSAGE_SLACK
-            total[offset : offset + len(block)] += np.bincount(
-                parents, weights=size, minlength=len(block)
-            ).astype(np.int64)
+            total[offset : offset + len(block)] += found[1]
         return total
     fields = template_fields(cfg.template) if cfg.template else [cfg.prompt_column]
     for name in fields:
         for offset, block in _blocks(table, name):
-            text = block if _is_text(block.type) else pc.cast(block, pa.string())
-            size = pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
-            total[offset : offset + len(block)] += size
+            total[offset : offset + len(block)] += _text_bytes(block, bool(cfg.template))
     return total
+
+
+def _text_bytes(block: pa.Array, formatted: bool) -> np.ndarray:
+    """Per row, a bound on the UTF-8 bytes of the value's text in the prompt (``formatted``:
+    ``str`` of a template field's value; else a prompt string, the only usable value)."""
+    if jsontext.is_json(block.type):
+        return jsontext.format_bytes(block) if formatted else jsontext.byte_lengths(block)
+    text = block if _is_text(block.type) else pc.cast(block, pa.string())
+    return pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
 
 
 def _template_tokens(cfg: DatasetConfig, tokenizer, chat: bool) -> int:
