@@ -6,7 +6,9 @@
 # already running (checked via our pid files + /proc/PID/comm). Stop with stop_slurm.sh.
 #
 # Exit status: 0 ready; 3 this machine cannot host the cluster (not root, a port taken by another
-# program, packages not installable), so a test may skip with the printed reason; other: a failure.
+# program, packages not installable), so a test skips with the printed reason (under CI=true it
+# fails with it); other: a failure -- among them another apt/dpkg run holding its lock past
+# APT_LOCK_WAIT (waiting for that lock is no reason to call the machine unfit).
 #
 # Env knobs:
 #   LOCAL_SLURM_DIR   base dir for state/spool/logs/pids   (default /tmp/local-slurm)
@@ -16,6 +18,8 @@
 #   SLURM_NCPUS       CPUs advertised for the node           (default: nproc; >nproc => oversubscribe)
 #   SLURM_DB_PORT     TCP port of the private mariadbd       (default 33061)
 #   SMOKE_TEST        1 = run `srun hostname` at the end     (default 1)
+#   APT_LOCK_WAIT     seconds to wait, in all, for another apt/dpkg run to release its lock
+#                     before installing the packages         (default 600)
 set -euo pipefail
 
 BASE=${LOCAL_SLURM_DIR:-/tmp/local-slurm}
@@ -23,6 +27,7 @@ WITH_ACCOUNTING=${WITH_ACCOUNTING:-1}
 PARTITION=${SLURM_PARTITION:-debug}
 DBPORT=${SLURM_DB_PORT:-33061}
 SMOKE_TEST=${SMOKE_TEST:-1}
+APT_LOCK_WAIT=${APT_LOCK_WAIT:-600}
 CLUSTER=localcluster
 NODE=$(hostname -s)
 RUN=$BASE/run; LOG=$BASE/log; STATE=$BASE/state; SPOOL=$BASE/spool; DB=$BASE/mysql
@@ -50,6 +55,33 @@ tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # cannot REASON : this machine cannot host the cluster (exit 3, see the header)
 cannot() { echo "start_slurm: cannot start Slurm here: $*" >&2; exit 3; }
+# apt_get ARGS... : apt-get (output -> $LOG/apt.log) that waits, until $APT_DEADLINE, for another
+# apt/dpkg run instead of failing at once: for dpkg's frontend lock through DPkg::Lock::Timeout
+# (apt >= 1.9), for the locks it does not cover (update's /var/lib/apt/lists/lock) by retrying
+# every 10 s. Returns 0 done, 2 a lock still held at the deadline, 1 another failure.
+APT_LOCKED='Could not get lock|Unable to (acquire|lock)'
+apt_get() {
+  local out rc left
+  while :; do
+    left=$(( APT_DEADLINE - $(date +%s) )); [ "$left" -gt 0 ] || left=1
+    rc=0; out=$(LC_ALL=C apt-get -o DPkg::Lock::Timeout="$left" "$@" 2>&1) || rc=$?
+    printf '%s\n' "$out" >> "$LOG/apt.log"
+    [ "$rc" = 0 ] && return 0
+    grep -Eq "$APT_LOCKED" <<<"$out" || return 1
+    [ "$(date +%s)" -lt "$APT_DEADLINE" ] || return 2
+    log "waiting for another apt/dpkg run: $(grep -E -m1 "$APT_LOCKED" <<<"$out")"
+    sleep 10
+  done
+}
+# apt_failed RC WHAT : after apt_get failed: a lock still held is a failure (exit 1), else `cannot`
+apt_failed() {
+  tail -20 "$LOG/apt.log"
+  if [ "$1" = 2 ]; then
+    echo "start_slurm: $2: another apt/dpkg run still held its lock after ${APT_LOCK_WAIT}s" >&2
+    exit 1
+  fi
+  cannot "$2 failed"
+}
 # port_free_or_ours PORT PIDFILE COMM : refuse a port held by a program that is not our daemon
 port_free_or_ours() {
   if tcp_open "$1" && ! alive "$RUN/$2.pid" "$3"; then
@@ -76,10 +108,11 @@ if [ -n "$missing" ]; then
   log "installing:$missing"
   export DEBIAN_FRONTEND=noninteractive
   command -v apt-get >/dev/null || cannot "packages missing ($missing) and no apt-get"
-  apt-get update -qq > "$LOG/apt.log" 2>&1 || { tail -5 "$LOG/apt.log"; cannot "apt-get update failed"; }
+  : > "$LOG/apt.log"
+  APT_DEADLINE=$(( $(date +%s) + APT_LOCK_WAIT ))
+  apt_get update -qq || apt_failed $? "apt-get update"
   # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $missing >> "$LOG/apt.log" 2>&1 \
-    || { tail -20 "$LOG/apt.log"; cannot "apt-get install$missing failed"; }
+  apt_get install -y -qq --no-install-recommends $missing || apt_failed $? "apt-get install$missing"
   log "packages installed ($(elapsed))"
 fi
 

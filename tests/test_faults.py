@@ -312,18 +312,18 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_resume(tiny_models, data, reference
     assert rows(out) == reference
 
 
-def _mount_tmpfs(path: Path, options: str) -> None:
+def _mount_tmpfs(path: Path, options: str, unavailable) -> None:
     path.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here to simulate the disk: {result.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here to simulate the disk: {result.stderr.strip()}")
 
 
-def test_read_only_output_folder(tiny_models, data, tmp_path):
+def test_read_only_output_folder(tiny_models, data, tmp_path, unavailable):
     ro = tmp_path / "ro"
-    _mount_tmpfs(ro, "ro,size=1m")
+    _mount_tmpfs(ro, "ro,size=1m", unavailable)
     try:
         result = subprocess.run(
             cli(tiny_models["chat"], data, ro), env=ENV, capture_output=True, text=True, timeout=120
@@ -334,9 +334,11 @@ def test_read_only_output_folder(tiny_models, data, tmp_path):
     assert "output.dir=" in result.stderr and "Read-only file system" in result.stderr
 
 
-def test_disk_full_keeps_finished_shards_and_resumes(tiny_models, data, reference, tmp_path):
+def test_disk_full_keeps_finished_shards_and_resumes(
+    tiny_models, data, reference, tmp_path, unavailable
+):
     small = tmp_path / "small"
-    _mount_tmpfs(small, "size=48k")
+    _mount_tmpfs(small, "size=48k", unavailable)
     out = small / "out"
     try:
         result = subprocess.run(
@@ -476,12 +478,12 @@ def _claims_of(out: Path, rank: int) -> list[str]:
 
 @pytest.mark.parametrize("freeze_after", [0.0, 0.05, 0.15, "temp file"])
 def test_worker_frozen_past_its_lease_in_another_pid_namespace(
-    tiny_models, data, reference, tmp_path, freeze_after
+    tiny_models, data, reference, tmp_path, freeze_after, unavailable
 ):
     """Two containers on one folder, both pid 1: one is frozen mid-shard past its lease,
     the other takes its work over; thawed, the frozen one drops its copy quietly."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("unshare --pid needs root and util-linux")
+        unavailable("unshare --pid needs root and util-linux")
     out = tmp_path / "out"
     extra = ["runner.world_size=2", "runner.lease_seconds=2"]
     logs = [(tmp_path / f"rank{r}.log").open("w") for r in (0, 1)]

@@ -52,7 +52,10 @@ def report(packages: dict[str, tuple[str, list[str]]]) -> dict:
 
 
 def test_dependencies_are_pyproject_s():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pip vendors a TOML reader (no skip there)
+        from pip._vendor import tomli as tomllib
     pyproject = SCRIPTS.parent / "pyproject.toml"
     expected = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     assert wheelhouse.read_dependencies(pyproject) == expected

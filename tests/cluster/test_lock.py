@@ -168,10 +168,10 @@ def test_attached_fingerprint_is_seen_by_other_workers_while_the_lock_lives(tmp_
     assert lock_mod.live_fingerprints(tmp_path, 0.6, second.path) == {}
 
 
-def test_frozen_holder_in_another_pid_namespace_is_taken_over(tmp_path):
+def test_frozen_holder_in_another_pid_namespace_is_taken_over(tmp_path, unavailable):
     """A real holder in its own pid namespace (a container), alive, then frozen past the lease."""
     if os.geteuid() != 0:
-        pytest.skip("unshare --pid needs root")
+        unavailable("unshare --pid needs root")
     script = (
         "import sys, time; from pathlib import Path; from batchgen.cluster.lock import RunLock; "
         "RunLock(Path(sys.argv[1]), lease_seconds=1.5).acquire(); print('held', flush=True); "
@@ -186,7 +186,7 @@ def test_frozen_holder_in_another_pid_namespace_is_taken_over(tmp_path):
     try:
         line = holder.stdout.readline()
         if line.strip() != "held":
-            pytest.skip(f"cannot run a process in a new pid namespace: {holder.stderr.read()}")
+            unavailable(f"cannot run a process in a new pid namespace: {holder.stderr.read()}")
         record = json.loads((tmp_path / "_batchgen" / "locks" / "run.lock").read_text())
         assert record["pid"] == 1 and record["pid_ns"] != lock_mod._pid_namespace()
         time.sleep(2.0)  # past the lease, but the live holder's heartbeat keeps it fresh
