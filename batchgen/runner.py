@@ -94,7 +94,7 @@ def prepare(cfg: JobConfig) -> Prepared:
         prompts.check_room(room)
         if not streaming:
             screen.screen_table(cfg, table, tokenizer, chat, room)
-        _admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
+        parts = _admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
         encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
         inputs = ShardInputs(
             None if streaming else table,
@@ -135,8 +135,9 @@ def prepare(cfg: JobConfig) -> Prepared:
         raise
 
 
-def _admit(cfg: JobConfig, out_dir: Path, lock: RunLock, parts: dict) -> None:
-    """Join the run recorded in ``out_dir`` or record this one, atomically with other workers.
+def _admit(cfg: JobConfig, out_dir: Path, lock: RunLock, parts: dict) -> dict:
+    """Join the run recorded in ``out_dir`` or record this one, atomically with other workers;
+    return the fingerprint parts to generate under (``manifest.check_run_file``).
 
     Raises:
         ResumeError: the folder holds another config's run (``manifest.check_run_file``).
@@ -149,14 +150,23 @@ def _admit(cfg: JobConfig, out_dir: Path, lock: RunLock, parts: dict) -> None:
         "versions": manifest.versions(),
     }
     with run_file_guard(out_dir):
-        if manifest.check_run_file(
+        parts, write = manifest.check_run_file(
             out_dir,
             parts,
             lambda: claims.live_indices(out_dir),
             lambda: live_fingerprints(out_dir, cfg.runner.lease_seconds, lock.path),
-        ):
+        )
+        if write:
             write_run_file(out_dir, identity)
-        lock.attach(fingerprint)
+        lock.attach(manifest.fingerprint(parts))
+    if manifest.fingerprint(parts) != fingerprint:
+        print(
+            f"batchgen: dataset.path={cfg.dataset.path!r} names the data this folder's run "
+            f"recorded as {parts['data']['source']!r}: resuming it (each finished shard's rows "
+            "are checked when reached).",
+            flush=True,
+        )
+    return parts
 
 
 def _run_metadata(p: Prepared) -> dict:

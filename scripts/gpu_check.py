@@ -137,7 +137,6 @@ def cmd_deps(argv: list[str]) -> int:
     import platform
 
     from packaging.requirements import Requirement
-
     from wheelhouse import read_dependencies
 
     out = Path(argv[0])

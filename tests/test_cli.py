@@ -427,16 +427,19 @@ def test_rows_per_shard_change_is_refused_while_a_claim_is_live(tmp_path):
     claims_now = lambda: claims.live_indices(tmp_path)  # noqa: E731
     admitted = {}
     # nothing published, no claim, no live worker: allowed, and run.json is to be replaced
-    assert manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted)
+    assert manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted) == (
+        changed,
+        True,
+    )
     admitted[manifest.fingerprint(parts)] = {"pid": 41, "host": "node7"}  # a live old worker
     with pytest.raises(ResumeError, match="a worker of that run is live .pid 41 on host node7"):
         manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted)
     admitted = {manifest.fingerprint(changed): {"pid": 42}}  # a peer of this run: no obstacle
-    assert manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted)
+    assert manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted)[1]
     assert ClaimStore(tmp_path, "other:1:0", 60).try_claim(0)  # a worker of that attempt, alive
     with pytest.raises(ResumeError, match=r"live claim on shard\(s\) \[0\]"):
         manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted)
-    assert not manifest.check_run_file(tmp_path, parts, claims_now, lambda: admitted)
+    assert manifest.check_run_file(tmp_path, parts, claims_now, lambda: admitted) == (parts, False)
 
 
 @pytest.fixture

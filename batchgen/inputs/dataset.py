@@ -132,6 +132,15 @@ def needed_columns(cfg: DatasetConfig) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
+def is_local(location: str) -> bool:
+    """Whether ``dataset.path`` names a local file or folder (``pkg:`` included) rather than a
+    hub dataset: it exists here, or is spelled as a path (absolute, relative with ``./``, ``~``,
+    or with a data file's suffix), as a moved file's recorded spelling still is."""
+    if location.startswith((paths.PKG_PREFIX, "/", ".", "~")):
+        return True
+    return Path(location).suffix.lower() in BUILDERS or Path(location).exists()
+
+
 def _load(cfg: DatasetConfig, location: str):
     import datasets
 

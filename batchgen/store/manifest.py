@@ -12,6 +12,7 @@ from typing import Any
 
 from batchgen.config import JobConfig, SamplingConfig
 from batchgen.errors import ResumeError
+from batchgen.inputs.dataset import is_local
 from batchgen.store import layout
 from batchgen.store.records import read_run_file
 from batchgen.store.rows import OutputSpec
@@ -135,6 +136,22 @@ def refuse(out_dir: Path, where: str, old_parts: dict, new_parts: dict) -> Resum
     )
 
 
+def respelled(old: dict, new: dict) -> bool:
+    """Whether recorded parts ``old`` describe the run of ``new`` but for the spelling of a local
+    data source: one file named relative, then absolute (as a Slurm task started elsewhere
+    needs), or moved. A local source's identity is its rows (their count here, their digest per
+    shard, checked when a finished shard is resumed), not the string that named it."""
+    a, b = old.get("data"), new.get("data")
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    before, now = a.get("source"), b.get("source")
+    if not (
+        isinstance(before, str) and isinstance(now, str) and is_local(before) and is_local(now)
+    ):
+        return False
+    return fingerprint({**old, "data": {**a, "source": now}}) == fingerprint(new)
+
+
 def _only_rows_per_shard_differs(old: dict, new: dict) -> bool:
     """Whether the recorded parts equal the new ones once ``layout.rows_per_shard`` is set equal."""
     if not isinstance(old.get("layout"), dict) or not isinstance(new.get("layout"), dict):
@@ -176,7 +193,10 @@ def check_run_file(
             admitted to this folder (``lock.live_fingerprints``); called only then, too.
 
     Returns:
-        True when ``run.json`` is to be written with this run's identity (none yet, or replaced).
+        (the fingerprint parts this worker generates under, whether ``run.json`` is to be written
+        with them): the recorded parts when they differ from ``parts`` only in the spelling of a
+        local source (``respelled``), so the folder stays one run; else ``parts``, to be written
+        when there is no record yet or it is replaced.
 
     Raises:
         ResumeError: naming what differs.
@@ -186,12 +206,14 @@ def check_run_file(
 
     run_file = layout.run_file(out_dir)
     if not run_file.is_file():
-        return True
+        return parts, True
     recorded = read_run_file(out_dir)
     ours = fingerprint(parts)
     if recorded.get("fingerprint") == ours:
-        return False
+        return parts, False
     old = recorded.get("fingerprint_parts", {})
+    if respelled(old, parts):
+        return old, False
     error = refuse(out_dir, str(run_file.relative_to(out_dir)), old, parts)
     if not _only_rows_per_shard_differs(old, parts) or finished_shards(out_dir):
         raise error
@@ -210,7 +232,7 @@ def check_run_file(
             f"{who.get('pid')} on host {who.get('host')}): output.rows_per_shard can change "
             "once it has stopped."
         )
-    return True
+    return parts, True
 
 
 def versions() -> dict[str, str]:

@@ -160,3 +160,30 @@ def test_streaming_workers_take_every_nth_shard(tiny_models, prompts_file, make_
     assert first["shards_done"] == 1 and first["shards_total"] == 3
     run(make_job(tiny_models["chat"], folder, out, runner__rank=0, **over))
     assert len(read(out)) == 12
+
+
+def test_a_local_source_is_its_rows_not_its_spelling(
+    tiny_models, prompts_file, make_job, tmp_path, monkeypatch, capsys
+):
+    """Relative, then absolute (a Slurm task starts elsewhere), then a moved copy: one run. A
+    changed row in a finished shard is still refused."""
+    monkeypatch.chdir(prompts_file.parent)
+    out = tmp_path / "out"
+    run(make_job(tiny_models["chat"], prompts_file.name, out))
+    before = read(out)
+    recorded = json.loads(layout.run_file(out).read_text())
+
+    (out / "part-00001.parquet").unlink()
+    run(make_job(tiny_models["chat"], prompts_file.resolve(), out))
+    assert "recorded as 'prompts.jsonl': resuming it" in capsys.readouterr().out
+    moved = tmp_path / "elsewhere" / "copy.jsonl"
+    moved.parent.mkdir()
+    prompts_file.rename(moved)
+    (out / "part-00002.parquet").unlink()
+    summary = run(make_job(tiny_models["chat"], moved, out))
+    assert summary["this_run"]["rows"] == 2 and read(out) == before
+    assert json.loads(layout.run_file(out).read_text()) == recorded
+
+    rewrite_row(moved, 3, "a row that changed")
+    with pytest.raises(ResumeError, match=r"row 3 \(id 'row-3'\) changed"):
+        run(make_job(tiny_models["chat"], moved, out))
