@@ -27,6 +27,7 @@ from batchgen.config_checks import (
     resolve_sampling,
     validate,
 )
+from batchgen.engine import devices
 from batchgen.engine.batching import BatchRunner, build_engine, choose_engine
 from batchgen.engine.constrained import check_constraint
 from batchgen.errors import ConfigError, ModelError
@@ -124,11 +125,11 @@ class Generator:
         if model is None or isinstance(model, str):
             cfg = _model_config(model, model_options)
             validate(JobConfig(model=cfg, runner=self.runner, seed=seed))
-            models.set_threads(self.runner.threads)
+            devices.set_threads(self.runner.threads)
             source = models.convert_gguf(models.resolve_source(cfg))
             config, self.tokenizer = models.load_config_and_tokenizer(source, cfg)
-            device, dtype = models.resolve_device_dtype(cfg)
-            self.model = models.load_model(source, config, cfg, device, dtype)
+            device, dtype = devices.resolve_device_dtype(cfg)
+            self.model = devices.load_model(source, config, cfg, device, dtype)
             self.context = models.context_length(config, self.tokenizer, cfg)
         else:
             if tokenizer is None:
@@ -298,7 +299,7 @@ def run(job: JobConfig | Sequence[str] = ()) -> dict:
         BatchgenError: a bad setting, path, column, row or resume conflict, with the culprit
             named; ``Stopped`` when a signal stopped the run (its folder is clean).
     """
-    from batchgen import runner
+    from batchgen.job.run import run as run_job
 
     cfg = job if isinstance(job, JobConfig) else compose(job)
-    return runner.run(cfg)
+    return run_job(cfg)

@@ -4,43 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
 from batchgen.config import SamplingConfig
-
-
-@dataclass
-class Totals:
-    """Counts for a set of shards; added up over the shards of a folder."""
-
-    rows: int = 0
-    samples: int = 0
-    skipped: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    padded_tokens: int = 0  # pad slots in prompt batches (static engine)
-    invalid: int = 0  # samples whose response breaks their JSON schema or regex
-    finish_reasons: dict[str, int] = field(default_factory=dict)
-
-    def add(self, other: Totals) -> None:
-        """Accumulate ``other`` into this one."""
-        self.rows += other.rows
-        self.samples += other.samples
-        self.skipped += other.skipped
-        self.failed += other.failed
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.padded_tokens += other.padded_tokens
-        self.invalid += other.invalid
-        for k, v in other.finish_reasons.items():
-            self.finish_reasons[k] = self.finish_reasons.get(k, 0) + v
-
-    def to_dict(self) -> dict:
-        """Plain dict for JSON."""
-        return asdict(self)
 
 
 class Progress:

@@ -525,7 +525,7 @@ def test_damaged_shard_moved_by_another_worker_meanwhile(
 ):
     """The quarantine race: another worker moves the damaged file between our listing and our
     open, or between our verdict and our move; either way we regenerate it, no traceback."""
-    from batchgen.cluster import shard_loop
+    from batchgen.job import shard_loop
     from batchgen.store import verify
 
     out = tmp_path / "out"

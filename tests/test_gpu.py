@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
+from batchgen.engine import devices
 from batchgen.engine.batching import BatchRunner
 from batchgen.engine.continuous import ContinuousEngine
 from batchgen.engine.static import Engine
@@ -25,8 +26,8 @@ def _load(path, dtype="auto"):
     cfg = ModelConfig(name_or_path=str(path), dtype=dtype)
     source = models.resolve_source(cfg)
     config, tok = models.load_config_and_tokenizer(source, cfg)
-    device, dtype = models.resolve_device_dtype(cfg)
-    return models.load_model(source, config, cfg, device, dtype), tok, device, dtype
+    device, dtype = devices.resolve_device_dtype(cfg)
+    return devices.load_model(source, config, cfg, device, dtype), tok, device, dtype
 
 
 def _records(tok):

@@ -1,8 +1,8 @@
 """The package's import graph points one way: no module imports from a layer above its own.
 
 Layers, lowest first: the base modules (``errors``, ``config``, ``config_checks``, ``paths``,
-``progress``, ``version``), then ``inputs``, ``engine``, ``store``, ``cluster``, ``tools``, and
-on top the entry modules (``cli``, ``runner``, ``api``, ``launcher``, ``__init__``,
+``progress``, ``version``), then ``inputs``, ``engine``, ``store``, ``cluster``, ``job``,
+``tools``, and on top the entry modules (``cli``, ``api``, ``launcher``, ``__init__``,
 ``__main__``). A module may import its own layer (the same subpackage, or another base or top
 module) and any layer below. Every import counts: module level, inside functions, under
 ``TYPE_CHECKING``, relative, and ``importlib.import_module`` / ``__import__`` of a literal (or
@@ -20,10 +20,10 @@ PACKAGE = "batchgen"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 BASE = ("errors", "config", "config_checks", "paths", "progress", "version")
-SUBPACKAGES = ("inputs", "engine", "store", "cluster", "tools")
-TOP = ("cli", "runner", "api", "launcher", "__init__", "__main__")
+SUBPACKAGES = ("inputs", "engine", "store", "cluster", "job", "tools")
+TOP = ("cli", "api", "launcher", "__init__", "__main__")
 # Layer name -> rank; a module may import only ranks <= its own.
-RANKS = {"base": 0, **{name: rank for rank, name in enumerate(SUBPACKAGES, 1)}, "top": 6}
+RANKS = {"base": 0, **{name: rank for rank, name in enumerate(SUBPACKAGES, 1)}, "top": 7}
 
 
 @dataclass(frozen=True)
@@ -165,8 +165,8 @@ def test_scan_sees_the_real_graph():
             path.read_text(encoding="utf-8"), name, names, is_package=path.name == "__init__.py"
         )
     }
-    assert ("batchgen.runner", "batchgen.cluster.lock") in seen  # from pkg.mod import name
-    assert ("batchgen.runner", "batchgen.store.layout") in seen  # from pkg import mod
+    assert ("batchgen.job.run", "batchgen.cluster.lock") in seen  # from pkg.mod import name
+    assert ("batchgen.job.run", "batchgen.store.layout") in seen  # from pkg import mod
     assert ("batchgen", "batchgen.api") in seen  # from batchgen import mod, in a function
     assert ("batchgen.cli", "batchgen.tools") in seen  # import_module(f"batchgen.tools.{...}")
 
@@ -180,12 +180,12 @@ def test_checker_reports_every_import_form(tmp_path):
         "config.py": (
             "import batchgen.tools.status\n"
             "def f():\n"
-            "    from batchgen import runner\n"
+            "    from batchgen import api\n"
             "    from batchgen.engine import static\n"
             "    import importlib\n"
             "    importlib.import_module('batchgen.cluster.claims')\n"
         ),
-        "runner.py": "from batchgen.tools.status import collect\n",  # top -> tools: fine
+        "api.py": "from batchgen.tools.status import collect\n",  # top -> tools: fine
         "inputs/__init__.py": "from . import dataset\n",  # same subpackage: fine
         "inputs/dataset.py": "from ..store.writer import temp_path\nfrom ..errors import E\n",
         "engine/__init__.py": "",
@@ -203,11 +203,11 @@ def test_checker_reports_every_import_form(tmp_path):
         (root / rel).write_text(text)
     found = violations(package_modules(root), root)
     assert sorted(found) == [
+        "batchgen.config -> batchgen.api (layer base -> layer top) at batchgen/config.py:3",
         "batchgen.config -> batchgen.cluster.claims (layer base -> layer cluster) at "
         "batchgen/config.py:6",
         "batchgen.config -> batchgen.engine.static (layer base -> layer engine) at "
         "batchgen/config.py:4",
-        "batchgen.config -> batchgen.runner (layer base -> layer top) at batchgen/config.py:3",
         "batchgen.config -> batchgen.tools.status (layer base -> layer tools) at "
         "batchgen/config.py:1",
         "batchgen.inputs.dataset -> batchgen.store.writer (layer inputs -> layer store) at "

@@ -176,7 +176,7 @@ class BatchRunner:
         """Generate every record; ``on_rows(rows, tokens)`` reports progress as batches finish.
 
         ``on_batch`` receives each finished batch's (row index, samples) pairs as it finishes,
-        to persist them (``batchgen.cluster.checkpoints``). Records with their own sampling
+        to persist them (``batchgen.store.checkpoints``). Records with their own sampling
         (``record.sampling``) are batched with those that decode alike (``sampling_groups``):
         a batch never runs to a longer ``max_new_tokens`` than its own rows ask for.
 

@@ -4,7 +4,7 @@ Invariant: nothing here turns the table's rows into Python objects; every pass i
 over blocks of a column, so a 10M-row dataset is screened in seconds and in bounded memory. A
 column of mixed types, stored as JSON text, is judged from that text (``inputs.jsontext``).
 What needs rendering or the tokenizer row by row happens per shard
-(``batchgen.cluster.shard_inputs``), where the same policies apply again and are authoritative.
+(``batchgen.job.shard_inputs``), where the same policies apply again and are authoritative.
 Checked here:
 
 - rows without a usable prompt (null, empty or whitespace, not a string, malformed messages),

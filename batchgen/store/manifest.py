@@ -28,7 +28,7 @@ def fingerprint_parts(
     """Every setting that changes what is generated, grouped by where it comes from.
 
     The rows themselves are not hashed here: each shard records its own rows' digest
-    (``batchgen.cluster.shard_inputs``), checked when that shard is resumed, so no worker reads the
+    (``batchgen.job.shard_inputs``), checked when that shard is resumed, so no worker reads the
     whole dataset to tell whether it changed. ``num_rows`` is None for a stream. ``output``
     (the optional columns) enters only when it writes any, so older folders still resume.
     """

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from batchgen.config import JobConfig, OutputConfig, SamplingConfig
 from batchgen.inputs.prompts import PromptRecord
-from batchgen.progress import Totals
+from batchgen.store.summary import Totals
 from batchgen.store.writer import kept_name
 
 # output.reasoning=auto splits at these tags when the chat template uses them.

@@ -18,13 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from batchgen.cluster import checkpoints
 from batchgen.cluster.claims import DEFAULT_LEASE, ClaimStore
 from batchgen.cluster.lock import is_live
 from batchgen.errors import NotAnOutputDir
-from batchgen.progress import Totals
-from batchgen.store import layout
+from batchgen.store import checkpoints, layout
 from batchgen.store.records import read_run_file, read_workers
+from batchgen.store.summary import Totals
 from batchgen.store.writer import read_footers
 
 EXIT_COMPLETE, EXIT_INCOMPLETE, EXIT_NOT_OUTPUT = 0, 1, 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
-from batchgen.engine import batching
+from batchgen.engine import batching, devices
 from batchgen.engine.batch_plan import plan_batches
 from batchgen.engine.batching import BatchRunner, Budget, batch_tokens, choose_engine
 from batchgen.engine.continuous import ContinuousEngine
@@ -86,7 +86,7 @@ def load(path, sampling):
     cfg = ModelConfig(name_or_path=str(path))
     source = models.resolve_source(cfg)
     config, tok = models.load_config_and_tokenizer(source, cfg)
-    return models.load_model(source, config, cfg, "cpu", "float32"), tok
+    return devices.load_model(source, config, cfg, "cpu", "float32"), tok
 
 
 def texts_of(run_result, records):

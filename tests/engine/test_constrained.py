@@ -13,7 +13,7 @@ import torch
 from batchgen import Generator
 from batchgen.config import RunnerConfig, SamplingConfig
 from batchgen.config_checks import schema_text
-from batchgen.engine import batching
+from batchgen.engine import batching, devices
 from batchgen.engine.batching import choose_engine
 from batchgen.engine.constrained import (
     Constraint,
@@ -130,7 +130,7 @@ def test_rows_with_their_own_constraints_share_a_batch(tiny_models):
     cfg = models.ModelConfig(name_or_path=str(tiny_models["chat"]))
     source = models.resolve_source(cfg)
     config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = models.load_model(source, config, cfg, "cpu", "float32")
+    model = devices.load_model(source, config, cfg, "cpu", "float32")
     job = SamplingConfig(max_new_tokens=40)
     engine = Engine(model, tok, job)
     own = [None, replace(job, json_schema=SCHEMA_TEXT), replace(job, regex=REGEX)]

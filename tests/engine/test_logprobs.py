@@ -7,7 +7,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
-from batchgen.engine import batching, static
+from batchgen.engine import batching, devices, static
 from batchgen.engine.batching import choose_engine
 from batchgen.engine.logprobs import RowLogprobs
 from batchgen.engine.static import Engine
@@ -31,7 +31,7 @@ def load(path, sampling: SamplingConfig, top: int = K, prefill_tokens: int = 204
     cfg = ModelConfig(name_or_path=str(path))
     source = models.resolve_source(cfg)
     config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = models.load_model(source, config, cfg, "cpu", "float32")
+    model = devices.load_model(source, config, cfg, "cpu", "float32")
     engine = Engine(
         model, tok, sampling, prefill_tokens=prefill_tokens, logprobs=True, top_logprobs=top
     )

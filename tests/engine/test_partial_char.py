@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from batchgen.config import ModelConfig, SamplingConfig
+from batchgen.engine import devices
 from batchgen.engine.logprobs import RowLogprobs
 from batchgen.engine.partial_char import (
     BYTE_LEVEL_ALPHABET,
@@ -194,7 +195,7 @@ def load(path, sampling: SamplingConfig, logprobs: bool = False) -> tuple[Engine
     cfg = ModelConfig(name_or_path=str(path))
     source = model_loading.resolve_source(cfg)
     config, tok = model_loading.load_config_and_tokenizer(source, cfg)
-    model = model_loading.load_model(source, config, cfg, "cpu", "float32")
+    model = devices.load_model(source, config, cfg, "cpu", "float32")
     return Engine(model, tok, sampling, logprobs=logprobs), tok
 
 

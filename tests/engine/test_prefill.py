@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from batchgen.config import ModelConfig, SamplingConfig
+from batchgen.engine import devices
 from batchgen.engine import static as engine_module
 from batchgen.engine.prefill import PAD_TOLERANCE, prefill, prefill_chunks, supports_prefill
 from batchgen.engine.static import Engine
@@ -33,7 +34,7 @@ def load(path, sampling: SamplingConfig, prefill_tokens: int = 4096) -> Engine:
     cfg = ModelConfig(name_or_path=str(path))
     source = models.resolve_source(cfg)
     config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = models.load_model(source, config, cfg, "cpu", "float32")
+    model = devices.load_model(source, config, cfg, "cpu", "float32")
     return Engine(model, tok, sampling, prefill_tokens=prefill_tokens)
 
 
@@ -191,7 +192,7 @@ def test_repo_generation_settings_do_not_break_prefill(tiny_models, monkeypatch,
     cfg = ModelConfig(name_or_path=str(tiny_models["chat"]))
     source = models.resolve_source(cfg)
     config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = models.load_model(source, config, cfg, "cpu", "float32")
+    model = devices.load_model(source, config, cfg, "cpu", "float32")
     for key, value in setting.items():
         setattr(model.generation_config, key, value)
     engine = Engine(model, tok, SamplingConfig(max_new_tokens=6))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batchgen.config import ModelConfig, SamplingConfig
+from batchgen.engine import devices
 from batchgen.engine.static import Engine, decode_bucket
 from batchgen.inputs import models
 from batchgen.inputs.prompts import PromptRecord
@@ -16,7 +17,7 @@ def load(path, sampling: SamplingConfig):
     cfg = ModelConfig(name_or_path=str(path))
     source = models.resolve_source(cfg)
     config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = models.load_model(source, config, cfg, "cpu", "float32")
+    model = devices.load_model(source, config, cfg, "cpu", "float32")
     return Engine(model, tok, sampling), tok
 
 
@@ -118,7 +119,7 @@ def test_encoder_decoder_uses_seq2seq_and_no_slicing(tiny_models):
     [("cpu", "auto", ("cpu", "float32")), ("cpu", "bfloat16", ("cpu", "bfloat16"))],
 )
 def test_device_dtype_resolution(device, dtype, expected):
-    assert models.resolve_device_dtype(ModelConfig(device=device, dtype=dtype)) == expected
+    assert devices.resolve_device_dtype(ModelConfig(device=device, dtype=dtype)) == expected
 
 
 @pytest.mark.parametrize("model", ["chat", "t5"])

@@ -16,7 +16,6 @@ import torch
 from transformers import LlamaConfig, Qwen2Config, T5Config
 
 import batchgen
-from batchgen import runner as job_runner
 from batchgen.config import RunnerConfig, SamplingConfig
 from batchgen.config_checks import validate
 from batchgen.engine import memory, tuning
@@ -24,6 +23,7 @@ from batchgen.engine.batching import BatchRunner, batch_tokens, choose_engine
 from batchgen.engine.static import Sample
 from batchgen.errors import ConfigError
 from batchgen.inputs.prompts import PromptRecord
+from batchgen.job import run as job_runner
 from batchgen.progress import format_summary
 from batchgen.store import records as run_records
 

@@ -7,8 +7,8 @@ import pytest
 from batchgen.config import OutputConfig
 from batchgen.engine.static import Sample
 from batchgen.inputs.prompts import PromptRecord
-from batchgen.progress import Totals
 from batchgen.store.rows import OutputSpec, reasoning_tags, shard_rows, split_reasoning
+from batchgen.store.summary import Totals
 
 
 def test_rows_follow_records_then_samples_and_totals_add_up():

@@ -226,8 +226,8 @@ def test_a_killed_worker_shows_as_stopped_at_once(tmp_path):
 
 
 def test_eta_from_the_first_finished_batches_before_any_shard(tmp_path):
-    from batchgen.cluster import checkpoints
     from batchgen.engine.static import Sample
+    from batchgen.store import checkpoints
 
     out = tmp_path / "out"
     run_json(out)  # 23 rows in shards of 5, none published

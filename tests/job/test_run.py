@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen.errors import ResumeError
-from batchgen.runner import run
+from batchgen.job.run import run
 from batchgen.store import layout
 
 

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen import run
-from batchgen.cluster import shard_loop
+from batchgen.engine import devices
 from batchgen.errors import ResumeError
-from batchgen.inputs import models
+from batchgen.job import shard_loop
 from batchgen.store import layout
 
 
@@ -45,7 +45,7 @@ def no_model(monkeypatch):
     def refuse(*_args, **_kw):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(devices, "load_model", refuse)
 
 
 def test_changed_row_in_a_finished_shard_is_refused(tiny_models, prompts_file, make_job, tmp_path):

@@ -22,20 +22,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchgen.cluster import checkpoints
 from batchgen.cluster.claim_files import default_owner
 from batchgen.cluster.claims import ClaimStore
 from batchgen.cluster.heartbeat import Heartbeat
 from batchgen.cluster.ranks import WorkerInfo, assign_shards
-from batchgen.cluster.shard_inputs import ShardInputs, ShardWork
 from batchgen.cluster.watchdog import Watchdog
 from batchgen.engine.batching import BatchRunner
 from batchgen.errors import Interrupted
 from batchgen.inputs.dataset import Rows, Stream
-from batchgen.progress import Progress, Totals
-from batchgen.store import manifest
+from batchgen.job.shard_inputs import ShardInputs, ShardWork
+from batchgen.progress import Progress
+from batchgen.store import checkpoints, manifest
 from batchgen.store.rows import OutputSpec, shard_rows
 from batchgen.store.shards import Shard
+from batchgen.store.summary import Totals
 from batchgen.store.verify import OTHER_CONFIG, quarantine, reason_kind, verify_shard
 from batchgen.store.writer import output_schema, shard_metadata, write_shard
 

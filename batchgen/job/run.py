@@ -8,22 +8,23 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from batchgen.cluster import checkpoints, claims
+from batchgen.cluster import claims
 from batchgen.cluster.lock import RunLock, live_fingerprints
 from batchgen.cluster.ranks import WorkerInfo, resolve_worker
-from batchgen.cluster.shard_inputs import ShardInputs
-from batchgen.cluster.shard_loop import LoopSettings, ShardLoop
 from batchgen.cluster.signals import StopRequested
 from batchgen.cluster.watchdog import Watchdog
 from batchgen.config import JobConfig
 from batchgen.config_checks import validate
+from batchgen.engine import devices
 from batchgen.engine.batching import BatchRunner, build_engine, choose_engine
 from batchgen.engine.constrained import check_constraint
 from batchgen.engine.static import Engine
 from batchgen.errors import BatchgenError, Interrupted, Stopped
 from batchgen.inputs import dataset, models, prompts, screen
+from batchgen.job.shard_inputs import ShardInputs
+from batchgen.job.shard_loop import LoopSettings, ShardLoop
 from batchgen.progress import Progress, describe_sampling, format_summary
-from batchgen.store import layout, manifest, writer
+from batchgen.store import checkpoints, layout, manifest, writer
 from batchgen.store.records import run_file_guard, write_run_file, write_worker_file
 from batchgen.store.rows import OutputSpec, output_spec
 from batchgen.store.shards import Shard, plan_shards
@@ -69,7 +70,7 @@ def prepare(cfg: JobConfig) -> Prepared:
     validate(cfg)
     writer.check_kept_columns(cfg.dataset.keep_columns)
     worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
-    device, dtype = models.resolve_device_dtype(cfg.model)
+    device, dtype = devices.resolve_device_dtype(cfg.model)
     if device == "cuda" and worker.local_rank is not None:
         device = f"cuda:{worker.local_rank}"  # torchrun/srun: one GPU per local rank
     source = models.resolve_source(cfg.model)
@@ -181,9 +182,9 @@ def _run_metadata(p: Prepared) -> dict:
 
 
 def _engine(p: Prepared) -> Engine:
-    models.set_threads(p.cfg.runner.threads)
+    devices.set_threads(p.cfg.runner.threads)
     started = time.perf_counter()
-    model = models.load_model(p.source, p.model_config, p.cfg.model, p.device, p.dtype)
+    model = devices.load_model(p.source, p.model_config, p.cfg.model, p.device, p.dtype)
     p.phases["load"] = time.perf_counter() - started
     o = p.output
     return build_engine(

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from batchgen import run
-from batchgen.cluster import checkpoints
 from batchgen.engine.static import Engine, Sample
 from batchgen.errors import Stopped
-from batchgen.store import layout
+from batchgen.store import checkpoints, layout
 
 IDENTITY = {"fingerprint": "fp", "digest": "d1"}
 

@@ -1,0 +1,100 @@
+"""Where and how a model runs: device and dtype for ``auto``, the attention kernel, loading the
+weights onto the device, and torch's CPU threads.
+
+Invariant: the device and dtype a job records (fingerprint, banner) are the ones its weights are
+loaded with: ``resolve_device_dtype`` answers once, before anything loads, and ``load_model``
+takes its answer.
+"""
+
+from __future__ import annotations
+
+import os
+
+from batchgen.config import ModelConfig
+from batchgen.errors import ConfigError, ModelError
+from batchgen.inputs.models import ModelSource
+
+
+def resolve_device_dtype(cfg: ModelConfig) -> tuple[str, str]:
+    """Pick device and dtype for ``auto``: CUDA bf16 (fp16 without bf16), MPS fp16, CPU fp32.
+
+    Raises:
+        ConfigError: a CUDA device was asked for where none is visible.
+    """
+    import torch
+
+    device = cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.device={device!r}: no CUDA device is visible to this process "
+            "(CUDA_VISIBLE_DEVICES, drivers, or a CPU build of torch); use model.device=auto."
+        )
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        elif device == "mps":
+            dtype = "float16"
+        else:
+            dtype = "float32"
+    return device, dtype
+
+
+def attention(cfg: ModelConfig, device: str, dtype: str) -> str | None:
+    """The attention kernel: flash-attn 2 where it can run, else transformers' default.
+
+    That default is PyTorch's SDPA wherever the architecture has it, and the eager kernel for
+    those that lack it (RWKV, for one, which an explicit ``"sdpa"`` would refuse to load).
+    """
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    import importlib.util
+
+    flash = importlib.util.find_spec("flash_attn") is not None
+    half = dtype in ("float16", "bfloat16")
+    return "flash_attention_2" if flash and half and device.startswith("cuda") else None
+
+
+def load_model(source: ModelSource, config, cfg: ModelConfig, device: str, dtype: str):
+    """Load the weights with the causal-LM or seq2seq class the config calls for, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.utils import logging as hf_logging
+
+    # A per-tensor bar for a one-second load only clutters the job's own progress bar.
+    hf_logging.disable_progress_bar()
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(
+            source.location,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attention(cfg, device, dtype),
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"model.name_or_path={cfg.name_or_path!r}: weights failed to load: {e}"
+        ) from e
+    return model.to(device).eval()
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU threads: ``runner.threads``, else Slurm's CPUs per task, else leave it.
+
+    Several workers on one node each taking every core's worth of OpenMP threads spin against
+    each other (seen at 0.4 tokens/s for two Slurm tasks on two cores, 150x slower).
+    """
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    threads = threads or (int(slurm) if slurm.isdigit() else None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
