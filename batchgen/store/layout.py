@@ -13,7 +13,7 @@ outvote the shards::
     OUT/part-NNNNN.parquet                  a finished shard (the outputs)
     OUT/.part-NNNNN.parquet.tmp-HOST-PID-R  a shard being written (same folder: hard link)
     OUT/_batchgen/run.json                  the run's identity: fingerprint, config, versions
-    OUT/_batchgen/run.json.guard            empty; its flock serializes writing run.json
+    OUT/_batchgen/run.guard                 empty; its flock serializes writing run.json
     OUT/_batchgen/workers/rank-RRRRR-of-WWWWW.record  one worker's status and summary
     OUT/_batchgen/workers/rank-RRRRR-of-WWWWW.errors  skipped and failed rows of the shards
                                             that worker published
@@ -52,7 +52,7 @@ def run_file(out_dir: Path) -> Path:
 
 def run_guard_file(out_dir: Path) -> Path:
     """The empty file whose ``flock`` serializes admission to the run (``run_file_guard``)."""
-    return meta_dir(out_dir) / "run.json.guard"
+    return meta_dir(out_dir) / "run.guard"
 
 
 def workers_dir(out_dir: Path) -> Path:

@@ -35,7 +35,7 @@ STATUS_ORDER = ("running", "complete", "interrupted", "incomplete")
 
 @contextlib.contextmanager
 def run_file_guard(out_dir: Path) -> Iterator[None]:
-    """Hold the folder's run-record guard: an exclusive ``flock`` on ``run.json.guard``, which
+    """Hold the folder's run-record guard: an exclusive ``flock`` on ``run.guard``, which
     serializes admission to the run across processes and hosts (NFS emulates ``flock`` with
     byte-range locks); the kernel drops it when its holder dies.
 
