@@ -150,6 +150,7 @@ def test_no_file_of_batchgen_sits_beside_the_shards(tiny_models, prompts_file, t
     assert beside == ["_batchgen", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert sorted(p.name for p in layout.meta_dir(out).iterdir()) == [
         "locks",
+        "run.guard",
         "run.json",
         "workers",
     ]
