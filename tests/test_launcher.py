@@ -20,13 +20,14 @@ from batchgen import launcher, run
 class FakeJob:
     """What ``describe`` asks of a submitit job."""
 
-    def __init__(self, job_id, error=None, result=None, state="COMPLETED", log=""):
-        self.job_id, self._error, self._result, self.state, self._log = (
+    def __init__(self, job_id, error=None, result=None, state="COMPLETED", log="", out=None):
+        self.job_id, self._error, self._result, self.state, self._log, self._out = (
             job_id,
             error,
             result,
             state,
             log,
+            out,
         )
 
     def exception(self):
@@ -39,7 +40,7 @@ class FakeJob:
         return self._log
 
     def stdout(self):
-        return None
+        return self._out
 
 
 def _trace(last: str) -> FailedJobError:
@@ -78,6 +79,38 @@ def test_describe_names_each_fate():
     assert unknown.detail == "ended without a result (state NODE_FAIL)"
     requeued = launcher.TaskReport(6, "7_6", "completed", requeues=2)
     assert requeued.line().endswith("completed, requeued 2 times")
+
+
+REFUSED = (
+    "batchgen: error: output.dir='/o' holds a run with a different config fingerprint "
+    "(_batchgen/run.json); resuming would mix outputs of two configs. What differs (recorded -> "
+    "now):\n  sampling.max_new_tokens: 8 -> 9\nStart a new folder with output.dir=SOMEWHERE_ELSE, "
+    "or rerun with the recorded settings. Finished shards were not touched.\n"
+)
+
+
+def test_a_task_that_exited_shows_batchgen_last_message_whole():
+    job = FakeJob(
+        "7_0",
+        UncompletedJobError("no output"),
+        state="FAILED",
+        log="batchgen: an earlier warning\n" + REFUSED + "srun: error: n1: task 0: Exited\n",
+        out="batchgen: greedy, max_new_tokens 9\n",
+    )
+    assert launcher.describe(0, job).line().splitlines() == [
+        "  #0   7_0        failed: batchgen: error: output.dir='/o' holds a run with a different "
+        "config fingerprint (_batchgen/run.json); resuming would mix outputs of two configs. What "
+        "differs (recorded -> now):",
+        "         sampling.max_new_tokens: 8 -> 9",
+        "       Start a new folder with output.dir=SOMEWHERE_ELSE, or rerun with the recorded "
+        "settings. Finished shards were not touched.",
+    ]
+    assert launcher.last_message("batchgen: error: a\n  b\n\nlater noise\n") == (
+        "batchgen: error: a\n  b"
+    )
+    # What a worker printed on stdout when it started is no reason for its end.
+    silent = FakeJob("7_1", UncompletedJobError("x"), state="FAILED", out="batchgen: greedy\n")
+    assert launcher.describe(1, silent).detail == "ended without a result (state FAILED)"
 
 
 def test_requeues_are_counted_from_sacct_duplicates(monkeypatch):
