@@ -3,8 +3,8 @@
 Invariant: every mistake on the command line (an override Hydra cannot parse, a key the schema
 does not know, a bad value) ends as one line ``batchgen: error: KEY...`` and exit status 2
 before the model loads; Ctrl-C never ends in a traceback. Hydra stays here: the resolvers the
-presets use (``batchgen.for_source``, ``batchgen.output_dir``, ``batchgen.help_keys``) are
-registered on import, and package code receives plain dataclasses.
+presets use (``batchgen.for_source``, ``batchgen.output_dir``, ``batchgen.sweeps_dir``,
+``batchgen.help_keys``) are registered on import, and package code receives plain dataclasses.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from omegaconf.errors import MissingMandatoryValue
 from batchgen.config import DatasetConfig, JobConfig, ModelConfig, SamplingConfig
 from batchgen.config_checks import convert, normalize_sampling
 from batchgen.errors import BatchgenError, ConfigError
-from batchgen.store import manifest
+from batchgen.store import layout, manifest
 
 # An absolute path: `python -m batchgen` would otherwise make Hydra look for a `conf` module.
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -123,6 +123,13 @@ def output_dir(*, _root_: DictConfig) -> str:
     return f"outputs/{model}/{_label(d.path)}-{sampling_label(sampling)}"
 
 
+def sweeps_dir(out_dir: str) -> str:
+    """``${batchgen.sweeps_dir:${output.dir}}``, under which ``hydra.sweep.dir`` puts each ``-m``
+    sweep's folder: inside the output folder's ``_batchgen/`` (``layout.sweeps_dir``), where no
+    folder reader takes Hydra's and submitit's files for outputs."""
+    return str(layout.sweeps_dir(Path(out_dir)))
+
+
 def help_keys(*, _root_: DictConfig) -> str:
     """``${batchgen.help_keys:}``: every key with its value in the composed config (for --help)."""
     lines = []
@@ -140,6 +147,7 @@ def help_keys(*, _root_: DictConfig) -> str:
 
 OmegaConf.register_new_resolver("batchgen.for_source", for_source, replace=True)
 OmegaConf.register_new_resolver("batchgen.output_dir", output_dir, replace=True)
+OmegaConf.register_new_resolver("batchgen.sweeps_dir", sweeps_dir, replace=True)
 OmegaConf.register_new_resolver("batchgen.help_keys", help_keys, replace=True)
 
 

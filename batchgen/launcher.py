@@ -44,6 +44,11 @@ from omegaconf import OmegaConf
 _TRACE_RULE = "----------------------"
 # Slurm states of a task that has not ended (a requeued task is PENDING again, then RUNNING).
 _LIVE = ("PENDING", "RUNNING", "REQUEUE", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED")
+# What Slurm's own tools write to a task's stderr once its process has ended ("srun: error: node:
+# task 0: Exited with exit code 2"): the end of batchgen's last message, not part of it.
+_SLURM_TOOLS = ("srun:", "slurmstepd:")
+# A detail's further lines sit under the task line's job id.
+_MORE = " " * 7
 
 
 @dataclass
@@ -54,7 +59,9 @@ class TaskReport:
         num: Hydra's job number (``#num`` in the sweep's log).
         job_id: the scheduler's id, e.g. ``47_1`` for task 1 of Slurm array 47.
         state: ``completed``, ``cancelled``, ``timed out`` or ``failed``.
-        detail: why, for a task that did not complete: the first line of its error.
+        detail: why, for a task that did not complete: the last line of a Python exception's
+            trace, the first line of an error the job returned, or batchgen's whole last message
+            (``batchgen: error: ...`` and the lines that go with it).
         requeues: how many times the scheduler requeued it (submitit after ``SIGUSR2``).
         result: the task's own ``JobReturn`` when it completed.
     """
@@ -67,11 +74,36 @@ class TaskReport:
     result: JobReturn | None = None
 
     def line(self) -> str:
-        """One summary line: ``#1  47_1  completed, requeued 1 time``."""
+        """The task's summary: ``#1  47_1  completed, requeued 1 time``, or ``failed: DETAIL``
+        with a detail's further lines indented under it."""
         text = f"  #{self.num:<3} {self.job_id:<10} {self.state}"
         if self.requeues:
             text += f", requeued {self.requeues} time{'s' if self.requeues > 1 else ''}"
-        return text + (f": {self.detail}" if self.detail else "")
+        first, *more = self.detail.splitlines() or [""]
+        return "\n".join([text + (f": {first}" if first else ""), *(_MORE + x for x in more)])
+
+
+def last_message(stderr: str) -> str:
+    """batchgen's last message in a task's stderr: its last line that starts with ``batchgen:``
+    and the lines after it, up to a blank line, a line of Slurm's tools, or the end.
+
+    A job prints its final word (``batchgen: error: ...``, or why it stopped) last, as one
+    paragraph, and exits; a refused resume's paragraph lists what differs on the lines below.
+    Its stdout is not read: the ``batchgen:`` lines there say what a worker started on.
+
+    Returns:
+        The message, each line stripped of trailing space; empty when there is none.
+    """
+    lines = [x.rstrip() for x in stderr.splitlines()]
+    starts = [i for i, x in enumerate(lines) if x.lstrip().startswith("batchgen:")]
+    if not starts:
+        return ""
+    message = [lines[starts[-1]].strip()]
+    for x in lines[starts[-1] + 1 :]:
+        if not x.strip() or x.startswith(_SLURM_TOOLS):
+            break
+        message.append(x)
+    return "\n".join(message)
 
 
 def describe(num: int, job: Any) -> TaskReport:
@@ -100,13 +132,11 @@ def describe(num: int, job: Any) -> TaskReport:
     for word, fate in (("CANCELLED", "cancelled"), ("TIMEOUT", "timed out")):
         if word in state.upper():
             return TaskReport(num, job.job_id, fate, f"Slurm state {state}")
-    try:  # batchgen's last word, e.g. "batchgen: error: ..."
-        log = (job.stderr() or "") + "\n" + (job.stdout() or "")
+    try:
+        said = last_message(job.stderr() or "")
     except OSError:
-        log = ""
-    said = [x.strip() for x in log.splitlines() if x.strip().startswith("batchgen:")]
-    why = said[-1] if said else f"ended without a result (state {state})"
-    return TaskReport(num, job.job_id, "failed", why)
+        said = ""
+    return TaskReport(num, job.job_id, "failed", said or f"ended without a result (state {state})")
 
 
 def count_requeues(job_ids: list[str]) -> Counter[str]:

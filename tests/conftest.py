@@ -1,10 +1,12 @@
 """Fixtures: tiny random models built from configs, with the embedded model's real tokenizer;
-``unavailable``, the one way a test reports that a real component it needs cannot start here."""
+the folder readers an output folder must satisfy; ``unavailable``, the one way a test reports
+that a real component it needs cannot start here."""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,34 @@ def make_job():
     """Factory: ``make_job(model_dir, data, out, sampling__max_new_tokens=4, ...)`` -> JobConfig
     for a tiny model and a local file (``section__key`` overrides)."""
     return _job
+
+
+def _rows_per_reader(out: Path) -> dict[str, int]:
+    """Rows each reader finds given the output folder path itself."""
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    datasets.disable_progress_bars()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "pandas": len(pd.read_parquet(out)),
+            "pyarrow.dataset": ds.dataset(out, format="parquet").to_table().num_rows,
+            "duckdb": duckdb.sql(f"select count(*) from read_parquet('{out}')").fetchall()[0][0],
+            "datasets": len(
+                datasets.load_dataset(str(out), split="train", cache_dir=str(out.parent / "hf"))
+            ),
+            # polars lists every file below a folder, hidden or not: it takes a glob.
+            "polars": pl.read_parquet(out / "*.parquet").height,
+        }
+
+
+@pytest.fixture
+def readers():
+    """``readers(out)`` -> rows found by pandas, pyarrow.dataset, duckdb, ``datasets`` and polars,
+    each given the output folder itself: the shards' rows, and nothing else, whatever batchgen
+    keeps there (batchgen/store/layout.py)."""
+    return _rows_per_reader

@@ -1,6 +1,7 @@
 """The sweep launchers' summary and exit status, without Slurm: fake submitit jobs for the
 verdicts, and real local sweeps (``hydra/launcher=local``) for the exit status Hydra turns them
-into. tests/test_slurm.py does the same on a real Slurm."""
+into and the folder they leave to the readers. tests/test_slurm.py does the same on a real
+Slurm."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ from hydra.core.utils import JobReturn, JobStatus
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from batchgen import launcher, run
+from batchgen.store import layout
 
 
 class FakeJob:
     """What ``describe`` asks of a submitit job."""
 
-    def __init__(self, job_id, error=None, result=None, state="COMPLETED", log=""):
-        self.job_id, self._error, self._result, self.state, self._log = (
+    def __init__(self, job_id, error=None, result=None, state="COMPLETED", log="", out=None):
+        self.job_id, self._error, self._result, self.state, self._log, self._out = (
             job_id,
             error,
             result,
             state,
             log,
+            out,
         )
 
     def exception(self):
@@ -39,7 +42,7 @@ class FakeJob:
         return self._log
 
     def stdout(self):
-        return None
+        return self._out
 
 
 def _trace(last: str) -> FailedJobError:
@@ -78,6 +81,38 @@ def test_describe_names_each_fate():
     assert unknown.detail == "ended without a result (state NODE_FAIL)"
     requeued = launcher.TaskReport(6, "7_6", "completed", requeues=2)
     assert requeued.line().endswith("completed, requeued 2 times")
+
+
+REFUSED = (
+    "batchgen: error: output.dir='/o' holds a run with a different config fingerprint "
+    "(_batchgen/run.json); resuming would mix outputs of two configs. What differs (recorded -> "
+    "now):\n  sampling.max_new_tokens: 8 -> 9\nStart a new folder with output.dir=SOMEWHERE_ELSE, "
+    "or rerun with the recorded settings. Finished shards were not touched.\n"
+)
+
+
+def test_a_task_that_exited_shows_batchgen_last_message_whole():
+    job = FakeJob(
+        "7_0",
+        UncompletedJobError("no output"),
+        state="FAILED",
+        log="batchgen: an earlier warning\n" + REFUSED + "srun: error: n1: task 0: Exited\n",
+        out="batchgen: greedy, max_new_tokens 9\n",
+    )
+    assert launcher.describe(0, job).line().splitlines() == [
+        "  #0   7_0        failed: batchgen: error: output.dir='/o' holds a run with a different "
+        "config fingerprint (_batchgen/run.json); resuming would mix outputs of two configs. What "
+        "differs (recorded -> now):",
+        "         sampling.max_new_tokens: 8 -> 9",
+        "       Start a new folder with output.dir=SOMEWHERE_ELSE, or rerun with the recorded "
+        "settings. Finished shards were not touched.",
+    ]
+    assert launcher.last_message("batchgen: error: a\n  b\n\nlater noise\n") == (
+        "batchgen: error: a\n  b"
+    )
+    # What a worker printed on stdout when it started is no reason for its end.
+    silent = FakeJob("7_1", UncompletedJobError("x"), state="FAILED", out="batchgen: greedy\n")
+    assert launcher.describe(1, silent).detail == "ended without a result (state FAILED)"
 
 
 def test_requeues_are_counted_from_sacct_duplicates(monkeypatch):
@@ -193,3 +228,59 @@ def test_local_sweep_exit_status_follows_the_output(tiny_models, prompts_file, t
     assert "Traceback" not in log
     assert "batchgen sweep summary: 2 local tasks, 1 completed" in log
     assert f"output complete: 3/3 shards in {out}" in log
+
+
+@pytest.mark.parametrize("executor", ["local", "slurm"])
+def test_sweep_folders_lie_in_the_meta_folder(tmp_path, executor):
+    from hydra import compose, initialize_config_dir
+
+    from batchgen import cli
+
+    out = tmp_path / "out"
+    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"hydra/launcher={executor}", f"output.dir={out}"],
+            return_hydra_config=True,
+        )
+    sweep = Path(cfg.hydra.sweep.dir)
+    assert sweep.parent == layout.sweeps_dir(out)
+    assert sweep.name.startswith("multirun-")
+    assert Path(cfg.hydra.launcher.submitit_folder).parent == sweep / ".submitit"
+
+
+def test_sweeps_leave_the_folder_to_the_readers(tiny_models, prompts_file, tmp_path, readers):
+    """Hydra's and submitit's files stay out of the readers' way, whatever became of the tasks."""
+    out = tmp_path / "out"
+    # Every task fails (rank 0: no such column; rank 5: no such rank).
+    failed = _local_sweep(tiny_models["chat"], prompts_file, out, "dataset.id_column=nope")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert [p.name for p in out.iterdir()] == [layout.META_DIR]
+    assert len(list(layout.sweeps_dir(out).glob("multirun-*/multirun.yaml"))) == 1
+    assert list(layout.sweeps_dir(out).glob("multirun-*/.submitit/*/*_log.err"))
+    done = _local_sweep(tiny_models["chat"], prompts_file, out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name != layout.META_DIR) == [
+        layout.shard_name(i) for i in range(3)
+    ]
+    assert len(list(layout.sweeps_dir(out).glob("multirun-*/.submitit/*/*_log.out"))) == 4
+    counts = readers(out)
+    assert counts == dict.fromkeys(counts, 12)
+    # Resuming with another setting: every task refuses, the summary shows why, whole.
+    refused = _local_sweep(tiny_models["chat"], prompts_file, out, "sampling.max_new_tokens=9")
+    lines = (refused.stdout + refused.stderr).splitlines()
+    assert "Traceback" not in refused.stdout + refused.stderr
+    at = next(i for i, x in enumerate(lines) if x.startswith("  #0 "))
+    assert lines[at].endswith(
+        f"failed: batchgen: error: output.dir={str(out)!r} holds a run with a different config "
+        "fingerprint (_batchgen/run.json); resuming would mix outputs of two configs. What "
+        "differs (recorded -> now):"
+    )
+    assert lines[at + 1 : at + 3] == [
+        "         sampling.max_new_tokens: 8 -> 9",
+        "       Start a new folder with output.dir=SOMEWHERE_ELSE, or rerun with the recorded "
+        "settings. Finished shards were not touched.",
+    ]
+    assert lines[at + 3].startswith("  #1 ")
+    counts = readers(out)
+    assert counts == dict.fromkeys(counts, 12)

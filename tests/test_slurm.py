@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from batchgen import run
+from batchgen.store import layout
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slurm
@@ -236,7 +237,8 @@ def test_sigusr2_requeues_the_task_which_resumes(slurm, tiny_models, tmp_path, m
     assert f"output complete: 20/20 shards in {out}" in log, log[-3000:]
     # Accounting may record the end a moment after the result file appeared.
     _wait(lambda: _sacct(victim) == ["REQUEUED", "COMPLETED"], 60, f"sacct: {victim} requeued once")
-    task_log = "".join(p.read_text() for p in out.glob(f"hydra/*/.submitit/{victim}/*_log.*"))
+    logs = layout.sweeps_dir(out).glob(f"multirun-*/.submitit/{victim}/*_log.*")
+    task_log = "".join(p.read_text() for p in logs)
     assert "Caught signal SIGUSR2" in task_log and f"Requeued job {victim}" in task_log
     # Two attempts, each with batchgen's summary: the second resumed the first's shards and
     # generated the rest of rank 1's share.

@@ -8,7 +8,11 @@ else batchgen writes lives under ``_batchgen/`` (or has a leading dot) and no na
 by the most common extension below the folder, ``_batchgen/`` included: so files that grow with
 the number of workers carry no extension it loads (worker records are JSON named ``.record``,
 their error lists JSON lines named ``.errors``), or a thousand workers' ``.json`` files would
-outvote the shards::
+outvote the shards. A ``-m`` sweep's files (``batchgen.launcher``) grow with the workers too:
+Hydra's ``multirun.yaml``, and submitit's pickles and task logs (``.pkl``, ``.out``, ``.err``,
+inside a hidden ``.submitit/`` at that); ``datasets`` loads none of those extensions. They sit in
+``sweeps_dir`` below: the config's ``hydra.sweep.dir`` is ``${batchgen.sweeps_dir:${output.dir}}``
+and a time stamp, and submitit's folder is hydra-submitit-launcher's default, inside it::
 
     OUT/part-NNNNN.parquet                  a finished shard (the outputs)
     OUT/.part-NNNNN.parquet.tmp-HOST-PID-R  a shard being written (same folder: hard link)
@@ -22,6 +26,10 @@ outvote the shards::
     OUT/_batchgen/checkpoints/part-NNNNN/rows-*.ckpt   finished batches of an unfinished shard
     OUT/_batchgen/quarantine/part-NNNNN.corrupt-TIME
     OUT/_batchgen/report.html, README.md    the report and the dataset card
+    OUT/_batchgen/sweeps/multirun-TIME/     one ``-m`` sweep: Hydra's multirun.yaml, each job's
+                                            worker-N/ folder (empty: chdir is off, Hydra logs
+                                            to stdout), .submitit/JOBID/ (submitit's pickles and
+                                            each task's JOBID_T_log.out and .err)
 """
 
 from __future__ import annotations
@@ -108,6 +116,11 @@ def checkpoint_dir(out_dir: Path, index: int) -> Path:
 def quarantine_dir(out_dir: Path) -> Path:
     """Where damaged shards are moved, kept for inspection."""
     return meta_dir(out_dir) / "quarantine"
+
+
+def sweeps_dir(out_dir: Path) -> Path:
+    """The ``-m`` sweeps' folders: Hydra's and submitit's files, kept with the run they made."""
+    return meta_dir(out_dir) / "sweeps"
 
 
 def report_file(out_dir: Path) -> Path:

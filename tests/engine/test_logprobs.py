@@ -24,6 +24,10 @@ TEXTS = [
 GREEDY = SamplingConfig(max_new_tokens=8)
 SAMPLED = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=0.8, num_return_sequences=2)
 TOLERANCE = 1e-4
+# The tiny T5's logits are wide (initializer factor 5): the padded batch's encoder and the
+# unpadded reference sum in another order, which moves a log-probability by up to 1.4e-4 under
+# transformers 5.25.
+ENCODER_DECODER_TOLERANCE = 5e-4
 K = 5
 
 
@@ -72,17 +76,18 @@ def reference(model, prompt: list[int], tokens: list[int], encoder_decoder: bool
 
 
 def check(model, records, samples, kept, encoder_decoder=False, greedy=False, top=K):
+    tolerance = ENCODER_DECODER_TOLERANCE if encoder_decoder else TOLERANCE
     checked = 0
     for record, row, row_ids in zip(records, samples, kept, strict=True):
         for sample, ids in zip(row, row_ids, strict=True):
             assert len(sample.logprobs) == len(ids) == sample.completion_tokens >= 1
             expected = reference(model, record.token_ids, ids, encoder_decoder)
-            assert sample.logprobs == pytest.approx(expected, abs=TOLERANCE)
+            assert sample.logprobs == pytest.approx(expected, abs=tolerance)
             assert len(sample.top_logprobs) == len(ids)
             for token, value, pairs in zip(ids, sample.logprobs, sample.top_logprobs, strict=True):
                 values = [v for _, v in pairs]
                 assert len(pairs) == top and values == sorted(values, reverse=True)
-                if value > values[-1] + TOLERANCE:  # ranks inside the top K, no tie at the edge
+                if value > values[-1] + tolerance:  # ranks inside the top K, no tie at the edge
                     assert dict(pairs)[token] == pytest.approx(value, abs=1e-6)
                 if greedy:
                     assert pairs[0] == (token, pytest.approx(value, abs=1e-6))

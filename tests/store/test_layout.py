@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,29 +17,6 @@ import pytest
 from batchgen.store import layout
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def readers(out: Path) -> dict[str, int]:
-    """Rows each reader finds given the output folder path itself."""
-    import datasets
-    import duckdb
-    import pandas as pd
-    import polars as pl
-    import pyarrow.dataset as ds
-
-    datasets.disable_progress_bars()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {
-            "pandas": len(pd.read_parquet(out)),
-            "pyarrow.dataset": ds.dataset(out, format="parquet").to_table().num_rows,
-            "duckdb": duckdb.sql(f"select count(*) from read_parquet('{out}')").fetchall()[0][0],
-            "datasets": len(
-                datasets.load_dataset(str(out), split="train", cache_dir=str(out.parent / "hf"))
-            ),
-            # polars lists every file below a folder, hidden or not: it takes a glob.
-            "polars": pl.read_parquet(out / "*.parquet").height,
-        }
 
 
 def published_rows(out: Path) -> int:
@@ -57,6 +33,7 @@ def test_names_live_under_the_meta_folder_or_are_hidden(tmp_path):
         layout.quarantine_dir(tmp_path),
         layout.report_file(tmp_path),
         layout.card_file(tmp_path),
+        layout.sweeps_dir(tmp_path),
     ):
         assert path.relative_to(tmp_path).parts[0] == "_batchgen"
     assert layout.shard_name(7) == "part-00007.parquet"
@@ -65,8 +42,10 @@ def test_names_live_under_the_meta_folder_or_are_hidden(tmp_path):
     assert not layout.worker_errors_file(tmp_path, 3, 8).match(layout.WORKER_RECORD_GLOB)
 
 
-def test_many_workers_records_do_not_outvote_one_shard(tmp_path):
-    """``datasets`` picks its loader by the most common extension below the folder."""
+def test_many_workers_files_do_not_outvote_one_shard(tmp_path, readers):
+    """``datasets`` picks its loader by the most common extension below the folder: neither the
+    worker records nor the files of ``-m`` sweeps (as a local or Slurm sweep leaves them, also
+    when every task failed) may outvote the shards, or be read as outputs."""
     from batchgen.store.records import write_worker_file
     from batchgen.store.writer import output_schema, write_json_atomic, write_shard
 
@@ -86,12 +65,24 @@ def test_many_workers_records_do_not_outvote_one_shard(tmp_path):
     for rank in range(8):
         write_worker_file(out, {"fingerprint": "fp"}, rank, 8, "complete", {"phases": {}})
         layout.worker_errors_file(out, rank, 8).write_text('{"id": "x", "reason": "empty"}\n')
+    for sweep, job in (("2026-01-01_00-00-00", "4691"), ("2026-01-02_00-00-00", "51")):
+        folder = layout.sweeps_dir(out) / f"multirun-{sweep}"
+        folder.mkdir(parents=True)
+        (folder / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+        for rank in range(32):
+            (folder / f"worker-{rank}").mkdir()
+            task = folder / ".submitit" / f"{job}_{rank}"
+            task.mkdir(parents=True)
+            (task / f"{job}_{rank}_submitted.pkl").write_bytes(b"\x80\x05N.")
+            (task / f"{job}_{rank}_0_result.pkl").write_bytes(b"\x80\x05N.")
+            (task / f"{job}_{rank}_0_log.out").write_text("submitit INFO - Starting\n")
+            (task / f"{job}_{rank}_0_log.err").write_text("batchgen: error: x\n")
     counts = readers(out)
     assert counts == dict.fromkeys(counts, 1)
 
 
 def test_readers_see_exactly_the_shards_while_a_worker_runs_and_after(
-    tiny_models, prompts_file, tmp_path
+    tiny_models, prompts_file, tmp_path, readers
 ):
     out = tmp_path / "out"
     args = [
