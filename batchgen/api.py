@@ -1,9 +1,11 @@
 """The Python API: the command line's engine, batching and sampling, in memory or file to file.
 
-Invariant: nothing here generates, batches or renders by itself. ``Generator`` turns prompts into
-the same records the shard loop builds, runs them through the same ``BatchRunner`` (OOM split,
-batch-invariant per-sample sampling, the engine ``runner.engine`` picks) and builds its results
-with the shard loop's own row builder, so a prompt gives the same completion here as in a job.
+Invariant: nothing here generates, batches or renders by itself. ``Generator`` holds one
+``Session`` (``batchgen.job.session``) for all its calls, as the job loop does for a job: its
+records come from the shard loop's own ``ShardInputs``, its samples from the session's batch
+runner (OOM split, batch-invariant per-sample sampling, the engine ``runner.engine`` picks),
+its rows from the shard loop's row builder, so a prompt gives the same completion here as in a
+job, and the model loads and the batch size is measured once however many calls it serves.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from batchgen.cluster.ranks import resolve_worker
+from batchgen.composition import compose_job
 from batchgen.config import (
     MODEL_DEFAULTS,
     DatasetConfig,
@@ -21,20 +25,16 @@ from batchgen.config import (
     RunnerConfig,
     SamplingConfig,
 )
-from batchgen.config_checks import (
-    normalize_sampling,
-    read_json_schema,
-    resolve_sampling,
-    validate,
-)
+from batchgen.config_checks import convert_sampling, validate
 from batchgen.engine import devices
-from batchgen.engine.batching import BatchRunner, build_engine, choose_engine
-from batchgen.engine.constrained import check_constraint
 from batchgen.errors import ConfigError, ModelError
-from batchgen.inputs import models, prompts
+from batchgen.inputs import models
 from batchgen.inputs.dataset import Rows
+from batchgen.job.session import Model, Session
+from batchgen.job.shard_inputs import ShardInputs
 from batchgen.progress import Progress
-from batchgen.store.rows import output_spec, shard_rows
+from batchgen.store.rows import shard_rows
+from batchgen.store.shards import Shard
 
 # The in-memory rows' column names: the prompt text, or an OpenAI-style conversation.
 _TEXT, _MESSAGES, _SAMPLING = "prompt", "messages", "sampling"
@@ -125,12 +125,9 @@ class Generator:
         if model is None or isinstance(model, str):
             cfg = _model_config(model, model_options)
             validate(JobConfig(model=cfg, runner=self.runner, seed=seed))
-            devices.set_threads(self.runner.threads)
-            source = models.convert_gguf(models.resolve_source(cfg))
-            config, self.tokenizer = models.load_config_and_tokenizer(source, cfg)
-            device, dtype = devices.resolve_device_dtype(cfg)
-            self.model = devices.load_model(source, config, cfg, device, dtype)
-            self.context = models.context_length(config, self.tokenizer, cfg)
+            local_rank = resolve_worker(None, None).local_rank
+            device, dtype = devices.resolve_device_dtype(cfg, local_rank)
+            handle = Model.open(cfg, models.resolve_source(cfg), device, dtype)
         else:
             if tokenizer is None:
                 raise ModelError("Generator(model=<a loaded model>) needs its tokenizer=.")
@@ -139,9 +136,13 @@ class Generator:
                     f"{', '.join(sorted(model_options))}: model settings apply to a model "
                     "loaded by name, not to a loaded model."
                 )
-            self.model, self.tokenizer = model, tokenizer
-            self.context = models.context_length(model.config, tokenizer, ModelConfig())
-        self.device = str(next(self.model.parameters()).device)
+            handle = Model.loaded(model, tokenizer)
+        job = JobConfig(model=handle.settings, runner=self.runner, output=self.output, seed=seed)
+        # One session for every call: the model loads once, the batch size is measured once.
+        self.session = Session(job, handle)
+        devices.set_threads(self.runner.threads)
+        self.model, self.tokenizer = handle.load(), handle.tokenizer
+        self.device = handle.device
         # Of the last call: the engine used, the batch size, token budget and engine it ran
         # with and why (tuning), and the pad slots computed in prompt prefill and held in KV
         # caches (the padding-waste figures of scripts/bench.py).
@@ -171,7 +172,8 @@ class Generator:
                 under ``runner.on_bad_row`` / ``runner.on_long_prompt`` = ``error``.
         """
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return self._run({_TEXT: texts}, DatasetConfig(prompt_column=_TEXT), False, sampling, ids)
+        dataset = DatasetConfig(prompt_column=_TEXT, chat_template="off")
+        return self._run({_TEXT: texts}, dataset, sampling, ids)
 
     def chat(
         self,
@@ -205,65 +207,48 @@ class Generator:
         cfg = DatasetConfig(
             prompt_column=None, messages_column=_MESSAGES, system_prompt=system_prompt
         )
-        return self._run({_MESSAGES: list(conversations)}, cfg, True, sampling, ids)
+        return self._run({_MESSAGES: list(conversations)}, cfg, sampling, ids)
 
-    def _run(self, columns, dataset: DatasetConfig, chat, sampling, ids) -> list[Completion]:
+    def _run(self, columns, dataset: DatasetConfig, sampling, ids) -> list[Completion]:
         if isinstance(sampling, Sequence) and not isinstance(sampling, str):
             # One mapping per prompt: the job's rows with their own settings, over the defaults.
             own = [dataclasses.asdict(x) if isinstance(x, SamplingConfig) else x for x in sampling]
             columns = {**columns, _SAMPLING: own}
             dataset = dataclasses.replace(dataset, sampling_column=_SAMPLING)
             sampling = None
-        if sampling == "model":
+        if sampling == "model":  # null settings are the model's: model.generate()'s own
             sampling = dict.fromkeys(MODEL_DEFAULTS)
-        s = read_json_schema(normalize_sampling(_settings(SamplingConfig, sampling, "sampling")))
-        check_constraint(s)
-        # Null settings are the model's: what model.generate() with no arguments would use.
-        s = resolve_sampling(s, models.generation_defaults(self.model.generation_config))
+        s = convert_sampling(_settings(SamplingConfig, sampling, "sampling"))
         if ids is not None:
             columns = {**columns, "id": [str(i) for i in ids]}
             dataset = dataclasses.replace(dataset, id_column="id")
-        job = JobConfig(
-            sampling=s, dataset=dataset, runner=self.runner, output=self.output, seed=self.seed
-        )
-        validate(job)
-        rows = Rows(columns=columns, kept_types={})
+        validate(dataclasses.replace(self.session.cfg, sampling=s, dataset=dataset))
         if len({len(v) for v in columns.values()}) > 1:
             raise ConfigError(
                 f"{', '.join(f'{k}: {len(v)}' for k, v in columns.items())}: one value per prompt."
             )
-        records, bad = prompts.build_records(rows, dataset, self.tokenizer, chat, sampling=s)
-        prompts.apply_bad_row_policy(bad, self.runner.on_bad_row)
-        room = self.context - s.max_new_tokens if self.context else None
-        if not dataset.sampling_column:
-            prompts.check_room(room)
-        records, _ = prompts.apply_length_policy(
-            records, room, self.runner.on_long_prompt, self.tokenizer, s.max_new_tokens
-        )
+        plan = self.session.plan(dataset, s)
+        rows = Rows(columns=columns, kept_types={})
+        inputs = ShardInputs(None, plan, self.runner, self.tokenizer)
+        records = inputs.build(Shard(0, 0, len(rows)), rows).records
         if not records:
             return []
-        encoder_decoder = bool(self.model.config.is_encoder_decoder)
-        spec = output_spec(job, self.tokenizer, chat)
-        logprobs = bool(spec.logprobs or spec.top_logprobs)
-        per_row = bool(dataset.sampling_column)
-        kind = choose_engine(self.runner, s, encoder_decoder, self.device, logprobs, per_row)
-        engine = build_engine(
-            kind, self.model, self.tokenizer, s, self.runner, spec.logprobs, spec.top_logprobs
-        )
-        bar = Progress(len(records), self.progress, s.max_new_tokens * s.num_return_sequences)
+        engine = self.session.runner(plan).engine
+        counted = engine.padded_tokens, engine.cache_pad_slots
+        bar = Progress(len(records), self.progress, plan.row_tokens)
         engine.on_step = bar.step
-        batcher = BatchRunner(engine, self.runner, s, self.seed, engine_kind=kind)
         try:
-            results, _ = batcher.run(records, bar.update)
+            results, _ = self.session.generate(records, plan, bar.update)
         finally:
+            engine.on_step = None
             bar.close()
-        out, _ = shard_rows(records, results, spec)
-        tuning = batcher.choices()
+        out, _ = shard_rows(records, results, plan.output)
+        tuning = self.session.batcher.choices()
         self.stats = {
             "engine": tuning["engine"],
             "tuning": tuning,
-            "padded_tokens": engine.padded_tokens,
-            "cache_pad_slots": engine.cache_pad_slots,
+            "padded_tokens": engine.padded_tokens - counted[0],
+            "cache_pad_slots": engine.cache_pad_slots - counted[1],
         }
         return [Completion(**row) for row in out]
 
@@ -271,8 +256,6 @@ class Generator:
 def _model_config(name: str | None, options: Mapping[str, Any]) -> ModelConfig:
     """``model.*`` settings for a name; None: the command line's default model preset."""
     if name is None:
-        from batchgen.cli import compose_job
-
         return dataclasses.replace(compose_job([]).model, **options)
     return _settings(ModelConfig, {"name_or_path": name, **options}, "model")
 
@@ -283,8 +266,6 @@ def compose(overrides: Sequence[str] = ()) -> JobConfig:
     Raises:
         ConfigError: an override that does not parse or names no setting.
     """
-    from batchgen.cli import compose_job
-
     return compose_job(list(overrides))
 
 

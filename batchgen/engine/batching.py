@@ -1,24 +1,29 @@
-"""Run a shard through an engine: plan batches, split on out-of-memory, adapt the budget, and
-tune the batch size and engine when asked to (``batchgen.engine.tuning``)."""
+"""Run records through an engine: group them by how they decode, plan batches, split on
+out-of-memory, adapt the budget, and tune the batch size and engine when asked to
+(``batchgen.engine.tuning``).
+
+Invariant: one ``BatchRunner`` lives as long as its engine (a whole job, or every call of a
+``Generator``), so the batch size and engine are measured once and kept; each call names the
+sampling it decodes with.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from batchgen.config import RunnerConfig, SamplingConfig
 from batchgen.engine import tuning
-from batchgen.engine.batch_plan import plan_batches
-from batchgen.engine.continuous import ContinuousEngine
+from batchgen.engine.batch_plan import plan_batches, sampling_groups
+from batchgen.engine.choice import PROBE
+from batchgen.engine.interface import Engine, Sample
 from batchgen.engine.memory import Budget, batch_tokens, model_memory
-from batchgen.engine.static import Engine, Sample
-from batchgen.errors import ConfigError, Interrupted
+from batchgen.errors import Interrupted
 from batchgen.inputs.prompts import PromptRecord, Skipped
 
 log = logging.getLogger(__name__)
@@ -28,157 +33,88 @@ log = logging.getLogger(__name__)
 FAILING_STREAK_LIMIT = 8
 
 
-# Devices where continuous batching beat static batching in scripts/bench.py (docs/benchmarks.md).
-# On the CPU it lost (0.89x vs 4.66x the baseline); no GPU run has been measured yet.
-AUTO_CONTINUOUS_DEVICES: tuple[str, ...] = ()
-
-
-def choose_engine(
-    runner: RunnerConfig,
-    sampling: SamplingConfig,
-    encoder_decoder: bool,
-    device: str,
-    logprobs: bool = False,
-    per_row: bool = False,
-) -> str:
-    """``static`` or ``continuous`` for this job; ``auto`` picks the faster one that applies, or
-    stays ``auto`` where both apply on a ``tuning.PROBE_DEVICES`` device, for ``BatchRunner`` to
-    probe.
-
-    ``logprobs``: log-probabilities are recorded (output.logprobs or output.top_logprobs), which
-    takes a logits processor that continuous batching has no place for. ``per_row``: rows carry
-    their own sampling (``dataset.sampling_column``), batched by setting.
-
-    Raises:
-        ConfigError: ``runner.engine=continuous`` for a job it cannot serve.
-    """
-    unsupported = tuning.continuous_blockers(sampling, encoder_decoder, logprobs, per_row)
-    if runner.engine == "continuous" and unsupported:
-        raise ConfigError(
-            f"runner.engine=continuous: transformers' continuous batching takes no logits "
-            f"processors, so it cannot serve {', '.join(unsupported)}; use runner.engine=static "
-            "or auto."
-        )
-    if runner.engine == "auto":
-        kind = device.split(":")[0]
-        if unsupported:
-            return "static"
-        if kind in AUTO_CONTINUOUS_DEVICES:
-            return "continuous"
-        return "auto" if kind in tuning.PROBE_DEVICES else "static"
-    return runner.engine
-
-
-def build_engine(
-    kind: str,
-    model,
-    tokenizer,
-    sampling: SamplingConfig,
-    runner: RunnerConfig,
-    logprobs: bool = False,
-    top_logprobs: int = 0,
-) -> Engine:
-    """The engine ``choose_engine`` named, over ``model`` (which it does not modify); for
-    ``auto``, a continuous one, whose ``generate`` is the static engine's: it can be either.
-
-    ``logprobs`` and ``top_logprobs`` are output.logprobs and output.top_logprobs.
-    """
-    cls = ContinuousEngine if kind in ("continuous", "auto") else Engine
-    return cls(
-        model,
-        tokenizer,
-        sampling,
-        compile=runner.compile,
-        prefill_tokens=runner.prefill_tokens,
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-    )
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     """True for CUDA/MPS out-of-memory errors, which a smaller batch can avoid."""
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-# Settings a row's own constraint may vary within one batch (the constraint processor reads each
-# row's); every other sampling setting is shared by a batch.
-PER_ROW_IN_BATCH = ("json_schema", "regex")
-
-
-def sampling_groups(
-    records: list[PromptRecord], job: SamplingConfig
-) -> list[tuple[SamplingConfig, list[PromptRecord]]]:
-    """Records grouped by how they decode (their own sampling, else the job's), in order of
-    first appearance; each group's sampling is its first record's."""
-    groups: dict[str, tuple[SamplingConfig, list[PromptRecord]]] = {}
-    for record in records:
-        sampling = record.sampling or job
-        shared = {k: v for k, v in asdict(sampling).items() if k not in PER_ROW_IN_BATCH}
-        key = json.dumps(shared, sort_keys=True)
-        groups.setdefault(key, (sampling, []))[1].append(record)
-    return list(groups.values())
-
-
 class BatchRunner:
-    """Feeds records to an engine in planned batches; one instance lives for the whole job.
+    """Feeds records to an engine in planned batches; one instance lives as long as its engine.
 
-    ``engine_kind`` is ``choose_engine``'s answer (None: the engine's own kind); ``auto`` probes
-    both engines on the first rows. ``tuner`` holds the batch size, token budget and engine as
-    tuned so far (``batchgen.engine.tuning``), ``budget`` the token budget in force.
+    ``engine_kind`` is ``choose_engine``'s answer (None: the engine's own kind); ``PROBE`` runs
+    the first rows through both engines. ``tuner`` holds the batch size, token budget and engine
+    as tuned so far (``batchgen.engine.tuning``), ``budget`` the token budget in force; both are
+    set up by the first ``run``, whose sampling sizes the memory plan.
     """
 
     def __init__(
         self,
         engine: Engine,
         runner: RunnerConfig,
-        sampling: SamplingConfig,
         seed: int,
         stop: threading.Event | None = None,
         engine_kind: str | None = None,
     ):
         self.engine = engine
         self.runner = runner
-        self.sampling = sampling
         self.seed = seed
-        kind = engine_kind or ("continuous" if isinstance(engine, ContinuousEngine) else "static")
-        logprobs = bool(engine.logprobs or engine.top_logprobs)
-        blockers = tuning.continuous_blockers(sampling, engine.encoder_decoder, logprobs, False)
-        memory = None
-        if runner.batch_size == tuning.AUTO:
-            memory = model_memory(
-                engine.model,
-                engine.device,
-                sampling.max_new_tokens,
-                runner.prefill_tokens,
-                engine.chunked_prefill,
-            )
-        self.tuner = tuning.Tuner(
-            runner,
-            memory,
-            engine.device,
-            None if kind == "auto" else kind,
-            tuning.engine_reason(runner, kind, engine.device, blockers),
-        )
-        self.budget = Budget(self.tuner.token_budget)
+        self.kind = engine_kind or engine.kind
+        self.logprobs = bool(engine.logprobs or engine.top_logprobs)
+        self.tuner: tuning.Tuner | None = None
+        self.budget = Budget(None)
         self.stop = stop or threading.Event()
         self.failing_streak = 0
 
+    def _tune(self, sampling: SamplingConfig) -> tuning.Tuner:
+        """The tuner, set up at the first call (its memory plan needs the new tokens per row)."""
+        if self.tuner is None:
+            engine, runner = self.engine, self.runner
+            blockers = tuning.continuous_blockers(
+                sampling, engine.encoder_decoder, self.logprobs, False
+            )
+            memory = None
+            if runner.batch_size == tuning.AUTO:
+                memory = model_memory(
+                    engine.model,
+                    engine.device,
+                    sampling.max_new_tokens,
+                    runner.prefill_tokens,
+                    engine.chunked_prefill,
+                )
+            self.tuner = tuning.Tuner(
+                runner,
+                memory,
+                engine.device,
+                None if self.kind == PROBE else self.kind,
+                tuning.engine_reason(runner, self.kind, engine.device, blockers),
+            )
+            self.budget = Budget(self.tuner.token_budget)
+        return self.tuner
+
     def choices(self) -> dict:
-        """The batch size, token budget and engine the job runs with, and why (``Tuner.record``)."""
+        """The batch size, token budget and engine it runs with, and why (``Tuner.record``).
+
+        Raises:
+            RuntimeError: nothing has run yet, so nothing was chosen.
+        """
+        if self.tuner is None:
+            raise RuntimeError("BatchRunner.choices: no call has run yet")
         return self.tuner.record(self.budget.limit)
 
     def run(
         self,
         records: list[PromptRecord],
+        sampling: SamplingConfig,
         on_rows: Callable[[int, int], None],
         on_batch: Callable[[list[tuple[int, list[Sample]]]], None] | None = None,
     ) -> tuple[dict[int, list[Sample]], list[Skipped]]:
         """Generate every record; ``on_rows(rows, tokens)`` reports progress as batches finish.
 
-        ``on_batch`` receives each finished batch's (row index, samples) pairs as it finishes,
-        to persist them (``batchgen.store.checkpoints``). Records with their own sampling
-        (``record.sampling``) are batched with those that decode alike (``sampling_groups``):
-        a batch never runs to a longer ``max_new_tokens`` than its own rows ask for.
+        ``sampling`` is the call's (a job's, or one ``Generator`` call's); records with their
+        own (``record.sampling``) are batched with those that decode alike
+        (``sampling_groups``): a batch never runs to a longer ``max_new_tokens`` than its own
+        rows ask for. ``on_batch`` receives each finished batch's (row index, samples) pairs as
+        it finishes, to persist them (``batchgen.store.checkpoints``).
 
         Returns:
             (row index -> that row's samples, rows that failed alone with the error)
@@ -187,24 +123,40 @@ class BatchRunner:
             Interrupted: ``stop`` was set; the records are not all done.
             Exception: the error of a run of failing rows (see FAILING_STREAK_LIMIT).
         """
+        tuner = self._tune(sampling)
         results: dict[int, list[Sample]] = {}
         failed: list[Skipped] = []
         uniform = all(r.sampling is None for r in records)
-        if self.tuner.engine is None and uniform and len(records) >= 2:
-            records = self._probe_engines(records, results, failed, on_rows, on_batch)
-        if self.tuner.engine == "continuous" and uniform and records and not self.stop.is_set():
-            outs = self._continuous(records, on_rows, on_batch)
+        if not uniform:
+            # A batch of mixed rows decodes with its first row's settings, but for each row's
+            # own constraint: rows without settings of their own carry the call's explicitly.
+            records = [
+                r if r.sampling else dataclasses.replace(r, sampling=sampling) for r in records
+            ]
+        whole = (
+            self.engine.serves_shards
+            and uniform
+            and not tuning.continuous_blockers(
+                sampling, self.engine.encoder_decoder, self.logprobs, False
+            )
+        )
+        if whole and tuner.engine is None and len(records) >= 2:
+            records = self._probe_engines(records, sampling, results, failed, on_rows, on_batch)
+        if whole and tuner.engine == "continuous" and records and not self.stop.is_set():
+            outs = self._continuous(records, sampling, on_rows, on_batch)
             if outs is not None:
                 return {**results, **outs}, failed
-        groups = [(self.sampling, records)] if uniform else sampling_groups(records, self.sampling)
-        for sampling, group in groups:
-            self._run_group(group, sampling, results, failed, on_rows, on_batch)
+        groups = [(sampling, records)] if uniform else sampling_groups(records, sampling)
+        for group_sampling, group in groups:
+            self._run_group(group, group_sampling, results, failed, on_rows, on_batch)
         return results, failed
 
-    def _continuous(self, records, on_rows, on_batch) -> dict[int, list[Sample]] | None:
+    def _continuous(self, records, sampling, on_rows, on_batch) -> dict[int, list[Sample]] | None:
         """Every record through continuous batching; None when it failed (redo them static)."""
         try:
-            outs = self.engine.generate_all(records, self.seed, on_row=lambda t: on_rows(1, t))
+            outs = self.engine.generate_all(
+                records, self.seed, sampling, on_row=lambda t: on_rows(1, t)
+            )
         except Exception as e:  # noqa: BLE001 - the static path handles rows one by one
             log.warning("continuous batching failed (%s); redoing the rows in static batches", e)
             return None
@@ -212,25 +164,27 @@ class BatchRunner:
             on_batch([(r.index, o) for r, o in zip(records, outs, strict=True)])
         return {r.index: o for r, o in zip(records, outs, strict=True)}
 
-    def _probe_engines(self, records, results, failed, on_rows, on_batch) -> list[PromptRecord]:
+    def _probe_engines(
+        self, records, sampling, results, failed, on_rows, on_batch
+    ) -> list[PromptRecord]:
         """Generate the first rows by both engines, alternately by length so each gets alike
         prompts, and let the tuner keep the faster; returns the records left."""
         ordered = sorted(records, key=lambda r: (-len(r.token_ids), r.index))
         rows = self.tuner.plan_rows(
-            len(ordered), tuning.row_slots(ordered, self.sampling), self.budget.current
+            len(ordered), tuning.row_slots(ordered, sampling), self.budget.current
         )
         half = min(rows, len(ordered) // 2)
         static, continuous = ordered[: 2 * half : 2], ordered[1 : 2 * half : 2]
         started = tuning.clock()
-        self._run_group(static, self.sampling, results, failed, on_rows, on_batch)
+        self._run_group(static, sampling, results, failed, on_rows, on_batch)
         static_rate = self._tokens(static, results) / max(tuning.clock() - started, 1e-9)
         if self.stop.is_set():
             raise Interrupted
         started = tuning.clock()
-        outs = self._continuous(continuous, on_rows, on_batch)
+        outs = self._continuous(continuous, sampling, on_rows, on_batch)
         if outs is None:
             self.tuner.engines_probed(half, static_rate, None)
-            self._run_group(continuous, self.sampling, results, failed, on_rows, on_batch)
+            self._run_group(continuous, sampling, results, failed, on_rows, on_batch)
         else:
             results.update(outs)
             seconds = max(tuning.clock() - started, 1e-9)

@@ -15,7 +15,9 @@ import torch
 from transformers import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.utils import WorkloadHints
 
-from batchgen.engine.static import Engine, Sample
+from batchgen.config import SamplingConfig
+from batchgen.engine.interface import Sample
+from batchgen.engine.static import StaticEngine
 from batchgen.inputs.prompts import PromptRecord
 
 # Seconds to wait for one result before checking that the manager's thread is still alive.
@@ -33,22 +35,26 @@ def cache_config(records: list[PromptRecord], max_new_tokens: int, device: torch
     return ContinuousBatchingConfig(num_blocks=blocks + 1)
 
 
-class ContinuousEngine(Engine):
-    """An :class:`Engine` that also serves a whole shard at once with :meth:`generate_all`.
+class ContinuousEngine(StaticEngine):
+    """Continuous batching of a whole shard (:meth:`generate_all`); its inherited ``generate``
+    is the static path, for what continuous batching cannot serve and for a shard that fails
+    here."""
 
-    Its inherited ``generate`` is the static path, the fallback for a shard that fails here.
-    """
+    kind = "continuous"
+    serves_shards = True
 
     def generate_all(
         self,
         records: list[PromptRecord],
         seed: int,
+        sampling: SamplingConfig,
         on_row: Callable[[int], None] | None = None,
     ) -> list[list[Sample]]:
         """Greedy-generate every record; ``on_row(tokens)`` is called as each one finishes."""
         del seed  # greedy decoding draws nothing
+        self.use(sampling)
         inputs = [r.token_ids for r in records]
-        new_tokens = self.sampling.max_new_tokens
+        new_tokens = sampling.max_new_tokens
         results: dict[str, list[int]] = {}
         model = self.model
         with (
@@ -78,4 +84,4 @@ class ContinuousEngine(Engine):
                     results[result.request_id] = list(result.generated_tokens)
                     if on_row is not None:
                         on_row(len(result.generated_tokens))
-        return [[self._finish(results[rid])] for rid in request_ids]
+        return [[self.decoder.sample(results[rid], sampling)] for rid in request_ids]

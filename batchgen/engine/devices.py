@@ -15,8 +15,11 @@ from batchgen.errors import ConfigError, ModelError
 from batchgen.inputs.models import ModelSource
 
 
-def resolve_device_dtype(cfg: ModelConfig) -> tuple[str, str]:
+def resolve_device_dtype(cfg: ModelConfig, local_rank: int | None = None) -> tuple[str, str]:
     """Pick device and dtype for ``auto``: CUDA bf16 (fp16 without bf16), MPS fp16, CPU fp32.
+
+    Under a launcher that gives each process of a node its ``local_rank`` (torchrun, srun),
+    ``cuda`` is that process's GPU, ``cuda:LOCAL_RANK``.
 
     Raises:
         ConfigError: a CUDA device was asked for where none is visible.
@@ -44,6 +47,8 @@ def resolve_device_dtype(cfg: ModelConfig) -> tuple[str, str]:
             dtype = "float16"
         else:
             dtype = "float32"
+    if device == "cuda" and local_rank is not None:
+        device = f"cuda:{local_rank}"
     return device, dtype
 
 

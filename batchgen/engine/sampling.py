@@ -24,14 +24,14 @@ from batchgen.config import SamplingConfig
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
-_MASK53 = (1 << 53) - 1
 
 
 def derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed from the base seed and any labels (shard index, batch index, ...).
+    """A 63-bit seed from the base seed and a sample's labels (row id, sample index).
 
-    Hash-based, so neighbouring shards get unrelated streams and the value never depends on
-    which process or in what order the work runs.
+    Hash-based, so neighbouring rows get unrelated streams and the value never depends on which
+    process, batch or order the work runs in: nothing of a batch may enter it, or a row's samples
+    would change with its neighbours.
     """
     key = ":".join(str(p) for p in (seed, *parts)).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1

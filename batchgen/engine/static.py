@@ -1,4 +1,8 @@
-"""The generation engine: pad a batch, call ``generate``, slice off the prompt, decode.
+"""The static engine: pad a planned batch, call transformers' ``generate``, slice off the prompt.
+
+Invariant: the caller's model is never modified: the engine works on a shallow copy whose
+generation config is its own, one per distinct setting (``batchgen.engine.interface`` has the
+contract it keeps; ``batchgen.engine.decode`` turns its rows into samples).
 
 Shapes: B prompts, T padded prompt length, n samples per prompt, N new tokens.
 """
@@ -8,15 +12,16 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
 from batchgen.config import SamplingConfig
 from batchgen.engine.constrained import constraint_processor
-from batchgen.engine.logprobs import LogprobRecorder, RowLogprobs
-from batchgen.engine.partial_char import PartialCharTrimmer
+from batchgen.engine.decode import Decoder, eos_token_ids
+from batchgen.engine.interface import Engine, Sample
+from batchgen.engine.logprobs import LogprobRecorder
 from batchgen.engine.prefill import prefill, supports_prefill
 from batchgen.engine.sampling import sample_keys, sampling_processors
 from batchgen.inputs.prompts import PromptRecord
@@ -24,21 +29,6 @@ from batchgen.inputs.prompts import PromptRecord
 # With runner.compile, KV-cache lengths are rounded up to a multiple of this, so batches of
 # similar prompt lengths reuse one compiled decoding step.
 COMPILE_CACHE_BUCKET = 256
-
-
-@dataclass
-class Sample:
-    """One completion of one prompt."""
-
-    text: str
-    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
-    completion_tokens: int
-    # With output.logprobs: the model's log-probability of each of the completion_tokens
-    # (batchgen.engine.logprobs says which distribution); None when not asked for.
-    logprobs: list[float] | None = None
-    # With output.top_logprobs=K: per completion token, the K most likely (token id, log-prob)
-    # pairs, most likely first; None when not asked for.
-    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class StepCounter(BaseStreamer):
@@ -67,15 +57,6 @@ class StepCounter(BaseStreamer):
 
     def end(self) -> None:
         """Nothing to flush: counts are reported as they come."""
-
-
-def eos_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a sequence: the generation config's (often several), the tokenizer's."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def generation_config(model, sampling: SamplingConfig, pad_id: int, eos_ids: set[int]):
@@ -124,86 +105,79 @@ def decode_bucket(rows: int) -> int:
         size *= 2
 
 
-class Engine:
-    """Static batching over ``model.generate``, one call per batch of prompt records."""
+class StaticEngine(Engine):
+    """Static batching over ``model.generate``, one call per planned batch of prompt records.
+
+    Args:
+        model: the loaded model (not modified: see the module docstring).
+        tokenizer: its tokenizer, left-padding, with a pad token.
+        compile: ``runner.compile``: torch.compile'd decoding over a static cache.
+        prefill_tokens: ``runner.prefill_tokens``: padded prompt tokens per prefill pass.
+        logprobs: record the chosen tokens' log-probabilities (``output.logprobs``).
+        top_logprobs: record the K most likely tokens at each position (``output.top_logprobs``).
+    """
+
+    kind = "static"
 
     def __init__(
         self,
         model,
         tokenizer,
-        sampling: SamplingConfig,
         compile: bool = False,
         prefill_tokens: int = 2048,
         logprobs: bool = False,
         top_logprobs: int = 0,
     ):
+        super().__init__()
         self.tokenizer = tokenizer
-        self.partial_char = PartialCharTrimmer(tokenizer)
-        self.sampling = sampling
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
-        self.pad_id = tokenizer.pad_token_id
-        self.model_eos_ids = eos_token_ids(model, tokenizer)
-        self.eos_ids = set() if sampling.ignore_eos else self.model_eos_ids
+        self.decoder = Decoder(tokenizer, eos_token_ids(model, tokenizer), tokenizer.pad_token_id)
         # A shallow copy shares the weights but not the attributes: the generation config is set
         # on it, not on the caller's model. Passing it to each generate() call instead would not
         # do: generate() fills the unset (None) fields from the model's own config, which would
         # bring back the repo's defaults this config clears.
         self.model = copy.copy(model)
-        self.model.generation_config = generation_config(model, sampling, self.pad_id, self.eos_ids)
-        # generate() compiles the forward whenever it decodes from a static cache on a GPU; a
-        # fresh shape is a recompile, so only when asked for, with cache lengths in buckets.
-        self.model.generation_config.disable_compile = not compile
+        self.source_model = model
         self.compile = compile
         self.prefill_tokens = prefill_tokens
         self.chunked_prefill = supports_prefill(model)
         self.cache_len = 0  # with compile: the longest cache so far, which later batches reuse
-        # Called with the tokens each decoding step produced (rows not yet finished): a
-        # progress bar moves as tokens come, not once per batch.
-        self.on_step: Callable[[int], None] | None = None
-        # Called after each prefill forward pass: a long prefill is work moving, not a stall.
-        self.on_prefill: Callable[[], None] | None = None
         self.device = next(model.parameters()).device
-        self.padded_tokens = 0  # pad slots computed in prompt prefill, for the padding-waste figure
-        # Pad slots held in the decode batches' KV caches (left of shorter prompts): never
-        # computed, but read (masked) at every decoding step.
-        self.cache_pad_slots = 0
         self.logprobs = logprobs
         self.top_logprobs = top_logprobs
-        self.job_sampling = sampling
-        self.configs = {_key(sampling): self.model.generation_config}
+        self.configs: dict[str, object] = {}  # one generation config per distinct setting
 
-    def _use(self, sampling: SamplingConfig) -> None:
-        """Decode the next batch with ``sampling``: its generation config (built once per
-        distinct setting) and its end-of-sequence ids."""
-        if sampling == self.sampling:
-            return
-        self.sampling = sampling
-        self.eos_ids = set() if sampling.ignore_eos else self.model_eos_ids
+    def use(self, sampling: SamplingConfig) -> None:
+        """Set the model copy's generation config to ``sampling``'s (built once per setting)."""
         key = _key(sampling)
         if key not in self.configs:
-            gc = generation_config(self.model, sampling, self.pad_id, self.eos_ids)
+            eos = self.decoder.eos_ids(sampling)
+            gc = generation_config(self.source_model, sampling, self.decoder.pad_id, eos)
+            # generate() compiles the forward whenever it decodes from a static cache on a GPU;
+            # a fresh shape is a recompile, so only when asked for, with cache lengths in buckets.
             gc.disable_compile = not self.compile
             self.configs[key] = gc
         self.model.generation_config = self.configs[key]
 
     def generate(
-        self, records: list[PromptRecord], seed: int, sampling: SamplingConfig | None = None
+        self, records: list[PromptRecord], seed: int, sampling: SamplingConfig
     ) -> list[list[Sample]]:
         """Generate ``num_return_sequences`` samples for each record, in record order.
 
         Each sample draws its randomness from its own key (``seed``, or the row's own
         ``record.seed``, row id, sample index), so the result does not depend on which records
         share the batch. ``sampling`` is the batch's (rows with their own settings are batched
-        with those that decode alike); None: the engine's.
+        with those that decode alike; a row's own constraint is read from its record).
         """
-        self._use(sampling or self.job_sampling)
+        self.use(sampling)
+        eos_ids = self.decoder.eos_ids(sampling)
         real = len(records)
         if self.compile:
             # A few batch shapes to compile, not one per batch size: copies of the last record
             # fill the batch up to its bucket (their samples are dropped; no row's sample
             # depends on its neighbours).
             records = records + [records[-1]] * (decode_bucket(real) - real)
-        n = self.sampling.num_return_sequences
+        n = sampling.num_return_sequences
         rows = [r.token_ids for r in records for _ in range(n)]  # R = B*n rows
         padded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         input_ids = padded["input_ids"].to(self.device)  # (R, T)
@@ -212,10 +186,8 @@ class Engine:
         # decoder start token for encoder-decoder ones.
         width = 1 if self.encoder_decoder else input_ids.shape[1]
         keys = sample_keys(seed, [r.id for r in records], n, [r.seed for r in records])
-        procs = sampling_processors(self.sampling, keys, width, self.device)
-        grammar = constraint_processor(
-            records, self.job_sampling, n, self.tokenizer, self.eos_ids, width
-        )
+        procs = sampling_processors(sampling, keys, width, self.device)
+        grammar = constraint_processor(records, sampling, n, self.tokenizer, eos_ids, width)
         if grammar is not None:
             # Ahead of the warpers and the noise: they see only allowed tokens, so a sample
             # stays an exact, batch-invariant draw from the model restricted to the grammar.
@@ -225,11 +197,11 @@ class Engine:
             # First, so it records the model's distribution, before any processor reshapes it.
             recorder = LogprobRecorder(self.top_logprobs)
             procs.insert(0, recorder)
-        extra = {"tokenizer": self.tokenizer} if self.sampling.stop else {}
+        extra = {"tokenizer": self.tokenizer} if sampling.stop else {}
         if self.on_step is not None:
-            extra["streamer"] = StepCounter(len(rows), self.eos_ids, self.on_step)
+            extra["streamer"] = StepCounter(len(rows), eos_ids, self.on_step)
         with torch.inference_mode():
-            extra.update(self._cache(records, attention_mask))
+            extra.update(self._cache(records, attention_mask, sampling))
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, logits_processor=procs, **extra
             )  # (R, width + N)
@@ -237,12 +209,14 @@ class Engine:
         self.cache_pad_slots += int((attention_mask == 0).sum())
         recorded = recorder.finish(new_tokens) if recorder else [None] * len(rows)
         samples = [
-            self._finish(row, scores)
+            self.decoder.sample(row, sampling, scores, self.logprobs)
             for row, scores in zip(new_tokens.tolist(), recorded, strict=True)
         ]
         return [samples[i * n : (i + 1) * n] for i in range(real)]
 
-    def _cache(self, records: list[PromptRecord], attention_mask: torch.Tensor) -> dict:
+    def _cache(
+        self, records: list[PromptRecord], attention_mask: torch.Tensor, sampling: SamplingConfig
+    ) -> dict:
         """generate() arguments for the KV cache: prefilled in chunks where the model allows.
 
         Otherwise generate() prefills the padded batch itself, pads included.
@@ -250,15 +224,21 @@ class Engine:
         filled = None
         if self.chunked_prefill:
             prompts = [r.token_ids for r in records]
-            n = self.sampling.num_return_sequences
-            length = attention_mask.shape[1] - 1 + self.sampling.max_new_tokens
+            n = sampling.num_return_sequences
+            length = attention_mask.shape[1] - 1 + sampling.max_new_tokens
             if self.compile:  # one shape for as many batches as possible
                 length = max(
                     self.cache_len, -(-length // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET
                 )
                 self.cache_len = length
             filled = prefill(
-                self.model, prompts, n, self.pad_id, length, self.prefill_tokens, self.on_prefill
+                self.model,
+                prompts,
+                n,
+                self.decoder.pad_id,
+                length,
+                self.prefill_tokens,
+                self.on_prefill,
             )
         if filled is None:
             # Pad slots per prompt, as the chunks count them: each of its samples repeats them.
@@ -267,38 +247,3 @@ class Engine:
             return {"cache_implementation": "static"} if self.compile else {}
         self.padded_tokens += filled.pad_slots
         return {"cache": filled.cache}
-
-    def _finish(self, ids: list[int], scores: RowLogprobs | None = None) -> Sample:
-        """Cut one generated row at its end, decode it and say why it ended.
-
-        Its recorded ``scores`` are cut at the same end: one per token the text was decoded
-        from, the EOS included when it ends the row, nothing of the pads after it. A character
-        the token limit cut in two is left out of the text only (``engine.partial_char``).
-        """
-        end, reason = len(ids), "length"
-        eos_at = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
-        if eos_at is not None:
-            end, reason = eos_at + 1, "stop"
-        elif self.sampling.stop:
-            # A row stopped by a stop string is filled with pads up to the batch's longest row.
-            while end and ids[end - 1] == self.pad_id:
-                end -= 1
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-        hit = self._first_stop(text)
-        if hit is not None:
-            text, reason = text[:hit], "stop"
-            if eos_at is not None and self.pad_id in self.eos_ids:
-                end = eos_at  # that "EOS" was the pad filled in after the stop string
-        if reason == "length":
-            # Only the token limit cuts a character in two: EOS and stop strings end the text
-            # where the model did.
-            text = self.partial_char.trim(ids[:end], text)
-        if scores is None:
-            return Sample(text, reason, end)
-        logprobs, top = scores.cut(end)
-        # Recorded for top_logprobs alone, the chosen values are not asked for.
-        return Sample(text, reason, end, logprobs if self.logprobs else None, top)
-
-    def _first_stop(self, text: str) -> int | None:
-        hits = [p for p in (text.find(s) for s in self.sampling.stop) if p >= 0]
-        return min(hits) if hits else None

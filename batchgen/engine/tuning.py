@@ -20,7 +20,7 @@ The rules, the same on every device:
   faster with every row until memory binds. Growing past the budget takes measured headroom (on
   CUDA: the batches so far used at most ``HEADROOM`` of the usable memory); the budget then
   doubles too. Without it the search settles.
-- Out of memory: ``batching.Budget`` halves the budget and splits the batch, as for any job; the
+- Out of memory: ``memory.Budget`` halves the budget and splits the batch, as for any job; the
   search stops growing, and an automatic budget's ceiling drops below the size that failed.
 - Engine: where both apply on a ``PROBE_DEVICES`` device, ``batching.BatchRunner`` runs a
   shard's first rows through both, alternately by prompt length, and the faster output tokens/s
@@ -202,7 +202,7 @@ class Tuner:
     def observed(self, rows: int, rate: float | None, budget) -> None:
         """A clean batch of ``rows`` decoded at ``rate`` tokens/s.
 
-        ``budget`` is the job's ``batching.Budget``, doubled here when growth needs it and the
+        ``budget`` is the job's ``memory.Budget``, doubled here when growth needs it and the
         memory the batches took leaves headroom.
         """
         if not self.searching:

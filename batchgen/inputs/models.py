@@ -1,7 +1,8 @@
-"""Find, convert and load models and tokenizers; choose device, dtype and the pad token.
+"""Find and convert models; load their config, tokenizer (with a sound pad token) and
+generation defaults.
 
-Loading happens in two steps so that every cheap check runs before the weights load:
-``load_tokenizer`` (plus the model config) first, ``load_model`` only once the data is known good.
+Everything here runs before the weights load, so that every cheap check does too: the weights
+load later, once the data is known good (``batchgen.engine.devices.load_model``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen import paths
-from batchgen.config import MODEL_DEFAULTS, ModelConfig, SamplingConfig
-from batchgen.config_checks import resolve_sampling
+from batchgen.config import ModelConfig
 from batchgen.errors import ModelError
 
 # Config attributes that hold a decoder's context length, in the order models use them.
@@ -209,17 +209,3 @@ def context_length(config, tokenizer, cfg: ModelConfig) -> int | None:
             return value
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and limit < 1_000_000 else None
-
-
-def model_sampling(
-    sampling: SamplingConfig, source: ModelSource, cfg: ModelConfig
-) -> SamplingConfig:
-    """``sampling`` with its null settings (``sampling=model``) taken from the model's
-    generation config, read only when one is null.
-
-    Raises:
-        ConfigError: a value the model's config gives is out of range.
-    """
-    if all(getattr(sampling, k) is not None for k in MODEL_DEFAULTS):
-        return sampling
-    return resolve_sampling(sampling, generation_defaults(load_generation_config(source, cfg)))

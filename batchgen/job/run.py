@@ -14,19 +14,17 @@ from batchgen.cluster.ranks import WorkerInfo, resolve_worker
 from batchgen.cluster.signals import StopRequested
 from batchgen.cluster.watchdog import Watchdog
 from batchgen.config import JobConfig
-from batchgen.config_checks import validate
+from batchgen.config_checks import convert, validate
 from batchgen.engine import devices
-from batchgen.engine.batching import BatchRunner, build_engine, choose_engine
-from batchgen.engine.constrained import check_constraint
-from batchgen.engine.static import Engine
 from batchgen.errors import BatchgenError, Interrupted, Stopped
-from batchgen.inputs import dataset, models, prompts, screen
+from batchgen.inputs import dataset, models, screen
+from batchgen.job.session import Model, Plan, Session
 from batchgen.job.shard_inputs import ShardInputs
 from batchgen.job.shard_loop import LoopSettings, ShardLoop
 from batchgen.progress import Progress, describe_sampling, format_summary
 from batchgen.store import checkpoints, layout, manifest, writer
+from batchgen.store.naming import default_output_dir
 from batchgen.store.records import run_file_guard, write_run_file, write_worker_file
-from batchgen.store.rows import OutputSpec, output_spec
 from batchgen.store.shards import Shard, plan_shards
 from batchgen.store.summary import summarize
 from batchgen.store.writer import finished_shards
@@ -39,22 +37,32 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 class Prepared:
     """Everything known before the model weights load."""
 
-    cfg: JobConfig
+    cfg: JobConfig  # converted, its sampling resolved for the model
     worker: WorkerInfo
     out_dir: Path
     lock: RunLock
-    source: models.ModelSource
-    model_config: object
-    tokenizer: object
-    device: str
-    dtype: str
+    session: Session
+    plan: Plan
     data: dataset.Table | dataset.Stream
     inputs: ShardInputs
     shards: list[Shard] | None  # None for a stream: its length is known at its end
     parts: dict
-    engine: str
-    output: OutputSpec
     phases: dict[str, float] = field(default_factory=dict)
+
+
+def finish_config(cfg: JobConfig) -> JobConfig:
+    """The config as the job runs it: the default output folder named when ``output.dir`` is
+    unset (``naming.default_output_dir``, as the command line names it), then converted once
+    (``config_checks.convert``), whichever way it came: the command line, ``compose`` or built
+    by hand.
+
+    Raises:
+        ConfigError: a value the conversion refuses.
+    """
+    if cfg.output.dir is None:
+        named = default_output_dir(cfg.model, cfg.dataset, cfg.sampling)
+        cfg = replace(cfg, output=replace(cfg.output, dir=named))
+    return convert(cfg)
 
 
 def prepare(cfg: JobConfig) -> Prepared:
@@ -67,12 +75,11 @@ def prepare(cfg: JobConfig) -> Prepared:
         BatchgenError: a bad setting, path, column, row or resume conflict, with the culprit named.
     """
     started = time.perf_counter()
+    cfg = finish_config(cfg)
     validate(cfg)
     writer.check_kept_columns(cfg.dataset.keep_columns)
     worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
-    device, dtype = devices.resolve_device_dtype(cfg.model)
-    if device == "cuda" and worker.local_rank is not None:
-        device = f"cuda:{worker.local_rank}"  # torchrun/srun: one GPU per local rank
+    device, dtype = devices.resolve_device_dtype(cfg.model, worker.local_rank)
     source = models.resolve_source(cfg.model)
     table = dataset.open_dataset(cfg.dataset)
     streaming = isinstance(table, dataset.Stream)
@@ -82,53 +89,28 @@ def prepare(cfg: JobConfig) -> Prepared:
     )
     lock.acquire()
     try:
-        source = models.convert_gguf(source)
-        model_config, tokenizer = models.load_config_and_tokenizer(source, cfg.model)
-        cfg = replace(cfg, sampling=models.model_sampling(cfg.sampling, source, cfg.model))
-        chat = prompts.uses_chat_template(cfg.dataset, tokenizer)
+        session = Session(cfg, Model.open(cfg.model, source, device, dtype))
+        plan = session.plan()
+        cfg = replace(cfg, sampling=plan.sampling)
         num_rows = cfg.dataset.limit if streaming else len(table)
-        check_constraint(cfg.sampling)
-        output = output_spec(cfg, tokenizer, chat)
-        parts = manifest.fingerprint_parts(cfg, chat, dtype, num_rows, output)
-        context = models.context_length(model_config, tokenizer, cfg.model)
-        room = context - cfg.sampling.max_new_tokens if context else None
-        prompts.check_room(room)
+        parts = manifest.fingerprint_parts(cfg, plan.chat, dtype, num_rows, plan.output)
         if not streaming:
-            screen.screen_table(cfg, table, tokenizer, chat, room)
+            screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)
         parts = _admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
-        encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
         inputs = ShardInputs(
-            None if streaming else table,
-            cfg.dataset,
-            cfg.runner,
-            tokenizer,
-            chat,
-            room,
-            cfg.sampling,
+            None if streaming else table, plan, cfg.runner, session.model.tokenizer
         )
         return Prepared(
             cfg=cfg,
             worker=worker,
             out_dir=out_dir,
             lock=lock,
-            source=source,
-            model_config=model_config,
-            tokenizer=tokenizer,
-            device=device,
-            dtype=dtype,
+            session=session,
+            plan=plan,
             data=table,
             inputs=inputs,
             shards=None if streaming else plan_shards(len(table), cfg.output.rows_per_shard),
             parts=parts,
-            engine=choose_engine(
-                cfg.runner,
-                cfg.sampling,
-                encoder_decoder,
-                device,
-                logprobs=bool(output.logprobs or output.top_logprobs),
-                per_row=bool(cfg.dataset.sampling_column),
-            ),
-            output=output,
             phases={"prepare": time.perf_counter() - started},
         )
     except BaseException:
@@ -176,20 +158,9 @@ def _run_metadata(p: Prepared) -> dict:
         "fingerprint_parts": p.parts,
         "config": p.cfg.to_dict(),
         "versions": manifest.versions(),
-        "device": p.device,
-        "engine": p.engine,
+        "device": p.session.model.device,
+        "engine": p.plan.engine_kind,
     }
-
-
-def _engine(p: Prepared) -> Engine:
-    devices.set_threads(p.cfg.runner.threads)
-    started = time.perf_counter()
-    model = devices.load_model(p.source, p.model_config, p.cfg.model, p.device, p.dtype)
-    p.phases["load"] = time.perf_counter() - started
-    o = p.output
-    return build_engine(
-        p.engine, model, p.tokenizer, p.cfg.sampling, p.cfg.runner, o.logprobs, o.top_logprobs
-    )
 
 
 def _watchdog(p: Prepared, meta: dict) -> Watchdog:
@@ -201,23 +172,21 @@ def _watchdog(p: Prepared, meta: dict) -> Watchdog:
     return watchdog
 
 
-def _loop(p: Prepared, meta: dict, stop, progress: Progress, published: set[int]) -> ShardLoop:
-    r, sampling = p.cfg.runner, p.cfg.sampling
+def _loop(p: Prepared, meta: dict, progress: Progress, published: set[int]) -> ShardLoop:
+    r = p.cfg.runner
     settings = LoopSettings(
         kept_types=p.data.kept_types,
         compression=p.cfg.output.compression,
         lease_seconds=r.lease_seconds,
         # A stream has no random access: a stealer could not read another rank's shard.
         steal=r.steal and p.shards is not None,
-        samples=sampling.num_return_sequences,
-        output=p.output,
     )
     return ShardLoop(
         p.out_dir,
         p.worker,
         p.inputs,
-        lambda: BatchRunner(_engine(p), r, sampling, p.cfg.seed, stop.event, p.engine),
-        stop.event,
+        p.session,
+        p.plan,
         meta,
         settings,
         progress,
@@ -245,8 +214,9 @@ def banner(p: Prepared, published: set[int]) -> str:
         size = f"{len(p.data):,} rows in {n:,} shard{'s' * (n != 1)} ({len(published):,} finished)"
     where = f", worker {w.rank} of {w.world_size}" if w.world_size > 1 else ""
     return (
-        f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on {p.device} "
-        f"({p.dtype}), {p.engine} engine; {size}{where}; output {p.out_dir}\n"
+        f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on "
+        f"{p.session.model.device} ({p.session.model.dtype}), {p.plan.engine_kind} engine; "
+        f"{size}{where}; output {p.out_dir}\n"
         f"batchgen: {describe_sampling(p.cfg.sampling)}"
     )
 
@@ -279,12 +249,11 @@ def generate(p: Prepared) -> dict:
     todo = None
     if p.shards is not None:
         todo = sum(s.stop - s.start for s in p.shards if s.index not in published)
-    sampling = p.cfg.sampling
-    row_tokens = sampling.max_new_tokens * sampling.num_return_sequences
-    progress = Progress(todo, p.cfg.runner.progress and todo != 0, row_tokens)
+    progress = Progress(todo, p.cfg.runner.progress and todo != 0, p.plan.row_tokens)
     stop_signal = None
     with StopRequested() as stop:
-        loop = _loop(p, meta, stop, progress, published)
+        p.session.stop = stop.event
+        loop = _loop(p, meta, progress, published)
         try:
             if p.shards is None:
                 loop.run_stream(p.data, p.cfg.output.rows_per_shard)
@@ -295,6 +264,9 @@ def generate(p: Prepared) -> dict:
         finally:
             progress.close()
     this_run = loop.result
+    batcher = p.session.batcher
+    if batcher is not None:
+        p.phases["load"] = p.session.model.load_seconds
     p.phases.update(
         tokenize=this_run.tokenize_seconds,
         generate=this_run.generate_seconds,
@@ -314,10 +286,10 @@ def generate(p: Prepared) -> dict:
         elapsed,
     )
     complete = total is not None and summary["shards_done"] == total
-    summary["already_complete"] = complete and len(published) == total and loop.batcher is None
+    summary["already_complete"] = complete and len(published) == total and batcher is None
     status = "complete" if complete else "interrupted" if stop_signal else "incomplete"
-    if loop.batcher is not None:  # the batch size, token budget and engine it ran with, and why
-        summary["tuning"] = loop.batcher.choices()
+    if batcher is not None and batcher.tuner is not None:  # what it ran with, and why
+        summary["tuning"] = batcher.choices()
         meta["engine"] = summary["tuning"]["engine"]
     write_worker_file(p.out_dir, meta, w.rank, w.world_size, status, summary)
     _tidy(p, complete)

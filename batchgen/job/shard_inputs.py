@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from batchgen.config import DatasetConfig, RunnerConfig, SamplingConfig
+from batchgen.config import RunnerConfig
 from batchgen.errors import ResumeError
 from batchgen.inputs import prompts
 from batchgen.inputs.dataset import Rows, Table
 from batchgen.inputs.prompts import PromptRecord, Skipped
+from batchgen.job.session import Plan
 from batchgen.store.shards import Shard
 
 
@@ -47,35 +48,26 @@ def shard_digest(
 
 
 class ShardInputs:
-    """Builds shards' records from the dataset with the job's prompt and row policies.
+    """Builds records from rows with a plan's prompt settings and the row policies: a job's
+    shards, or a ``Generator`` call's prompts.
 
     Args:
-        table: the dataset (None in streaming mode, where the loop passes each shard's rows).
-        cfg: how prompts are rendered.
+        table: the dataset (None when the caller passes each shard's rows: a stream, or a
+            ``Generator`` call's rows in memory).
+        plan: how prompts are rendered (``dataset``, ``chat``), their room and the sampling
+            that ``dataset.sampling_column`` overrides per row.
         runner: ``on_bad_row`` and ``on_long_prompt``.
         tokenizer: the model's tokenizer.
-        chat: whether prompts go through the chat template.
-        room: tokens left for a prompt (context minus ``max_new_tokens``); None: unbounded.
-        sampling: the job's sampling, which ``dataset.sampling_column`` overrides per row.
     """
 
-    def __init__(
-        self,
-        table: Table | None,
-        cfg: DatasetConfig,
-        runner: RunnerConfig,
-        tokenizer,
-        chat: bool,
-        room: int | None,
-        sampling: SamplingConfig,
-    ):
+    def __init__(self, table: Table | None, plan: Plan, runner: RunnerConfig, tokenizer):
         self.table = table
-        self.cfg = cfg
+        self.cfg = plan.dataset
         self.runner = runner
         self.tokenizer = tokenizer
-        self.chat = chat
-        self.room = room
-        self.sampling = sampling
+        self.chat = plan.chat
+        self.room = plan.room
+        self.sampling = plan.sampling
 
     def _rows(self, shard: Shard, rows: Rows | None) -> Rows:
         return rows if rows is not None else self.table.rows(shard.start, shard.stop)

@@ -16,9 +16,7 @@ claims and exits.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,13 +25,13 @@ from batchgen.cluster.claims import ClaimStore
 from batchgen.cluster.heartbeat import Heartbeat
 from batchgen.cluster.ranks import WorkerInfo, assign_shards
 from batchgen.cluster.watchdog import Watchdog
-from batchgen.engine.batching import BatchRunner
 from batchgen.errors import Interrupted
 from batchgen.inputs.dataset import Rows, Stream
+from batchgen.job.session import Plan, Session
 from batchgen.job.shard_inputs import ShardInputs, ShardWork
 from batchgen.progress import Progress
 from batchgen.store import checkpoints, manifest
-from batchgen.store.rows import OutputSpec, shard_rows
+from batchgen.store.rows import shard_rows
 from batchgen.store.shards import Shard
 from batchgen.store.summary import Totals
 from batchgen.store.verify import OTHER_CONFIG, quarantine, reason_kind, verify_shard
@@ -60,14 +58,12 @@ class LoopResult:
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """The job settings the loop needs."""
+    """The job settings the loop needs beyond its plan."""
 
     kept_types: dict
     compression: str
     lease_seconds: float
     steal: bool
-    samples: int
-    output: OutputSpec = field(default_factory=OutputSpec)
 
 
 class ShardLoop:
@@ -77,12 +73,11 @@ class ShardLoop:
         out_dir: the output folder.
         worker: this worker's rank and world size.
         inputs: builds a shard's records (and digest) from the dataset.
-        make_batcher: loads the model and returns the batch runner; called once, when the
-            first shard needs generating.
-        stop: set by a signal; the loop stops between batches.
+        session: generates them (the model loads when the first shard needs generating); its
+            ``stop``, set by a signal, stops the loop between batches.
+        plan: the job's settings as resolved for the model.
         meta: the run metadata every shard's footer carries.
-        settings: ``kept_types``, ``compression``, ``lease_seconds``, ``steal`` and
-            ``samples`` (``num_return_sequences``) of the job.
+        settings: ``kept_types``, ``compression``, ``lease_seconds`` and ``steal``.
         progress: the bar.
         published: shards published before this run started (not counted on the bar).
         watchdog: watches each shard in hand; the loop adds its own give-up steps (stop the
@@ -94,8 +89,8 @@ class ShardLoop:
         out_dir: Path,
         worker: WorkerInfo,
         inputs: ShardInputs,
-        make_batcher: Callable[[], BatchRunner],
-        stop: threading.Event,
+        session: Session,
+        plan: Plan,
         meta: dict,
         settings: LoopSettings,
         progress: Progress,
@@ -105,9 +100,10 @@ class ShardLoop:
         self.out_dir = out_dir
         self.worker = worker
         self.inputs = inputs
-        self.make_batcher = make_batcher
-        self.batcher: BatchRunner | None = None
-        self.stop = stop
+        self.session = session
+        self.plan = plan
+        self.samples = plan.sampling.num_return_sequences
+        self.stop = session.stop
         self.meta = meta
         self.settings = settings
         self.progress = progress
@@ -223,7 +219,7 @@ class ShardLoop:
         path = self.out_dir / shard.name
         fingerprint = self.meta["fingerprint"]
         try:
-            reason = verify_shard(path, fingerprint, None, self.settings.samples)
+            reason = verify_shard(path, fingerprint, None, self.samples)
             if reason is None:
                 recorded = shard_metadata(path)["shard"].get("digest")
             elif reason_kind(reason) == OTHER_CONFIG:
@@ -252,7 +248,7 @@ class ShardLoop:
         failed, the pads computed and the seconds spent generating."""
         shard = item.shard
         identity = {"fingerprint": self.meta["fingerprint"], "digest": item.digest}
-        results = checkpoints.load(self.out_dir, shard.index, identity, self.settings.samples)
+        results = checkpoints.load(self.out_dir, shard.index, identity, self.samples)
         todo = [r for r in item.records if r.index not in results]
         self.result.kept_rows = len(results)
         self.progress.update(
@@ -267,16 +263,17 @@ class ShardLoop:
                 checkpoints.save(self.out_dir, shard.index, identity, batch)
             self.watchdog.beat()
 
-        if self.batcher is None:
-            with self.watchdog.paused():  # loading and sizing the model is no stall
-                self.batcher = self.make_batcher()
-            self.batcher.engine.on_step = self._stepped
-            self.batcher.engine.on_prefill = self.watchdog.beat
-        padded_before = self.batcher.engine.padded_tokens
+        if self.session.batcher is None:
+            with self.watchdog.paused():  # loading the model is no stall
+                engine = self.session.runner(self.plan).engine
+            engine.on_step = self._stepped
+            engine.on_prefill = self.watchdog.beat
+        engine = self.session.runner(self.plan).engine
+        padded_before = engine.padded_tokens
         started = time.perf_counter()
-        fresh, failed = self.batcher.run(todo, self._rows_done, persist)
+        fresh, failed = self.session.generate(todo, self.plan, self._rows_done, persist)
         seconds = time.perf_counter() - started
-        padded = self.batcher.engine.padded_tokens - padded_before
+        padded = engine.padded_tokens - padded_before
         return {**results, **fresh}, failed, padded, seconds
 
     def _stepped(self, tokens: int) -> None:
@@ -312,7 +309,7 @@ class ShardLoop:
     def _generate(self, item: ShardWork) -> None:
         shard = item.shard
         results, failed, padded, generate_seconds = self._results(item)
-        rows, totals = shard_rows(item.records, results, self.settings.output)
+        rows, totals = shard_rows(item.records, results, self.plan.output)
         totals.failed = len(failed)
         totals.skipped = len(item.skipped)
         totals.padded_tokens = padded
@@ -325,7 +322,7 @@ class ShardLoop:
             return
         shard_meta = self._shard_meta(item, totals, failed, generate_seconds)
         started = time.perf_counter()
-        schema = output_schema(self.settings.kept_types, shard_meta, self.settings.output.columns)
+        schema = output_schema(self.settings.kept_types, shard_meta, self.plan.output.columns)
         if write_shard(self.out_dir, shard.name, rows, schema, self.settings.compression):
             self.result.totals.add(totals)
         checkpoints.clear(self.out_dir, shard.index)

@@ -34,7 +34,7 @@ from batchgen.store import layout
 from batchgen.store.writer import temp_path
 
 if TYPE_CHECKING:  # the engine imports torch, which `status` must not pay for
-    from batchgen.engine.static import Sample
+    from batchgen.engine.interface import Sample
 
 META_KEY = b"batchgen_checkpoint"
 # rows-FIRSTROW-SUM.ckpt: SUM is the first 32 hex digits of the SHA-256 of the file's bytes.
@@ -137,7 +137,7 @@ def load(out_dir: Path, shard: int, identity: dict, samples: int) -> dict[int, l
     A damaged file is discarded with a warning (module docstring); a file of another identity,
     or missing samples of a row, contributes nothing.
     """
-    from batchgen.engine.static import Sample
+    from batchgen.engine.interface import Sample
 
     found: dict[int, list[Sample]] = {}
     folder = layout.checkpoint_dir(out_dir, shard)

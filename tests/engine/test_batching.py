@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
-from batchgen.engine import batching, devices
+from batchgen.engine import choice, devices
 from batchgen.engine.batch_plan import plan_batches
-from batchgen.engine.batching import BatchRunner, Budget, batch_tokens, choose_engine
+from batchgen.engine.batching import BatchRunner, Budget, batch_tokens
+from batchgen.engine.choice import choose_engine
 from batchgen.engine.continuous import ContinuousEngine
-from batchgen.engine.static import Engine
+from batchgen.engine.static import StaticEngine
 from batchgen.errors import ConfigError
 from batchgen.inputs import models
 from batchgen.inputs.prompts import PromptRecord
@@ -75,11 +76,9 @@ def test_budget_halves_and_grows_back():
     assert budget.current == 1000
 
 
-def unbounded(engine, batch_size, sampling, seed):
+def unbounded(engine, batch_size, seed):
     """A BatchRunner whose batches are bounded by size alone, so tests know their shapes."""
-    return BatchRunner(
-        engine, RunnerConfig(batch_size=batch_size, max_padding=None), sampling, seed
-    )
+    return BatchRunner(engine, RunnerConfig(batch_size=batch_size, max_padding=None), seed)
 
 
 def load(path, sampling):
@@ -97,8 +96,8 @@ def texts_of(run_result, records):
 
 def reference(model, tok, sampling, records, batch_size):
     """The texts of a clean run at ``batch_size``, with a fresh engine and seed 0."""
-    runner = unbounded(Engine(model, tok, sampling), batch_size, sampling, 0)
-    return texts_of(runner.run(records, lambda r, t: None), records)
+    runner = unbounded(StaticEngine(model, tok), batch_size, 0)
+    return texts_of(runner.run(records, sampling, lambda r, t: None), records)
 
 
 def test_greedy_equal_across_engines_and_batch_sizes(tiny_models):
@@ -106,11 +105,14 @@ def test_greedy_equal_across_engines_and_batch_sizes(tiny_models):
     model, tok = load(tiny_models["nopad"], sampling)
     records = recs(tok)
     outs = []
-    for engine_cls, batch_size in ((Engine, 1), (Engine, 4), (Engine, 10), (ContinuousEngine, 1)):
-        runner = BatchRunner(
-            engine_cls(model, tok, sampling), RunnerConfig(batch_size=batch_size), sampling, seed=0
-        )
-        outs.append(texts_of(runner.run(records, lambda r, t: None), records))
+    for engine_cls, batch_size in (
+        (StaticEngine, 1),
+        (StaticEngine, 4),
+        (StaticEngine, 10),
+        (ContinuousEngine, 1),
+    ):
+        runner = BatchRunner(engine_cls(model, tok), RunnerConfig(batch_size=batch_size), seed=0)
+        outs.append(texts_of(runner.run(records, sampling, lambda r, t: None), records))
     assert outs[0] == outs[1] == outs[2] == outs[3]
 
 
@@ -128,16 +130,15 @@ def test_sampling_is_batch_invariant(tiny_models):
     runs = []
     for batch_size, budget in ((1, None), (8, None), (10, 150)):
         runner = BatchRunner(
-            Engine(model, tok, sampling),
+            StaticEngine(model, tok),
             RunnerConfig(batch_size=batch_size, max_batch_tokens=budget),
-            sampling,
             seed=3,
         )
-        runs.append(texts_of(runner.run(records, lambda r, t: None), records))
+        runs.append(texts_of(runner.run(records, sampling, lambda r, t: None), records))
     assert runs[0] == runs[1] == runs[2]
     assert any(a != b for a, b in runs[0])  # two samples of a row differ
-    other_seed = unbounded(Engine(model, tok, sampling), 8, sampling, 4)
-    assert texts_of(other_seed.run(records, lambda r, t: None), records) != runs[0]
+    other_seed = unbounded(StaticEngine(model, tok), 8, 4)
+    assert texts_of(other_seed.run(records, sampling, lambda r, t: None), records) != runs[0]
 
 
 def test_out_of_memory_splits_batch_and_keeps_outputs(tiny_models, monkeypatch):
@@ -145,7 +146,7 @@ def test_out_of_memory_splits_batch_and_keeps_outputs(tiny_models, monkeypatch):
     model, tok = load(tiny_models["chat"], sampling)
     records = recs(tok, 8)
     expected = reference(model, tok, sampling, records, 8)
-    engine = Engine(model, tok, sampling)
+    engine = StaticEngine(model, tok)
     real = engine.generate
     sizes = []
 
@@ -156,9 +157,9 @@ def test_out_of_memory_splits_batch_and_keeps_outputs(tiny_models, monkeypatch):
         return real(batch, seed, sampling)
 
     monkeypatch.setattr(engine, "generate", flaky)
-    runner = unbounded(engine, 8, sampling, 0)
+    runner = unbounded(engine, 8, 0)
     progress = []
-    got = texts_of(runner.run(records, lambda r, t: progress.append(r)), records)
+    got = texts_of(runner.run(records, sampling, lambda r, t: progress.append(r)), records)
     assert got == expected
     assert sizes == [8, 4, 2, 2, 4, 2, 2]
     assert sum(progress) == 8 and runner.budget.splits == 3
@@ -172,7 +173,7 @@ def test_after_out_of_memory_the_rest_of_the_shard_is_replanned(tiny_models, mon
     model, tok = load(tiny_models["chat"], sampling)
     records = recs(tok, 16)
     expected = reference(model, tok, sampling, records, 4)
-    engine = Engine(model, tok, sampling)
+    engine = StaticEngine(model, tok)
     real = engine.generate
     first = plan_batches(records, 4, new_tokens=6)[0]
     memory = batch_tokens(first, sampling) // 2  # token slots that fit on the "device"
@@ -185,8 +186,8 @@ def test_after_out_of_memory_the_rest_of_the_shard_is_replanned(tiny_models, mon
         return real(batch, seed, sampling)
 
     monkeypatch.setattr(engine, "generate", flaky)
-    runner = unbounded(engine, 4, sampling, 0)
-    assert texts_of(runner.run(records, lambda r, t: None), records) == expected
+    runner = unbounded(engine, 4, 0)
+    assert texts_of(runner.run(records, sampling, lambda r, t: None), records) == expected
     # One out-of-memory; the rest is planned under the halved budget, so it never recurs.
     assert ooms == [4] and runner.budget.splits == 1
 
@@ -196,7 +197,7 @@ def test_failed_attempt_memory_is_released_before_the_halves_run(tiny_models, mo
 
     sampling = SamplingConfig(max_new_tokens=4)
     model, tok = load(tiny_models["chat"], sampling)
-    engine = Engine(model, tok, sampling)
+    engine = StaticEngine(model, tok)
     real = engine.generate
     attempts, alive = [], []
 
@@ -212,14 +213,14 @@ def test_failed_attempt_memory_is_released_before_the_halves_run(tiny_models, mo
         return real(batch, seed, sampling)
 
     monkeypatch.setattr(engine, "generate", flaky)
-    unbounded(engine, 4, sampling, 0).run(recs(tok, 4), lambda r, t: None)
+    unbounded(engine, 4, 0).run(recs(tok, 4), sampling, lambda r, t: None)
     assert len(alive) == 7 and alive == [0] * 7  # 4 -> 2+2 -> 1+1+1+1
 
 
 def test_row_failing_alone_is_recorded_and_neighbours_survive(tiny_models, monkeypatch):
     sampling = SamplingConfig(max_new_tokens=4)
     model, tok = load(tiny_models["chat"], sampling)
-    engine = Engine(model, tok, sampling)
+    engine = StaticEngine(model, tok)
     records = recs(tok, 6)
     expected = reference(model, tok, sampling, records, 6)
     real = engine.generate
@@ -230,7 +231,7 @@ def test_row_failing_alone_is_recorded_and_neighbours_survive(tiny_models, monke
         return real(batch, seed, sampling)
 
     monkeypatch.setattr(engine, "generate", poisoned)
-    results, failed = unbounded(engine, 6, sampling, 0).run(records, lambda r, t: None)
+    results, failed = unbounded(engine, 6, 0).run(records, sampling, lambda r, t: None)
     assert [(f.id, f.index) for f in failed] == [("r3", 3)]
     assert "generation failed: OutOfMemoryError" in failed[0].reason
     assert sorted(results) == [0, 1, 2, 4, 5]
@@ -242,7 +243,7 @@ def test_row_failing_alone_is_recorded_and_neighbours_survive(tiny_models, monke
 def test_systematic_failure_stops_the_job(tiny_models, monkeypatch):
     sampling = SamplingConfig(max_new_tokens=4)
     model, tok = load(tiny_models["chat"], sampling)
-    engine = Engine(model, tok, sampling)
+    engine = StaticEngine(model, tok)
     calls = []
 
     def broken(batch, seed, sampling=None):
@@ -251,7 +252,7 @@ def test_systematic_failure_stops_the_job(tiny_models, monkeypatch):
 
     monkeypatch.setattr(engine, "generate", broken)
     with pytest.raises(RuntimeError, match="device-side assert"):
-        BatchRunner(engine, RunnerConfig(batch_size=4), sampling, 0).run(recs(tok, 12), print)
+        BatchRunner(engine, RunnerConfig(batch_size=4), 0).run(recs(tok, 12), sampling, print)
     assert calls.count(1) == 8  # eight rows failed alone in a row, then it gave up
 
 
@@ -259,7 +260,7 @@ def test_engine_choice(monkeypatch):
     greedy, sampled = SamplingConfig(), SamplingConfig(do_sample=True)
     assert choose_engine(RunnerConfig(engine="auto"), greedy, False, "cpu") == "static"
     assert choose_engine(RunnerConfig(engine="continuous"), greedy, False, "cpu") == "continuous"
-    monkeypatch.setattr(batching, "AUTO_CONTINUOUS_DEVICES", ("cpu",))
+    monkeypatch.setattr(choice, "AUTO_CONTINUOUS_DEVICES", ("cpu",))
     assert choose_engine(RunnerConfig(engine="auto"), greedy, False, "cpu") == "continuous"
     assert choose_engine(RunnerConfig(engine="auto"), sampled, False, "cpu") == "static"
     assert choose_engine(RunnerConfig(engine="auto"), greedy, True, "cpu") == "static"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import engines
 import jsonschema
 import pytest
 import torch
@@ -13,8 +14,8 @@ import torch
 from batchgen import Generator
 from batchgen.config import RunnerConfig, SamplingConfig
 from batchgen.config_checks import schema_text
-from batchgen.engine import batching, devices
-from batchgen.engine.batching import choose_engine
+from batchgen.engine import choice
+from batchgen.engine.choice import choose_engine
 from batchgen.engine.constrained import (
     Constraint,
     GrammarConstraint,
@@ -23,9 +24,7 @@ from batchgen.engine.constrained import (
     grammar_cache,
     is_valid,
 )
-from batchgen.engine.static import Engine
 from batchgen.errors import ConfigError
-from batchgen.inputs import models
 from batchgen.inputs.prompts import PromptRecord
 
 # Small enough for a random model to finish: bounded integers, enums, a short array.
@@ -127,12 +126,8 @@ def test_ignore_eos_pads_a_complete_row_with_eos(gens):
 
 def test_rows_with_their_own_constraints_share_a_batch(tiny_models):
     """Per-row constraints (record.sampling): each row's output is the one it gets alone."""
-    cfg = models.ModelConfig(name_or_path=str(tiny_models["chat"]))
-    source = models.resolve_source(cfg)
-    config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = devices.load_model(source, config, cfg, "cpu", "float32")
     job = SamplingConfig(max_new_tokens=40)
-    engine = Engine(model, tok, job)
+    engine, tok = engines.load(tiny_models["chat"], job)
     own = [None, replace(job, json_schema=SCHEMA_TEXT), replace(job, regex=REGEX)]
     own.append(replace(job, json_schema=OTHER_TEXT))
     recs = [
@@ -233,7 +228,7 @@ def test_is_valid():
 @pytest.mark.parametrize("key", ["json_schema", "regex"])
 def test_continuous_engine_refuses_constraints(key, monkeypatch):
     sampling = SamplingConfig(**{key: SCHEMA_TEXT if key == "json_schema" else REGEX})
-    monkeypatch.setattr(batching, "AUTO_CONTINUOUS_DEVICES", ("cpu",))
+    monkeypatch.setattr(choice, "AUTO_CONTINUOUS_DEVICES", ("cpu",))
     assert (
         choose_engine(RunnerConfig(engine="auto"), SamplingConfig(), False, "cpu") == "continuous"
     )

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import engines
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
-from batchgen.engine import batching, devices, static
-from batchgen.engine.batching import choose_engine
+from batchgen.config import RunnerConfig, SamplingConfig
+from batchgen.engine import choice, static
+from batchgen.engine.choice import choose_engine
 from batchgen.engine.logprobs import RowLogprobs
-from batchgen.engine.static import Engine
 from batchgen.errors import ConfigError
-from batchgen.inputs import models
 from batchgen.inputs.prompts import PromptRecord
 
 TEXTS = [
@@ -32,17 +31,13 @@ K = 5
 
 
 def load(path, sampling: SamplingConfig, top: int = K, prefill_tokens: int = 2048):
-    cfg = ModelConfig(name_or_path=str(path))
-    source = models.resolve_source(cfg)
-    config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = devices.load_model(source, config, cfg, "cpu", "float32")
-    engine = Engine(
-        model, tok, sampling, prefill_tokens=prefill_tokens, logprobs=True, top_logprobs=top
+    engine, tok = engines.load(
+        path, sampling, prefill_tokens=prefill_tokens, logprobs=True, top_logprobs=top
     )
-    return engine, model, tok
+    return engine, engine.source_model, tok
 
 
-def generate(engine: Engine, tok, texts=TEXTS):
+def generate(engine: engines.Bound, tok, texts=TEXTS):
     """The samples, and each sample's kept token ids (the rows generate returned, cut)."""
     records = [PromptRecord(i, str(i), t, tok(t)["input_ids"]) for i, t in enumerate(texts)]
     outputs = []
@@ -150,13 +145,13 @@ def test_cut_with_the_text_at_eos_and_stop_strings(tiny_models):
     a, b = tok("alpha gamma", add_special_tokens=False)["input_ids"][:2]
     steps = [-0.5, -1.0, -1.5, -2.0, -2.5]
     scores = RowLogprobs(steps, [[i, 7] for i in range(5)], [[v, -9.0] for v in steps])
-    stop = engine._finish([a, b, eos, pad, pad], scores)
+    stop = engine.sample([a, b, eos, pad, pad], scores)
     assert stop.completion_tokens == 3 and stop.logprobs == steps[:3]  # the EOS counts
     assert stop.top_logprobs == [[(i, v), (7, -9.0)] for i, v in enumerate(steps[:3])]
     ids = tok(" alpha beta gamma", add_special_tokens=False)["input_ids"]
     cut = next(i for i in range(1, len(ids) + 1) if "beta" in tok.decode(ids[:i]))
     # Filled with pads (EOS here) after the token completing the stop string: none of them kept.
-    hit = engine._finish(ids[:cut] + [pad] * (5 - cut), scores)
+    hit = engine.sample(ids[:cut] + [pad] * (5 - cut), scores)
     assert hit.finish_reason == "stop" and hit.logprobs == steps[:cut]
 
 
@@ -164,6 +159,6 @@ def test_continuous_engine_cannot_record_logprobs(monkeypatch):
     runner, greedy = RunnerConfig(engine="continuous"), SamplingConfig()
     with pytest.raises(ConfigError, match="runner.engine=continuous.*output.logprobs"):
         choose_engine(runner, greedy, False, "cpu", logprobs=True)
-    monkeypatch.setattr(batching, "AUTO_CONTINUOUS_DEVICES", ("cpu",))
+    monkeypatch.setattr(choice, "AUTO_CONTINUOUS_DEVICES", ("cpu",))
     assert choose_engine(RunnerConfig(engine="auto"), greedy, False, "cpu") == "continuous"
     assert choose_engine(RunnerConfig(engine="auto"), greedy, False, "cpu", True) == "static"

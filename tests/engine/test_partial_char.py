@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 
+import engines
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from batchgen.config import ModelConfig, SamplingConfig
-from batchgen.engine import devices
+from batchgen.config import SamplingConfig
 from batchgen.engine.logprobs import RowLogprobs
 from batchgen.engine.partial_char import (
     BYTE_LEVEL_ALPHABET,
@@ -19,8 +19,6 @@ from batchgen.engine.partial_char import (
     byte_scheme,
     partial_length,
 )
-from batchgen.engine.static import Engine
-from batchgen.inputs import models as model_loading
 from batchgen.store.rows import THINK_TAGS, split_reasoning
 
 # Hebrew (2-byte characters), CJK (3 bytes), an emoji (4 bytes), mixed with ASCII.
@@ -191,19 +189,15 @@ def test_wordpiece_is_left_alone():
     assert trimmer.trim([1, 2], "a \ufffd") == "a \ufffd"
 
 
-def load(path, sampling: SamplingConfig, logprobs: bool = False) -> tuple[Engine, object]:
-    cfg = ModelConfig(name_or_path=str(path))
-    source = model_loading.resolve_source(cfg)
-    config, tok = model_loading.load_config_and_tokenizer(source, cfg)
-    model = devices.load_model(source, config, cfg, "cpu", "float32")
-    return Engine(model, tok, sampling, logprobs=logprobs), tok
+def load(path, sampling: SamplingConfig, logprobs: bool = False):
+    return engines.load(path, sampling, logprobs=logprobs)
 
 
 def test_engine_drops_the_cut_character_and_counts_its_tokens(tiny_models):
     engine, tok = load(tiny_models["chat"], SamplingConfig(max_new_tokens=16), logprobs=True)
     ids = ids_of(tok, "שלום חיים")[:-1]
     scores = RowLogprobs([-float(i) for i in range(len(ids))], None, None)
-    sample = engine._finish(ids, scores)
+    sample = engine.sample(ids, scores)
     assert (sample.text, sample.finish_reason) == ("שלום חיי", "length")
     assert sample.completion_tokens == len(ids)
     assert sample.logprobs == scores.chosen
@@ -212,7 +206,7 @@ def test_engine_drops_the_cut_character_and_counts_its_tokens(tiny_models):
 def test_engine_keeps_what_eos_ends(tiny_models):
     engine, tok = load(tiny_models["chat"], SamplingConfig(max_new_tokens=16))
     ids = ids_of(tok, "שלום חיים")[:-1] + [tok.eos_token_id]
-    sample = engine._finish(ids)
+    sample = engine.sample(ids)
     # The model ended the text there itself: the bytes it wrote stay, as decoded.
     assert (sample.text, sample.finish_reason) == ("שלום חיי" + REPLACEMENT, "stop")
 
@@ -220,7 +214,7 @@ def test_engine_keeps_what_eos_ends(tiny_models):
 def test_engine_trims_with_ignore_eos(tiny_models):
     engine, tok = load(tiny_models["chat"], SamplingConfig(max_new_tokens=16, ignore_eos=True))
     ids = ids_of(tok, "שלום חיים")[:-1] + [tok.eos_token_id]
-    sample = engine._finish(ids)
+    sample = engine.sample(ids)
     assert (sample.text, sample.finish_reason) == ("שלום חיי", "length")
     assert sample.completion_tokens == len(ids)
 
@@ -229,15 +223,15 @@ def test_stop_string_cut_leaves_no_partial_character(tiny_models):
     engine, tok = load(tiny_models["chat"], SamplingConfig(max_new_tokens=16, stop=[" "]))
     # Cut by the limit inside "ם" with no stop string in the text: the limit's cut.
     ids = ids_of(tok, "חיים")[:-1]
-    assert engine._finish(ids).text == "חיי"
+    assert engine.sample(ids).text == "חיי"
     # A stop string ends the text before the cut character's bytes.
     ids = ids_of(tok, "חיים 😀")[:-1]
-    sample = engine._finish(ids)
+    sample = engine.sample(ids)
     assert (sample.text, sample.finish_reason) == ("חיים", "stop")
 
 
 def test_reasoning_cut_inside_a_character_ends_whole(tiny_models):
     engine, tok = load(tiny_models["chat"], SamplingConfig(max_new_tokens=16))
     ids = ids_of(tok, "<think>שלום חיים")[:-1]
-    reasoning, response, truncated = split_reasoning("q", engine._finish(ids).text, THINK_TAGS)
+    reasoning, response, truncated = split_reasoning("q", engine.sample(ids).text, THINK_TAGS)
     assert (reasoning, response, truncated) == ("שלום חיי", "", True)

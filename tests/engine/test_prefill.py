@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import random
 
+import engines
 import pytest
 import torch
 
-from batchgen.config import ModelConfig, SamplingConfig
-from batchgen.engine import devices
+from batchgen.config import SamplingConfig
 from batchgen.engine import static as engine_module
 from batchgen.engine.prefill import PAD_TOLERANCE, prefill, prefill_chunks, supports_prefill
-from batchgen.engine.static import Engine
-from batchgen.inputs import models
+from batchgen.engine.static import StaticEngine
 from batchgen.inputs.prompts import PromptRecord
 
 # From one word to a few hundred tokens, so chunks of several lengths form.
@@ -30,12 +29,8 @@ TEXTS = [
 ]
 
 
-def load(path, sampling: SamplingConfig, prefill_tokens: int = 4096) -> Engine:
-    cfg = ModelConfig(name_or_path=str(path))
-    source = models.resolve_source(cfg)
-    config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = devices.load_model(source, config, cfg, "cpu", "float32")
-    return Engine(model, tok, sampling, prefill_tokens=prefill_tokens)
+def load(path, sampling: SamplingConfig, prefill_tokens: int = 4096) -> engines.Bound:
+    return engines.load(path, sampling, prefill_tokens=prefill_tokens)[0]
 
 
 def records(tok, texts=TEXTS, chat=False):
@@ -47,7 +42,7 @@ def records(tok, texts=TEXTS, chat=False):
     return [PromptRecord(i, str(i), t, tok(t)["input_ids"]) for i, t in enumerate(texts)]
 
 
-def plain(engine: Engine, recs, seed: int, monkeypatch) -> list:
+def plain(engine: engines.Bound, recs, seed: int, monkeypatch) -> list:
     """The same batch through generate()'s own prefill (the fallback path)."""
     with monkeypatch.context() as m:
         m.setattr(engine_module, "prefill", lambda *a, **k: None)
@@ -127,7 +122,7 @@ def test_cache_layout_matches_one_prompt_alone(tiny_models, chat):
     engine = load(tiny_models["chat"], SamplingConfig(max_new_tokens=4), prefill_tokens=16)
     prompts = [r.token_ids for r in records(engine.tokenizer, chat=chat)]
     longest = max(len(p) for p in prompts)
-    filled = prefill(engine.model, prompts, 2, engine.pad_id, longest - 1 + 4, 16)
+    filled = prefill(engine.model, prompts, 2, engine.decoder.pad_id, longest - 1 + 4, 16)
     # The chat template's header is computed once for all rows; raw texts share nothing.
     assert (filled.shared > 10) if chat else (filled.shared == 0)
     with torch.inference_mode():
@@ -149,7 +144,7 @@ def test_one_token_prompts_and_sliding_windows_fall_back(tiny_models, tmp_path):
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     engine = load(tiny_models["chat"], SamplingConfig(max_new_tokens=4))
-    assert prefill(engine.model, [[5], [7]], 1, engine.pad_id, 4, 64) is None
+    assert prefill(engine.model, [[5], [7]], 1, engine.decoder.pad_id, 4, 64) is None
     torch.manual_seed(0)
     windowed = MistralForCausalLM(
         MistralConfig(
@@ -175,7 +170,9 @@ def test_compile_reuses_one_bucketed_cache_length_without_changing_outputs(tiny_
     engine = load(tiny_models["chat"], sampling)
     recs = records(engine.tokenizer, chat=True)
     reference = engine.generate(recs, seed=0)
-    compiled = Engine(engine.model, engine.tokenizer, sampling, compile=True)  # no-op on the CPU
+    compiled = engines.Bound(  # no-op on the CPU
+        StaticEngine(engine.source_model, engine.tokenizer, compile=True), sampling
+    )
     assert not compiled.model.generation_config.disable_compile
     assert compiled.generate(recs, seed=0) == reference
     assert compiled.cache_len == 256
@@ -189,13 +186,10 @@ def test_compile_reuses_one_bucketed_cache_length_without_changing_outputs(tiny_
 )
 def test_repo_generation_settings_do_not_break_prefill(tiny_models, monkeypatch, setting):
     """Repos saved with gradient checkpointing say use_cache=false; some name their own cache."""
-    cfg = ModelConfig(name_or_path=str(tiny_models["chat"]))
-    source = models.resolve_source(cfg)
-    config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = devices.load_model(source, config, cfg, "cpu", "float32")
+    model, tok = engines.load_model(tiny_models["chat"])
     for key, value in setting.items():
         setattr(model.generation_config, key, value)
-    engine = Engine(model, tok, SamplingConfig(max_new_tokens=6))
+    engine = engines.Bound(StaticEngine(model, tok), SamplingConfig(max_new_tokens=6))
     recs = records(tok, chat=True)
     assert engine.generate(recs, seed=0) == plain(engine, recs, 0, monkeypatch)
     assert engine.padded_tokens < engine.cache_pad_slots  # the chunked path ran

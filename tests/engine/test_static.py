@@ -1,24 +1,17 @@
-"""Engine: left padding, slicing, finish reasons, stop strings, samples, encoder-decoder."""
+"""The static engine: left padding, slicing, finish reasons, stop strings, samples,
+encoder-decoder."""
 
 from __future__ import annotations
 
 import pytest
+from engines import load
 
 from batchgen.config import ModelConfig, SamplingConfig
 from batchgen.engine import devices
-from batchgen.engine.static import Engine, decode_bucket
-from batchgen.inputs import models
+from batchgen.engine.static import StaticEngine, decode_bucket
 from batchgen.inputs.prompts import PromptRecord
 
 TEXTS = ["hello", "a much longer prompt with many more words in it than the first", "mid size text"]
-
-
-def load(path, sampling: SamplingConfig):
-    cfg = ModelConfig(name_or_path=str(path))
-    source = models.resolve_source(cfg)
-    config, tok = models.load_config_and_tokenizer(source, cfg)
-    model = devices.load_model(source, config, cfg, "cpu", "float32")
-    return Engine(model, tok, sampling), tok
 
 
 def records(tok, texts=TEXTS):
@@ -58,10 +51,10 @@ def test_finish_reasons_from_token_rows(tiny_models):
     engine, tok = load(tiny_models["chat"], SamplingConfig(max_new_tokens=5))
     eos, pad = tok.eos_token_id, tok.pad_token_id
     a, b = tok("alpha beta", add_special_tokens=False)["input_ids"][:2]
-    stop = engine._finish([a, b, eos, pad, pad])
+    stop = engine.sample([a, b, eos, pad, pad])
     assert (stop.finish_reason, stop.completion_tokens) == ("stop", 3)
     assert stop.text == tok.decode([a, b])
-    full = engine._finish([a, b, a, b, a])
+    full = engine.sample([a, b, a, b, a])
     assert (full.finish_reason, full.completion_tokens) == ("length", 5)
 
 
@@ -73,7 +66,7 @@ def test_stop_string_is_cut_and_counted(tiny_models):
     # pad token, which is EOS for this tokenizer and must not be counted.
     cut = next(i for i in range(1, len(ids) + 1) if "beta" in tok.decode(ids[:i]))
     row = ids[:cut] + [tok.pad_token_id] * 2
-    sample = engine._finish(row)
+    sample = engine.sample(row)
     assert sample.finish_reason == "stop"
     assert sample.text == " alpha "
     assert sample.completion_tokens == cut
@@ -145,7 +138,7 @@ def test_compiled_shapes_give_the_same_samples(tiny_models):
     plain, tok = load(tiny_models["chat"], sampling)
     texts = [*TEXTS, "one more prompt", "and the fifth"]
     expected = plain.generate(records(tok, texts), seed=3)
-    compiled = Engine(plain.model, tok, sampling, compile=True)
+    compiled = StaticEngine(plain.source_model, tok, compile=True)
     assert decode_bucket(len(texts)) == 6
-    assert compiled.generate(records(tok, texts), seed=3) == expected
+    assert compiled.generate(records(tok, texts), 3, sampling) == expected
     assert compiled.cache_len % 256 == 0  # cache lengths in buckets too

@@ -19,8 +19,9 @@ import batchgen
 from batchgen.config import RunnerConfig, SamplingConfig
 from batchgen.config_checks import validate
 from batchgen.engine import memory, tuning
-from batchgen.engine.batching import BatchRunner, batch_tokens, choose_engine
-from batchgen.engine.static import Sample
+from batchgen.engine.batching import BatchRunner, batch_tokens
+from batchgen.engine.choice import PROBE, choose_engine
+from batchgen.engine.interface import Sample
 from batchgen.errors import ConfigError
 from batchgen.inputs.prompts import PromptRecord
 from batchgen.job import run as job_runner
@@ -79,6 +80,8 @@ class FakeEngine:
     tokens/s of ``generate_all``.
     """
 
+    kind = "static"
+    serves_shards = True
     encoder_decoder = False
     logprobs = False
     top_logprobs = 0
@@ -112,7 +115,7 @@ class FakeEngine:
         n = sampling.max_new_tokens
         return [[Sample(f"{r.id}", "length", n)] for r in records]
 
-    def generate_all(self, records, seed, on_row=None):
+    def generate_all(self, records, seed, sampling, on_row=None):
         self.continuous_calls.append(len(records))
         n = 64
         self.now += len(records) * n / self.continuous
@@ -158,8 +161,8 @@ GREEDY = SamplingConfig(max_new_tokens=64)
 
 
 def run_all(engine, records, runner, sampling=GREEDY, kind=None):
-    batcher = BatchRunner(engine, runner, sampling, 0, engine_kind=kind)
-    results, failed = batcher.run(records, lambda rows, tokens: None)
+    batcher = BatchRunner(engine, runner, 0, engine_kind=kind)
+    results, failed = batcher.run(records, sampling, lambda rows, tokens: None)
     assert failed == [] and sorted(results) == [r.index for r in records]
     return batcher
 
@@ -348,8 +351,8 @@ def test_fixed_batch_size_is_not_searched(fake_clock, ram):
 
 def test_auto_engine_probes_only_where_both_apply():
     auto = RunnerConfig(engine="auto")
-    assert choose_engine(auto, SamplingConfig(), False, "cuda") == "auto"
-    assert choose_engine(auto, SamplingConfig(), False, "cuda:1") == "auto"
+    assert choose_engine(auto, SamplingConfig(), False, "cuda") == PROBE
+    assert choose_engine(auto, SamplingConfig(), False, "cuda:1") == PROBE
     assert choose_engine(auto, SamplingConfig(), False, "cpu") == "static"
     assert choose_engine(auto, SamplingConfig(do_sample=True), False, "cuda") == "static"
     assert choose_engine(auto, SamplingConfig(), True, "cuda") == "static"
@@ -361,7 +364,7 @@ def test_engine_probe_keeps_the_faster_and_its_outputs(continuous, winner, fake_
     flat = lambda rows: 100.0  # noqa: E731 - static: 100 tok/s at any size
     engine = fake_clock(FakeEngine(flat, device="cuda", continuous=continuous))
     records = bench_like(40)
-    batcher = run_all(engine, records, RunnerConfig(batch_size=8), kind="auto")
+    batcher = run_all(engine, records, RunnerConfig(batch_size=8), kind=PROBE)
     choice = batcher.choices()
     assert choice["engine"] == winner
     assert set(choice["engine_tokens_per_second"]) == {"static", "continuous"}

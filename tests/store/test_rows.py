@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batchgen.config import OutputConfig
-from batchgen.engine.static import Sample
+from batchgen.engine.interface import Sample
 from batchgen.inputs.prompts import PromptRecord
 from batchgen.store.rows import OutputSpec, reasoning_tags, shard_rows, split_reasoning
 from batchgen.store.summary import Totals

@@ -226,7 +226,7 @@ def test_a_killed_worker_shows_as_stopped_at_once(tmp_path):
 
 
 def test_eta_from_the_first_finished_batches_before_any_shard(tmp_path):
-    from batchgen.engine.static import Sample
+    from batchgen.engine.interface import Sample
     from batchgen.store import checkpoints
 
     out = tmp_path / "out"
