@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# Seconds a worker's run lock and shard claims live without a heartbeat, unless
+# runner.lease_seconds says otherwise: the one default of the lock, the claims and `status`.
+DEFAULT_LEASE_SECONDS = 120.0
+
 
 @dataclass
 class ModelConfig:
@@ -133,8 +137,9 @@ class RunnerConfig:
     # (Slurm array or srun, torchrun, Kubernetes indexed jobs), else 0 of 1.
     rank: int | None = None
     world_size: int | None = None
-    # Seconds a shard claim lives without a heartbeat; a dead worker's shard is redone after it.
-    lease_seconds: float = 120.0
+    # Seconds a shard claim and the run lock live without a heartbeat; a dead worker's shard is
+    # redone after it.
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
     # A worker whose shard in hand makes no progress (no decoding step, prefill chunk or batch)
     # for this long releases its claims and exits with status 3 (null: never). Model loading
     # is not counted.

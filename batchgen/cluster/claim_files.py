@@ -2,10 +2,12 @@
 
 Shard ``k``'s claim is ``OUT/_batchgen/claims/part-0000k.claim``, then ``part-0000k.1.claim``,
 ``part-0000k.2.claim``, ... as it is taken over; the highest generation is the shard's claim.
-Each holds JSON ``{owner, host, pid, rank, claimed_at, expires_at}`` (plus ``released`` once
-given up). Invariant: a reader never trusts more than the file says. A file that does not parse
-(a creator between ``O_EXCL`` and its write, or one that died there) is judged by its mtime
-alone, and a claim whose holder is known to have exited is expired whatever its lease says.
+Each holds JSON ``{owner, host, pid, pid_ns, proc_start, rank, claimed_at, expires_at}`` (plus
+``released`` once given up); its holder fields are the run lock's (``liveness.this_process``).
+Invariant: a reader never trusts more than the file says. A file that does not parse (a creator
+between ``O_EXCL`` and its write, or one that died there) is judged by its mtime alone, and a claim
+whose holder is provably gone (``liveness.gone``) is expired whatever its lease says; a holder this
+host cannot judge (another host or pid namespace) keeps its claim until its lease ends.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchgen.cluster import liveness
 from batchgen.store import layout
 
 CLAIM_RE = re.compile(r"^part-(\d{5,})(?:\.(\d+))?\.claim$")
@@ -41,8 +44,7 @@ def encode(owner: str, claimed_at: float, expires_at: float, released: bool = Fa
     rank = owner.rpartition(":")[2]
     info = {
         "owner": owner,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
+        **liveness.this_process(),
         "rank": int(rank) if rank.isdigit() else None,
         "claimed_at": claimed_at,
         "expires_at": expires_at,
@@ -88,25 +90,11 @@ def look(path: Path) -> Seen | None:
         return Seen(mtime, _parse(f.read()))
 
 
-def _dead_here(info: dict[str, Any]) -> bool:
-    """Whether the claim's holder ran on this host and has exited (a killed or crashed worker):
-    its claim need not sit out the lease, so a restarted run resumes at once."""
-    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
-        return False
-    try:
-        os.kill(info["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def expired(seen: Seen, now: float, lease: float) -> bool:
     """Whether a claim read at ``now`` no longer holds: past its expiry, its holder gone, or
     (unreadable) older than ``lease``."""
     if seen.info is not None:
-        return now >= seen.info["expires_at"] or _dead_here(seen.info)
+        return now >= seen.info["expires_at"] or liveness.gone(seen.info)
     # Unreadable: a creator between O_EXCL and its write, or one that died there. Only its age
     # tells the two apart.
     return now - seen.mtime > lease

@@ -2,7 +2,8 @@
 
 Shard ``k`` is claimed by creating ``OUT/_batchgen/claims/part-0000k.claim`` with
 ``O_CREAT|O_EXCL``, which exactly one creator wins, also on NFS. It holds JSON ``{owner, host, pid,
-rank, claimed_at, expires_at}``; a heartbeat pushes ``expires_at`` forward while the worker lives.
+pid_ns, proc_start, rank, claimed_at, expires_at}``; a heartbeat pushes ``expires_at`` forward
+while the worker lives, and a holder provably gone (``liveness``) loses its claim at once.
 
 An expired claim is taken over by creating the next generation (``part-0000k.1.claim``,
 ``part-0000k.2.claim``, ...) with ``O_EXCL`` again; the highest generation is the shard's claim.
@@ -36,10 +37,10 @@ from batchgen.cluster.claim_files import (
     look,
     top_generation,
 )
+from batchgen.config import DEFAULT_LEASE_SECONDS
 from batchgen.store import layout
 from batchgen.store.writer import temp_path
 
-DEFAULT_LEASE = 60.0
 # A claim is rewritten in place, and trusted for publishing, only while this share of its lease
 # is left: a stealer that read it just before must not find it expired after the rewrite.
 RENEW_MARGIN = 0.25
@@ -64,7 +65,7 @@ class ClaimStore:
         self,
         out_dir: Path,
         owner: str,
-        lease_seconds: float = DEFAULT_LEASE,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], float] = time.time,
     ):
         if lease_seconds <= 0:
@@ -223,7 +224,7 @@ class ClaimStore:
     @staticmethod
     def describe(
         out_dir: Path,
-        lease_seconds: float = DEFAULT_LEASE,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> list[dict[str, Any]]:
         """The current claim (highest generation) of every claimed shard, for status reports.

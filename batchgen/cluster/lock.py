@@ -6,14 +6,15 @@ file, which fails atomically when the lock exists, so a reader never sees a half
 crash between creating and writing it cannot leave an empty one behind.
 
 While held, a heartbeat thread touches the lock's mtime every third of the lease. A lock is stale
-when its holder is a dead process in this host's pid namespace (taken over at once), or, wherever
-the holder ran (another host or container, whose pid means nothing here), when its heartbeat is
-older than the lease (taken over then). Taking over is serialized by an ``flock`` on
-``{name}.lock.guard`` beside it: renaming the stale file aside is not enough on its own, because a
-slow taker could rename away the fresh lock a faster taker has just created; under the guard, a
-taker re-reads the lock and removes it only if it is still the stale one it judged. The kernel drops
-an ``flock`` when its process dies, so the guard itself never goes stale; the empty guard file stays
-in the folder after a takeover.
+when its holder is provably gone (``liveness.gone``: its pid, in this host's pid namespace, ended,
+is a zombie or was reused; taken over at once), or, wherever the holder ran (another host or
+container, whose pid means nothing here), when its heartbeat is older than the lease (taken over
+then); ``acquire`` returns the stale record it took over, so the job can say so. Taking over is
+serialized by an ``flock`` on ``{name}.lock.guard`` beside it: renaming the stale file aside is
+not enough on its own, because a slow taker could rename away the fresh lock a faster taker has
+just created; under the guard, a taker re-reads the lock and removes it only if it is still the
+stale one it judged. The kernel drops an ``flock`` when its process dies, so the guard itself never
+goes stale; the empty guard file stays in the folder after a takeover.
 
 Once its worker has been admitted to the run (``batchgen.store.manifest.check_run_file``), the
 lock also records the fingerprint it generates under (``attach``), so the run record is never
@@ -28,7 +29,6 @@ import logging
 import os
 import secrets
 import shlex
-import socket
 import sys
 import threading
 import time
@@ -36,6 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from batchgen.cluster import liveness
+from batchgen.config import DEFAULT_LEASE_SECONDS
 from batchgen.errors import ConfigError, ResumeError
 from batchgen.store import layout
 from batchgen.store.writer import temp_path
@@ -44,49 +46,6 @@ log = logging.getLogger(__name__)
 
 # Several stale takeovers in a row (each racing a new runner) are possible but not endless.
 _ATTEMPTS = 5
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of ``pid`` from /proc; None off Linux."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name in parentheses may contain spaces; the fields after the last ')' do not.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
-
-
-def _pid_namespace() -> str | None:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def _same_place(holder: dict[str, Any]) -> bool:
-    """Whether the holder's pid means the same process here: same host and pid namespace."""
-    return holder.get("host") == socket.gethostname() and holder.get("pid_ns") in (
-        None,
-        _pid_namespace(),
-    )
-
-
-def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the holder process on this host (and pid namespace) still runs."""
-    pid = holder["pid"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists but belongs to another user
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, start = stat
-    # A zombie has finished; a different start time means the pid was reused by another process.
-    return state != "Z" and holder.get("proc_start") in (None, start)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -124,9 +83,15 @@ def is_live(path: Path, lease_seconds: float, now: float) -> bool:
     except FileNotFoundError:
         return False
     holder = _read(path)
-    if holder and _same_place(holder) and not _alive(holder):
+    if holder and liveness.gone(holder):
         return False
     return silent <= lease_seconds
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """A lock holder as the user knows it: ``pid 123 on host node1, started 2025-...``."""
+    when = holder.get("started_at", "at an unknown time")
+    return f"pid {holder['pid']} on host {holder.get('host', '?')}, started {when}"
 
 
 class RunLock:
@@ -139,7 +104,9 @@ class RunLock:
             ...
     """
 
-    def __init__(self, out_dir: Path, name: str = "run", lease_seconds: float = 120.0):
+    def __init__(
+        self, out_dir: Path, name: str = "run", lease_seconds: float = DEFAULT_LEASE_SECONDS
+    ):
         """Describe the lock ``{name}.lock`` of ``out_dir``; nothing is created until ``acquire``.
 
         Args:
@@ -164,15 +131,10 @@ class RunLock:
         self._state = threading.Lock()
 
     def _new_record(self) -> dict[str, Any]:
-        pid = os.getpid()
-        stat = _proc_stat(pid)
         return {
-            "pid": pid,
-            "host": socket.gethostname(),
+            **liveness.this_process(),
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "argv": list(sys.argv),
-            "proc_start": stat[1] if stat else None,
-            "pid_ns": _pid_namespace(),
             "token": secrets.token_hex(8),
         }
 
@@ -208,9 +170,7 @@ class RunLock:
             return 0.0
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:
-        if _same_place(holder) and not _alive(holder):
-            return True
-        return self._silent_for() > self.lease_seconds
+        return liveness.gone(holder) or self._silent_for() > self.lease_seconds
 
     def _remove_if_unchanged(self, stale: dict[str, Any]) -> bool:
         """Under the guard, remove the lock if it still holds ``stale``, still stale."""
@@ -241,7 +201,7 @@ class RunLock:
                 log.warning("batchgen: renewing the run lock failed (%s); retrying", e)
 
     def acquire(self) -> dict[str, Any] | None:
-        """Take the lock, taking over a stale one left by a dead process on this host.
+        """Take the lock, taking over a stale one (its holder gone, or silent past the lease).
 
         Returns:
             The record of the stale lock that was taken over (to tell the user about the
@@ -327,13 +287,11 @@ class RunLock:
                 f"holder is unknown. If no other batchgen run uses this folder, remove it with "
                 f"`{rm}` and rerun."
             )
-        pid, host = holder["pid"], holder.get("host", "?")
-        argv = holder.get("argv")
-        who = (
-            f"pid {pid} on host {host}, started {holder.get('started_at', 'at an unknown time')}"
-            + (f", command `{shlex.join(map(str, argv))}`" if argv else "")
+        pid, argv = holder["pid"], holder.get("argv")
+        who = describe_holder(holder) + (
+            f", command `{shlex.join(map(str, argv))}`" if argv else ""
         )
-        if _same_place(holder):
+        if liveness.same_place(holder):
             return ResumeError(
                 f"{where} is in use by another batchgen run ({who}); lock file {self.path}. Two "
                 f"runs in one folder would duplicate work and race on its shards. Wait for it to "

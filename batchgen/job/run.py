@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batchgen.cluster import claims
-from batchgen.cluster.lock import RunLock, live_fingerprints
+from batchgen.cluster.lock import RunLock, describe_holder, live_fingerprints
 from batchgen.cluster.ranks import WorkerInfo, resolve_worker
 from batchgen.cluster.signals import StopRequested
 from batchgen.cluster.watchdog import Watchdog
@@ -87,7 +87,13 @@ def prepare(cfg: JobConfig) -> Prepared:
     lock = RunLock(
         out_dir, layout.worker_lock_name(worker.rank, worker.world_size), cfg.runner.lease_seconds
     )
-    lock.acquire()
+    earlier = lock.acquire()
+    if earlier is not None:  # a killed or frozen run leaves no other trace the user would see
+        print(
+            f"batchgen: took over the run lock of an earlier run on this folder that died or "
+            f"went silent past runner.lease_seconds ({describe_holder(earlier)})",
+            flush=True,
+        )
     try:
         session = Session(cfg, Model.open(cfg.model, source, device, dtype))
         plan = session.plan()

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from batchgen.cluster.claims import DEFAULT_LEASE, ClaimStore
+from batchgen.cluster.claims import ClaimStore
 from batchgen.cluster.lock import is_live
+from batchgen.config import DEFAULT_LEASE_SECONDS
 from batchgen.errors import NotAnOutputDir
 from batchgen.store import checkpoints, layout
 from batchgen.store.records import read_run_file, read_workers
@@ -77,7 +78,8 @@ def _run_status(
     status = merged["status"]
     if status != "running":
         return status
-    lease = ((run.get("config") or {}).get("runner") or {}).get("lease_seconds") or DEFAULT_LEASE
+    runner = (run.get("config") or {}).get("runner") or {}
+    lease = runner.get("lease_seconds") or DEFAULT_LEASE_SECONDS
     locks = layout.locks_dir(out_dir).glob("*.lock")
     if any(is_live(lock, lease, clock()) for lock in locks):
         return status
@@ -86,7 +88,7 @@ def _run_status(
 
 def collect(
     out_dir: Path,
-    lease_seconds: float = DEFAULT_LEASE,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
     clock: Callable[[], float] = time.time,
 ) -> dict[str, Any]:
     """Gather the state of the run in ``out_dir``.
@@ -236,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lease",
         type=float,
-        default=DEFAULT_LEASE,
-        help="seconds after which an unreadable claim file counts as expired (default 60)",
+        default=DEFAULT_LEASE_SECONDS,
+        help="seconds after which an unreadable claim file counts as expired "
+        f"(default {DEFAULT_LEASE_SECONDS:g}, as runner.lease_seconds)",
     )
     args = parser.parse_args(argv)
     try:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+from batchgen.cluster import liveness
 from batchgen.cluster.claim_files import (
     CLAIM_RE,
     Seen,
@@ -41,12 +42,12 @@ def test_encoded_claims_read_back(tmp_path):
     info = look(path).info
     assert info == {
         "owner": "h:7:4",
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
+        **liveness.this_process(),  # the holder fields of the run lock
         "rank": 4,
         "claimed_at": 10.0,
         "expires_at": 70.0,
     }
+    assert set(liveness.this_process()) == {"host", "pid", "pid_ns", "proc_start"}
     path.write_bytes(encode("no-rank", 10.0, 70.0, released=True))
     assert look(path).info["rank"] is None and look(path).info["released"] is True
     path.write_bytes(b'{"owner": "a", "expi')  # a creator that died mid-write
@@ -69,3 +70,26 @@ def test_expiry_by_time_by_a_dead_holder_and_by_mtime():
     assert not expired(Seen(0.0, elsewhere), 0.0, 60.0)
     # Unreadable: judged by its age alone.
     assert not expired(Seen(40.0, None), 100.0, 60.0) and expired(Seen(39.0, None), 100.0, 60.0)
+
+
+def claim_of(pid: int, **extra) -> dict:
+    """A claim of ``pid`` on this host, in this pid namespace, expiring at 100."""
+    return {"owner": "a", **liveness.this_process(), "pid": pid, "expires_at": 100.0, **extra}
+
+
+def test_claim_of_another_pid_namespace_on_this_host_lives_out_its_lease(dead_pid):
+    # A container sharing this host name (--net=host, hostNetwork): its pid is no process here.
+    beside = Seen(0.0, claim_of(dead_pid, pid_ns="pid:[4026500000]"))
+    assert not expired(beside, 99.0, 60.0) and expired(beside, 100.0, 60.0)
+
+
+def test_claim_of_a_zombie_or_a_reused_pid_expires_at_once(zombie, sleeper):
+    assert expired(Seen(0.0, claim_of(zombie)), 0.0, 60.0)
+    reused = claim_of(sleeper.pid, proc_start=1)  # that pid is another process now
+    assert expired(Seen(0.0, reused), 0.0, 60.0)
+    assert not expired(Seen(0.0, claim_of(sleeper.pid, proc_start=None)), 0.0, 60.0)
+
+
+def test_claim_written_before_pid_ns_was_recorded_is_judged_by_host_and_pid(dead_pid):
+    old = {"owner": "a", "host": socket.gethostname(), "pid": dead_pid, "expires_at": 100.0}
+    assert expired(Seen(0.0, old), 0.0, 60.0)

@@ -9,8 +9,11 @@ import time
 
 import pytest
 
+from batchgen.cluster import liveness
 from batchgen.cluster.claim_files import claim_path, default_owner
 from batchgen.cluster.claims import ClaimStore
+from batchgen.cluster.lock import RunLock
+from batchgen.config import RunnerConfig
 
 
 class Clock:
@@ -53,6 +56,8 @@ def test_claim_writes_owner_and_lease(tmp_path, clock):
         "owner": owner,
         "host": host,
         "pid": int(pid),
+        "pid_ns": liveness.this_process()["pid_ns"],
+        "proc_start": liveness.this_process()["proc_start"],
         "rank": 2,
         "claimed_at": clock.t,
         "expires_at": clock.t + 60.0,
@@ -165,7 +170,7 @@ def test_describe_lists_claims_with_expiry(tmp_path, clock):
     junk.write_text("")
     os.utime(junk, (clock.t - 100, clock.t - 100))
     (tmp_path / "_batchgen" / "claims" / "part-00007.claim.tmp-x").write_text("{}")
-    found = ClaimStore.describe(tmp_path, clock=clock)
+    found = ClaimStore.describe(tmp_path, 60.0, clock=clock)
     got = [(c["index"], c["generation"], c["owner"], c["rank"], c["expired"]) for c in found]
     assert got == [
         (0, 1, "h2:20:1", 1, False),
@@ -178,10 +183,11 @@ def test_describe_lists_claims_with_expiry(tmp_path, clock):
     assert ClaimStore.describe(tmp_path / "nowhere") == []
 
 
-def _race(out: str, owner: str, barrier, results) -> None:
+def _race(out: str, owner: str, barrier, done, results) -> None:
     store = ClaimStore(out, owner, lease_seconds=60)
     barrier.wait()
     results.put((owner, store.try_claim(0)))
+    done.wait()  # live until every racer has tried: a winner that exited would be gone at once
 
 
 @pytest.mark.parametrize("existing", ["none", "expired", "expired", "expired", "garbage"])
@@ -194,13 +200,15 @@ def test_eight_processes_racing_for_one_shard_one_wins(tmp_path, existing):
         path.write_text("not json")
         os.utime(path, (time.time() - 120, time.time() - 120))
     ctx = mp.get_context("fork")
-    barrier, results = ctx.Barrier(8), ctx.Queue()
+    barrier, done, results = ctx.Barrier(8), ctx.Event(), ctx.Queue()
     procs = [
-        ctx.Process(target=_race, args=(str(tmp_path), f"w{i}", barrier, results)) for i in range(8)
+        ctx.Process(target=_race, args=(str(tmp_path), f"w{i}", barrier, done, results))
+        for i in range(8)
     ]
     for p in procs:
         p.start()
     outcome = dict(results.get(timeout=20) for _ in procs)
+    done.set()
     for p in procs:
         p.join(timeout=20)
     winners = [owner for owner, won in outcome.items() if won]
@@ -225,3 +233,25 @@ def test_claim_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
     assert live.try_claim(3)  # the holder exited: its hour-long lease does not block a restart
     other = ClaimStore(tmp_path, "other:3:0", lease_seconds=3600)
     assert not other.try_claim(3)  # a live holder's claim stands
+
+
+def test_a_live_claim_of_a_container_beside_us_is_not_taken(tmp_path, dead_pid):
+    """Same host name, another pid namespace: the holder's pid is no process here, yet it may
+    live; only its lease ends its claim."""
+    beside = {**liveness.this_process(), "pid": dead_pid, "pid_ns": "pid:[4026500000]"}
+    path = claim_path(tmp_path, 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"owner": "beside:1:0", **beside, "expires_at": time.time() + 60}))
+    assert not ClaimStore(tmp_path, "here:2:0").try_claim(0)
+    assert claim_files(tmp_path) == ["part-00000.claim"]
+
+
+def test_claims_lock_and_config_share_one_default_lease(tmp_path):
+    lease = RunnerConfig().lease_seconds
+    assert ClaimStore(tmp_path, "a").lease_seconds == RunLock(tmp_path).lease_seconds == lease
+    # describe's default judges an unreadable claim by the same lease.
+    path = claim_path(tmp_path, 0)
+    path.write_text("")
+    for age, gone in ((lease - 5, False), (lease + 5, True)):
+        os.utime(path, (time.time() - age, time.time() - age))
+        assert [c["expired"] for c in ClaimStore.describe(tmp_path)] == [gone]

@@ -12,26 +12,10 @@ import time
 
 import pytest
 
+from batchgen.cluster import liveness
 from batchgen.cluster import lock as lock_mod
 from batchgen.cluster.lock import RunLock
 from batchgen.errors import ConfigError, ResumeError
-
-
-@pytest.fixture
-def sleeper():
-    """A live process that is not this one, to stand in for another runner."""
-    proc = subprocess.Popen(["sleep", "60"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
-@pytest.fixture
-def dead_pid() -> int:
-    """The pid of a process that has ended and been reaped (so it is not even a zombie)."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 def write_lock(out, pid, host=None, **extra) -> dict:
@@ -188,7 +172,7 @@ def test_frozen_holder_in_another_pid_namespace_is_taken_over(tmp_path, unavaila
         if line.strip() != "held":
             unavailable(f"cannot run a process in a new pid namespace: {holder.stderr.read()}")
         record = json.loads((tmp_path / "_batchgen" / "locks" / "run.lock").read_text())
-        assert record["pid"] == 1 and record["pid_ns"] != lock_mod._pid_namespace()
+        assert record["pid"] == 1 and record["pid_ns"] != liveness.this_process()["pid_ns"]
         time.sleep(2.0)  # past the lease, but the live holder's heartbeat keeps it fresh
         with pytest.raises(ResumeError, match="another host or container"):
             RunLock(tmp_path, lease_seconds=1.5).acquire()
@@ -237,17 +221,17 @@ def test_bad_names_rejected(tmp_path):
 def _race(out, k, start, done, results):
     # Every racer judges the stale lock before any of them acts on it, then they act one after
     # another: a late taker must not remove the fresh lock an early one has just created.
-    judged = lock_mod._alive
+    judged = liveness.gone
     waited = []
 
-    def slow_alive(holder):
-        alive = judged(holder)
+    def slow_gone(holder):
+        gone = judged(holder)
         if not waited:
             waited.append(start.wait())
             time.sleep(0.03 * k)
-        return alive
+        return gone
 
-    lock_mod._alive = slow_alive
+    liveness.gone = slow_gone
     lock = RunLock(out)
     try:
         lock.acquire()

@@ -1,10 +1,12 @@
-"""The whole job on tiny models: outputs, resume (also after SIGKILL), fingerprint refusal."""
+"""The whole job on tiny models: outputs, resume (also after SIGKILL), fingerprint refusal, and
+a dead run's lock taken over."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,6 +156,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_models, prompts_f
     )
     assert result.returncode == 0, result.stderr
     assert f"{done} shards resumed" in result.stdout
+    assert "earlier run on this folder that died or went silent" in result.stdout
+    assert f"(pid {proc.pid} on host {socket.gethostname()}, started " in result.stdout
     assert read(killed) == read(full)
     assert not [p for p in killed.iterdir() if ".tmp" in p.name]
 
@@ -197,3 +201,22 @@ def test_banner_before_the_model_and_already_complete_after(
     again = capsys.readouterr().out
     assert "(3 finished)" in again and "already complete" in again
     assert summary["already_complete"]
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over_and_named(
+    tiny_models, prompts_file, make_job, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = layout.lock_file(out, layout.worker_lock_name(0, 1))
+    lock.parent.mkdir(parents=True)
+    host, started = socket.gethostname(), "2025-01-02T03:04:05+00:00"
+    lock.write_text(json.dumps({"pid": gone.pid, "host": host, "started_at": started}))
+    run(make_job(tiny_models["chat"], prompts_file, out))
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "batchgen: took over the run lock of an earlier run on this folder that died or went "
+        f"silent past runner.lease_seconds (pid {gone.pid} on host {host}, started {started})"
+    )
+    run(make_job(tiny_models["chat"], prompts_file, out))  # released cleanly: nothing to say
+    assert "took over" not in capsys.readouterr().out

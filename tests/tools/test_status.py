@@ -10,7 +10,9 @@ import time
 
 import pytest
 
+from batchgen.cluster.claim_files import claim_path
 from batchgen.cluster.claims import ClaimStore
+from batchgen.config import RunnerConfig
 from batchgen.errors import NotAnOutputDir
 from batchgen.store import layout
 from batchgen.store.records import write_worker_file
@@ -90,7 +92,7 @@ def half_done(tmp_path):
     shard(out, 2, T0 + 10, tokens_per_row=6, skipped=1)
     clock = Clock()
     alive = ClaimStore(out, "nodeA:11:0", clock=clock)
-    dead = ClaimStore(out, "nodeB:22:1", clock=lambda: clock.t - 100)
+    dead = ClaimStore(out, "nodeB:22:1", clock=lambda: clock.t - 200)  # past the lease
     assert alive.try_claim(1) and alive.try_claim(0)
     assert dead.try_claim(3) and dead.try_claim(4)
     dead.release(4)
@@ -146,6 +148,19 @@ def test_text_and_json_output_and_exit_status(half_done, capsys, monkeypatch):
     monkeypatch.setattr(time, "time", clock)
     assert main([str(out), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["shards"]["done"] == 2
+
+
+def test_unreadable_claims_are_judged_by_the_runner_lease_by_default(tmp_path, capsys):
+    out = tmp_path / "out"
+    run_json(out)
+    path = claim_path(out, 1)
+    path.parent.mkdir(parents=True)
+    path.write_text("")  # a creator between O_EXCL and its write: judged by its mtime
+    lease = RunnerConfig().lease_seconds
+    for age, field in ((lease - 10, "claimed"), (lease + 10, "expired")):
+        os.utime(path, (time.time() - age, time.time() - age))
+        assert main([str(out), "--json"]) == 1
+        assert json.loads(capsys.readouterr().out)["shards"][field] == 1
 
 
 def test_complete_run_exits_zero_with_rate_from_the_worker_record(tmp_path, capsys):
