@@ -18,20 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchgen.inputs import prompts
+from batchgen.inputs.blank import WHITESPACE, string_column
 
-# The characters that ``str.strip`` removes (``str.isspace``), as ranges of code points.
-WHITESPACE = (
-    (0x09, 0x0D),
-    (0x1C, 0x20),
-    (0x85, 0x85),
-    (0xA0, 0xA0),
-    (0x1680, 0x1680),
-    (0x2000, 0x200A),
-    (0x2028, 0x2029),
-    (0x202F, 0x202F),
-    (0x205F, 0x205F),
-    (0x3000, 0x3000),
-)
 # The longest ``str`` of a float ('-2.2250738585072014e-308').
 FLOAT_CHARS = 24
 # The most bytes of a list or object's repr per byte of its JSON: a float as short as ``1e5``
@@ -42,9 +30,10 @@ _SPACE = r"[ \t\n\r]*"  # JSON's own whitespace, allowed around a value
 _STRING = r'"(?:[^"\\]|\\.)*"'
 _BLANK_CHAR = "|".join(
     [
-        "[" + "".join(rf"\x{{{a:x}}}-\x{{{b:x}}}" for a, b in WHITESPACE) + "]",
+        "[" + "".join(rf"\x{{{ord(c):x}}}" for c in WHITESPACE) + "]",
         r"\\[tnfr]",  # \b and \/ escape no whitespace
-        r"\\u(?i:" + "|".join(f"{c:04x}" for a, b in WHITESPACE for c in range(a, b + 1)) + ")",
+        # (All whitespace is in the Basic Multilingual Plane: one \uXXXX escape spells each.)
+        r"\\u(?i:" + "|".join(f"{ord(c):04x}" for c in WHITESPACE) + ")",
     ]
 )
 _MESSAGE = (
@@ -70,10 +59,7 @@ def is_json(t: pa.DataType) -> bool:
 
 def texts(block: pa.Array) -> pa.Array:
     """Each value's JSON text, as an Arrow string column (null where the value is absent)."""
-    storage = block.storage
-    if pa.types.is_string(storage.type) or pa.types.is_large_string(storage.type):
-        return storage
-    return pc.cast(storage, pa.large_string())  # a string view: the regex kernels take these
+    return string_column(block.storage)
 
 
 def _matches(block: pa.Array, pattern: str) -> np.ndarray:
@@ -93,8 +79,9 @@ def strings(block: pa.Array) -> np.ndarray:
 
 
 def bad_text(block: pa.Array) -> np.ndarray:
-    """The prompt column's rule: a value is usable iff it is a ``str`` that ``strip`` leaves
-    non-empty; JSON escapes of whitespace (``"\\n"``, ``"\\u3000"``) count as whitespace."""
+    """The prompt column's rule: a value is usable iff it is a ``str`` that is not blank
+    (``inputs.blank``); JSON escapes of whitespace (``"\\n"``, ``"\\u3000"``) count as
+    whitespace."""
     return ~strings(block) | _matches(block, IS_BLANK)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from batchgen.config import DatasetConfig, SamplingConfig
 from batchgen.errors import ConfigError, DataError
+from batchgen.inputs.blank import is_blank
 from batchgen.inputs.dataset import Rows, template_fields
 from batchgen.inputs.row_settings import row_samplings, template_kwargs
 
@@ -100,7 +101,7 @@ def _text_problem(value: Any) -> str | None:
         return "missing (null)"
     if not isinstance(value, str):
         return f"not a string: {type(value).__name__} {str(value)[:40]!r}"
-    return None if value.strip() else "empty"
+    return "empty" if is_blank(value) else None
 
 
 def _user_turns(rows: Rows, cfg: DatasetConfig, n: int) -> tuple[list[str | None], list[str]]:
@@ -219,14 +220,12 @@ def build_records(
     return records, bad
 
 
-def refuse_bad_rows(listed: list[Skipped], total: int, lines: bool = False) -> None:
-    """Refuse the job over rows without a usable prompt, naming the first of ``total``.
+def bad_rows_error(listed: list[Skipped], total: int, lines: bool = False) -> DataError:
+    """The error that refuses a job over rows without a usable prompt, naming the first of
+    ``total``.
 
     Args:
         lines: the rows are a jsonl file's lines, one each: name the line too.
-
-    Raises:
-        DataError: always.
     """
 
     def where(row: int) -> str:
@@ -234,7 +233,7 @@ def refuse_bad_rows(listed: list[Skipped], total: int, lines: bool = False) -> N
 
     named = "; ".join(f"id {b.id!r} ({where(b.index)}): {b.reason}" for b in listed[:10])
     more = f" (and {total - 10} more)" if total > 10 else ""
-    raise DataError(
+    return DataError(
         f"{total} row(s) have no usable prompt: {named}{more}. Fix the data, or set "
         "runner.on_bad_row=skip to leave them out (they are listed in _batchgen/workers/*.errors)."
     )
@@ -247,7 +246,7 @@ def apply_bad_row_policy(bad: list[Skipped], policy: str) -> list[Skipped]:
         DataError: with ``error`` when there are bad rows.
     """
     if bad and policy != "skip":
-        refuse_bad_rows(bad, len(bad))
+        raise bad_rows_error(bad, len(bad))
     return bad
 
 

@@ -7,8 +7,8 @@ What needs rendering or the tokenizer row by row happens per shard
 (``batchgen.job.shard_inputs``), where the same policies apply again and are authoritative.
 Checked here:
 
-- rows without a usable prompt (null, empty or whitespace, not a string, malformed messages),
-  refused up front under ``runner.on_bad_row=error``;
+- rows without a usable prompt (null, blank as ``inputs.blank`` defines it, not a string,
+  malformed messages), refused up front under ``runner.on_bad_row=error``;
 - duplicate ids in ``dataset.id_column``;
 - prompts that may be too long. A prompt's token count is at most its UTF-8 byte count (each
   token of a byte-level or byte-fallback tokenizer covers at least one byte) plus the tokens
@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from batchgen.config import DatasetConfig, JobConfig
 from batchgen.errors import DataError
-from batchgen.inputs import jsontext, prompts
+from batchgen.inputs import blank, jsontext, prompts
 from batchgen.inputs.dataset import Table, template_fields
 
 # Rows per Arrow block: bounds the transient memory of one pass.
@@ -44,18 +44,25 @@ def _blocks(table: Table, name: str) -> Iterator[tuple[int, pa.Array]]:
     return table.scan(name, BLOCK_ROWS)
 
 
-def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
+def _as_text(values: pa.Array) -> pa.Array:
+    """``values`` as an Arrow string column: strings as ``blank.string_column`` gives them,
+    other values cast to their text.
+
+    Raises:
+        pa.ArrowNotImplementedError: values of a nested type, which have no cast to text.
+    """
+    text = blank.string_column(values)
+    return pc.cast(values, pa.string()) if text is None else text
 
 
 def _bad_text(block: pa.Array) -> np.ndarray:
-    """Null, empty or whitespace-only strings; every row when the column holds no strings."""
+    """Null or blank strings; every row when the column holds no strings."""
     if jsontext.is_json(block.type):
         return jsontext.bad_text(block)
-    if not _is_text(block.type):
+    text = blank.string_column(block)
+    if text is None:
         return np.ones(len(block), dtype=bool)
-    blank = pc.or_(pc.equal(pc.binary_length(block), 0), pc.utf8_is_space(block))
-    return pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
+    return blank.blank_or_null(text)
 
 
 def _null(block: pa.Array) -> np.ndarray:
@@ -80,11 +87,12 @@ def _message_items(items: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
         if jsontext.is_json(value.type):
             broken |= ~jsontext.strings(value)
             size += jsontext.byte_lengths(value)
-        elif _is_text(value.type):
-            broken |= pc.is_null(value).to_numpy(zero_copy_only=False)
-            size += pc.fill_null(pc.binary_length(value), 0).to_numpy(zero_copy_only=False)
-        else:
+            continue
+        text = blank.string_column(value)
+        if text is None:
             return None
+        broken |= pc.is_null(text).to_numpy(zero_copy_only=False)
+        size += pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
     return broken, size
 
 
@@ -140,7 +148,7 @@ def refuse_bad_rows(table: Table, cfg: DatasetConfig, tokenizer, chat: bool) -> 
     for i in bad[:10].tolist():
         ids, texts, problems = prompts.render_texts(table.rows(i, i + 1), cfg, tokenizer, chat)
         listed.append(prompts.Skipped(i, ids[0], problems[0] or "no usable prompt"))
-    prompts.refuse_bad_rows(listed, len(bad), lines=table.location.endswith(".jsonl"))
+    raise prompts.bad_rows_error(listed, len(bad), lines=table.location.endswith(".jsonl"))
 
 
 def check_encoding(table: Table) -> None:
@@ -185,11 +193,10 @@ def check_unique_ids(table: Table, id_column: str | None) -> None:
     # Equal JSON texts are equal ids: ``datasets`` writes a value as one text (the string "12"
     # and the number 12 alike as ``12``, which ``prompts`` reads back as the same id).
     column = pa.chunked_array([jsontext.texts(b) for b in blocks] if mixed else blocks)
-    if not _is_text(column.type):
-        try:
-            column = pc.cast(column, pa.string())
-        except pa.ArrowNotImplementedError:
-            return  # ids of a nested type: each shard checks its own (prompts.row_ids)
+    try:
+        column = _as_text(column)
+    except pa.ArrowNotImplementedError:
+        return  # ids of a nested type: each shard checks its own (prompts.row_ids)
     distinct = pc.count_distinct(column, mode="all").as_py()
     pa.default_memory_pool().release_unused()  # the hash table: as large as the ids
     if distinct == len(column):
@@ -222,8 +229,7 @@ def _text_bytes(block: pa.Array, formatted: bool) -> np.ndarray:
     ``str`` of a template field's value; else a prompt string, the only usable value)."""
     if jsontext.is_json(block.type):
         return jsontext.format_bytes(block) if formatted else jsontext.byte_lengths(block)
-    text = block if _is_text(block.type) else pc.cast(block, pa.string())
-    return pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
+    return pc.fill_null(pc.binary_length(_as_text(block)), 0).to_numpy(zero_copy_only=False)
 
 
 def _template_tokens(cfg: DatasetConfig, tokenizer, chat: bool) -> int:

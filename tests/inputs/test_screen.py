@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,8 +13,8 @@ import pytest
 
 from batchgen.config import DatasetConfig
 from batchgen.errors import DataError
-from batchgen.inputs import screen
-from batchgen.inputs.dataset import open_dataset
+from batchgen.inputs import blank, screen
+from batchgen.inputs.dataset import Table, open_dataset
 from batchgen.inputs.prompts import build_records, render_texts
 
 
@@ -31,6 +32,11 @@ def jsonl_of(tmp_path, rows, **cfg):
     return open_dataset(cfg), cfg
 
 
+def memory_of(columns, **cfg):
+    """An in-memory ``datasets.Dataset`` (no cache file) of Arrow ``columns``."""
+    return Table(datasets.Dataset(pa.table(columns)), {}, "memory"), DatasetConfig(**cfg)
+
+
 def python_bad(table, cfg, tokenizer, chat):
     _, _, problems = render_texts(table.rows(0, len(table)), cfg, tokenizer, chat)
     return [i for i, p in enumerate(problems) if p]
@@ -42,6 +48,60 @@ def test_bad_prompts_match_the_python_rules(tmp_path, smol_tokenizer, monkeypatc
     table, cfg = table_of(tmp_path, [{"p": p} for p in prompts], prompt_column="p")
     found = screen.bad_row_indices(table, cfg).tolist()
     assert found == [1, 2, 3, 4, 6] == python_bad(table, cfg, smol_tokenizer, False)
+
+
+# Unicode's White_Space (what Arrow's utf8proc calls space), the separators that str.isspace adds
+# (U+001C..U+001F), characters often taken for space that are not (U+180E was until Unicode 6.3;
+# the zero-width ones, the BOM) and plain text.
+SPACELIKE = [*range(0x09, 0x0E), *range(0x1C, 0x21), 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B)]
+SPACELIKE += [0x2028, 0x2029, 0x202F, 0x205F, 0x3000, 0x180E, 0x200B, 0x200C, 0x200D, 0x2060]
+SPACELIKE += [0xFEFF]
+SPACES = sorted({chr(c) for c in SPACELIKE} | set(blank.WHITESPACE))
+LETTERS = ["a", "é", "漢", "🙂", "\x00"]
+
+
+def random_prompts(rng, n, strings_only):
+    """Mixes of SPACES (and LETTERS), about half of them blank, with nulls; unless
+    ``strings_only``, numbers, booleans and empty lists too."""
+    values = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.04:
+            values.append(None)
+        elif roll < 0.1 and not strings_only:
+            values.append(rng.choice([0, 7, -1.5, True, []]))
+        else:
+            pool = SPACES if rng.random() < 0.5 else SPACES + LETTERS
+            values.append("".join(rng.choice(pool) for _ in range(rng.randint(0, 6))))
+    return values
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["jsonl", "jsonl strings", "parquet", "parquet string_view", "memory", "memory string_view"],
+)
+def test_bad_prompts_match_the_python_rules_on_random_rows(tmp_path, monkeypatch, layout):
+    monkeypatch.setattr(screen, "BLOCK_ROWS", 1000)  # rows cross block boundaries
+    rng = random.Random(layout)
+    values = random_prompts(rng, 3000, strings_only=layout != "jsonl")
+    kind = pa.string_view() if layout.endswith("string_view") else pa.large_string()
+    if layout.startswith("jsonl"):  # a mixed column is JSON text; raw or escaped characters
+        path = tmp_path / "rows.jsonl"
+        lines = [json.dumps({"p": v}, ensure_ascii=rng.random() < 0.5) for v in values]
+        path.write_text("".join(line + "\n" for line in lines))
+        cfg = DatasetConfig(path=str(path), prompt_column="p")
+        table = open_dataset(cfg)
+    elif layout.startswith("parquet"):
+        path = tmp_path / "rows.parquet"
+        pq.write_table(pa.table({"p": pa.array(values, kind)}), path)
+        cfg = DatasetConfig(path=str(path), prompt_column="p")
+        table = open_dataset(cfg)
+    else:
+        table, cfg = memory_of({"p": pa.array(values, kind)}, prompt_column="p")
+    assert len(table) == len(values)
+    found = screen.bad_row_indices(table, cfg).tolist()
+    assert found == python_bad(table, cfg, None, False)
+    assert 0.3 < len(found) / len(values) < 0.7  # blank and usable rows both occur
 
 
 def test_a_column_of_numbers_is_all_bad(tmp_path, smol_tokenizer):
@@ -63,6 +123,17 @@ def test_bad_messages_match_the_python_rules(tmp_path, smol_tokenizer):
     table, cfg = table_of(tmp_path, rows, prompt_column=None, messages_column="m")
     found = screen.bad_row_indices(table, cfg).tolist()
     assert found == [1, 2, 3, 4] == python_bad(table, cfg, smol_tokenizer, True)
+
+
+def test_messages_of_string_views_match_the_python_rules(smol_tokenizer):
+    pair = pa.struct([("role", pa.string_view()), ("content", pa.string_view())])
+    user = {"role": "user", "content": "hi"}
+    rows = [[user], [], None, [user, {"role": "user", "content": None}], [user, user]]
+    table, cfg = memory_of(
+        {"m": pa.array(rows, pa.list_(pair))}, prompt_column=None, messages_column="m"
+    )
+    found = screen.bad_row_indices(table, cfg).tolist()
+    assert found == [1, 2, 3] == python_bad(table, cfg, smol_tokenizer, True)
 
 
 def test_template_fields_may_not_be_null(tmp_path, smol_tokenizer):
