@@ -100,10 +100,14 @@ def args_parser() -> argparse.ArgumentParser:
 def register_launcher(name: str, cls: type) -> None:
     """Let Hydra instantiate ``cls`` as ``name``, a ``hydra_plugins.*`` name (idempotent).
 
+    Every package of ``VERIFIED`` is checked here, not only hydra-core: the launcher registered
+    goes on to ``submit`` and ``set_result_wait``, and a sweep refused now leaves no folder.
+
     Raises:
-        SystemExit: hydra-core is of an unverified version (see ``check``).
+        SystemExit: a package is of an unverified version (see ``check``).
     """
-    require("hydra-core")
+    for dist in VERIFIED:
+        require(dist)
     from hydra.core.plugins import Plugins
 
     Plugins.instance().class_name_to_class[name] = cls

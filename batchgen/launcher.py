@@ -320,7 +320,8 @@ def register() -> None:
     (idempotent; done on import, see the module docstring).
 
     Raises:
-        SystemExit: hydra-core is of a version batchgen was not verified with.
+        SystemExit: Hydra, its submitit launcher or submitit is of a version batchgen was not
+            verified with.
     """
     for cls in (SlurmLauncher, LocalLauncher):
         hydra_compat.register_launcher(f"hydra_plugins.batchgen_launcher.{cls.__name__}", cls)

@@ -4,6 +4,9 @@ and submitit; each use refuses, in one line, a version it was not verified with.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,3 +191,32 @@ def test_the_result_wait_takes_effect(tmp_path):
     error = job.exception()
     assert type(error).__name__ == "UncompletedJobError", error
     assert time.monotonic() - start < 5
+
+
+def test_a_sweep_on_an_unverified_launcher_stops_in_one_line_before_any_folder(tmp_path):
+    # `batchgen -m` with hydra-submitit-launcher 1.3.0 "installed": refused when the launchers
+    # register, before Hydra writes the sweep's folder.
+    patched = (
+        "import importlib.metadata as m, runpy, sys\n"
+        "real = m.version\n"
+        "m.version = lambda d: '1.3.0' if d == 'hydra-submitit-launcher' else real(d)\n"
+        "sys.argv = ['batchgen', *sys.argv[1:]]\n"
+        "runpy.run_module('batchgen', run_name='__main__')\n"
+    )
+    out = tmp_path / "out"
+    sweep = ["-m", "hydra/launcher=local", "runner.rank=0,1", "runner.world_size=2"]
+    proc = subprocess.run(
+        [sys.executable, "-c", patched, *sweep, f"output.dir={out}"],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        "batchgen: error: hydra-submitit-launcher 1.3.0 is installed, but batchgen relies on "
+        "internals of hydra-submitit-launcher==1.2.0 (batchgen/hydra_compat.py) and was verified "
+        "with those only; pip install 'hydra-submitit-launcher==1.2.0'."
+    ]
+    assert not out.exists()
