@@ -22,10 +22,14 @@ finds). Importing this module registers both classes as ``hydra_plugins.batchgen
 the ``_target_`` of ``batchgen/conf/hydra/launcher/{slurm,local}.yaml``; ``batchgen.cli``
 imports it.
 They keep their real module, so the job unpickles the launcher from ``batchgen.launcher``.
+That registration, the submission and submitit's wait for a result file lean on internals:
+``batchgen.hydra_compat`` does them, after checking the packages' versions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import time
 from collections import Counter
@@ -34,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
+
+from batchgen import hydra_compat
 
 # The separator submitit puts around a failed task's traceback in FailedJobError.
 _TRACE_RULE = "----------------------"
@@ -106,6 +110,19 @@ def last_message(stderr: str) -> str:
     return "\n".join(message)
 
 
+def failure_of(ret: JobReturn) -> Any:
+    """The error a job that did not complete returned (Hydra's task catches it, returns it).
+
+    Hydra's public ``return_value`` raises it for such a job, after writing ``Error executing
+    job with overrides: ...`` to stderr: caught here, with that line kept out of the summary.
+    """
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return ret.return_value
+    except Exception as e:
+        return e
+
+
 def describe(num: int, job: Any) -> TaskReport:
     """Wait for a submitit job and say what became of it, without raising its error.
 
@@ -121,7 +138,8 @@ def describe(num: int, job: Any) -> TaskReport:
         ret = job.results()[0]
         if ret.status == JobStatus.COMPLETED:
             return TaskReport(num, job.job_id, "completed", result=ret)
-        first = str(ret._return_value).strip().splitlines() or [type(ret._return_value).__name__]
+        error = failure_of(ret)
+        first = str(error).strip().splitlines() or [type(error).__name__]
         return TaskReport(num, job.job_id, "failed", first[0])
     text = str(error)
     if text.count(_TRACE_RULE) >= 2:  # FailedJobError: a Python exception in the task
@@ -209,6 +227,8 @@ def conclude(
 class _OutputJudged:
     """The ``launch`` shared by both launchers (mixed in before submitit's classes)."""
 
+    # submitit's executor: "slurm" or "local".
+    cluster: str
     # Seconds to wait for the result file of a task that ended without one (submitit: 15 s, for
     # slow shared file systems); None keeps submitit's default.
     _result_wait_s: float | None = None
@@ -218,7 +238,7 @@ class _OutputJudged:
         SIGTERM kills submitit's ``scontrol requeue`` before it returns (seen on this project's
         Slurm), the attempt it ended still writes one, and the requeued attempt runs on."""
         job.wait()
-        if self._EXECUTOR == "slurm":
+        if self.cluster == "slurm":
             while job.get_info(mode="force").get("State", "").startswith(_LIVE):
                 time.sleep(2)
 
@@ -240,39 +260,19 @@ class _OutputJudged:
         return dirs
 
     def _submit(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[Any]:
-        """Submit one job per override list, as hydra-submitit-launcher 1.2.0 does."""
+        """Submit one task per override list (``hydra_compat.submit``).
+
+        Raises:
+            SystemExit: one line, when the scheduler refuses the array or cannot be run.
+        """
         import submitit
 
-        params = self.params
-        init_keys = {"max_num_timeout", "submitit_folder"}
-        init_params = {"folder": params["submitit_folder"]}
-        if "max_num_timeout" in params:
-            init_params[f"{self._EXECUTOR}_max_num_timeout"] = params["max_num_timeout"]
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
-        base = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(
-            **{
-                k if k in base else f"{self._EXECUTOR}_{k}": v
-                for k, v in params.items()
-                if k not in init_keys
-            }
-        )
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        submitit_launcher.log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:
-            sweep_dir.chmod(int(str(self.config.hydra.sweep.mode), 8))
-        state = Singleton.get_state()
-        args = []
-        for idx, overrides in enumerate(job_overrides, initial_job_idx):
-            submitit_launcher.log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            args.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", state))
         try:
-            return executor.map_array(self, *zip(*args, strict=True))
+            return hydra_compat.submit(self, self.cluster, job_overrides, initial_job_idx)
         except (submitit.core.utils.FailedJobError, OSError) as e:  # sbatch refused, or absent
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise SystemExit(
-                f"batchgen: error: submitting the sweep to {self._EXECUTOR}: {first}"
+                f"batchgen: error: submitting the sweep to {self.cluster}: {first}"
             ) from None
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
@@ -290,22 +290,26 @@ class _OutputJudged:
         tasks = []
         for num, job in enumerate(jobs, initial_job_idx):
             if self._result_wait_s is not None:
-                job._results_timeout_s = self._result_wait_s
+                hydra_compat.set_result_wait(job, self._result_wait_s)
             self._wait(job)
             tasks.append(describe(num, job))
-        if self._EXECUTOR == "slurm":
+        if self.cluster == "slurm":
             requeues = count_requeues([t.job_id for t in tasks])
             for t in tasks:
                 t.requeues = requeues[t.job_id]
-        return conclude(tasks, out_dirs, job_overrides, self._EXECUTOR)
+        return conclude(tasks, out_dirs, job_overrides, self.cluster)
 
 
 class SlurmLauncher(_OutputJudged, submitit_launcher.SlurmLauncher):
     """``hydra/launcher=slurm``: one Slurm array task per job, judged by the output."""
 
+    cluster = "slurm"
+
 
 class LocalLauncher(_OutputJudged, submitit_launcher.LocalLauncher):
     """``hydra/launcher=local``: one local process per job, judged by the output."""
+
+    cluster = "local"
 
     # A local task writes its result before its process ends: nothing to wait for after that.
     _result_wait_s = 1.0
@@ -313,13 +317,14 @@ class LocalLauncher(_OutputJudged, submitit_launcher.LocalLauncher):
 
 def register() -> None:
     """Let Hydra instantiate both launchers by their ``hydra_plugins.batchgen_launcher.*`` names
-    (idempotent; done on import, see the module docstring)."""
-    from hydra.core.plugins import Plugins
+    (idempotent; done on import, see the module docstring).
 
+    Raises:
+        SystemExit: Hydra, its submitit launcher or submitit is of a version batchgen was not
+            verified with.
+    """
     for cls in (SlurmLauncher, LocalLauncher):
-        Plugins.instance().class_name_to_class[
-            f"hydra_plugins.batchgen_launcher.{cls.__name__}"
-        ] = cls
+        hydra_compat.register_launcher(f"hydra_plugins.batchgen_launcher.{cls.__name__}", cls)
 
 
 register()

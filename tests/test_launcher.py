@@ -83,6 +83,16 @@ def test_describe_names_each_fate():
     assert requeued.line().endswith("completed, requeued 2 times")
 
 
+def test_a_failed_job_return_is_read_without_a_word_on_stderr(capsys):
+    # Hydra's return_value raises the job's error and announces it on stderr; the summary alone
+    # speaks.
+    caught = JobReturn(overrides=["a=1"], status=JobStatus.FAILED)
+    caught.return_value = ValueError("no such column 'uid'")
+    report = launcher.describe(0, FakeJob("7_0", result=caught))
+    assert (report.state, report.detail) == ("failed", "no such column 'uid'")
+    assert capsys.readouterr().err == ""
+
+
 REFUSED = (
     "batchgen: error: output.dir='/o' holds a run with a different config fingerprint "
     "(_batchgen/run.json); resuming would mix outputs of two configs. What differs (recorded -> "

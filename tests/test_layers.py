@@ -2,9 +2,9 @@
 
 Layers, lowest first: the base modules (``errors``, ``config``, ``config_checks``, ``paths``,
 ``progress``, ``version``), then ``inputs``, ``engine``, ``store``, ``cluster``, ``job``,
-``tools``, and on top the entry modules (``cli``, ``api``, ``launcher``, ``__init__``,
-``__main__``). A module may import its own layer (the same subpackage, or another base or top
-module) and any layer below. Every import counts: module level, inside functions, under
+``tools``, and on top the entry modules (``cli``, ``api``, ``launcher``, ``hydra_compat``,
+``__init__``, ``__main__``). A module may import its own layer (the same subpackage, or another
+base or top module) and any layer below. Every import counts: module level, inside functions, under
 ``TYPE_CHECKING``, relative, and ``importlib.import_module`` / ``__import__`` of a literal (or
 f-string) ``batchgen.`` name. Every module must sit in a layer, so a new top-level module or
 subpackage has to be placed here.
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 BASE = ("errors", "config", "config_checks", "paths", "progress", "version")
 SUBPACKAGES = ("inputs", "engine", "store", "cluster", "job", "tools")
-TOP = ("cli", "api", "launcher", "__init__", "__main__")
+TOP = ("cli", "api", "launcher", "hydra_compat", "__init__", "__main__")
 # Layer name -> rank; a module may import only ranks <= its own.
 RANKS = {"base": 0, **{name: rank for rank, name in enumerate(SUBPACKAGES, 1)}, "top": 7}
 
