@@ -55,7 +55,7 @@ _hydra_main = hydra.main(version_base="1.3", config_path=paths.CONFIG_DIR, confi
 def main() -> None:
     """``batchgen [--version] [--help] [KEY=VALUE ...]``: check, then hand to Hydra;
     ``batchgen status|report|finalize|export OUTPUT_DIR``: the tool of that name."""
-    from hydra._internal.utils import get_args_parser
+    from batchgen.hydra_compat import args_parser
 
     argv = sys.argv[1:]
     if argv and argv[0] in TOOLS:
@@ -67,7 +67,7 @@ def main() -> None:
 
             print(f"batchgen {__version__}")
             return
-        args = get_args_parser().parse_args(argv)  # a bad flag: argparse's usage, exit 2
+        args = args_parser().parse_args(argv)  # a bad flag: argparse's usage, exit 2
         try:
             check_overrides(args.overrides)
         except ConfigError as e:

@@ -275,6 +275,14 @@ class _OutputJudged:
                 f"batchgen: error: submitting the sweep to {self.cluster}: {first}"
             ) from None
 
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """Run one task in its own process (submitit unpickles the launcher there): the
+        presets' resolvers are registered while Hydra resolves the task's config."""
+        from batchgen.composition import hydra_registered
+
+        with hydra_registered():
+            return super().__call__(*args, **kwargs)
+
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         """Submit the sweep, wait for every task, print one summary; exit 1 if output is missing.
 

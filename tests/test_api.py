@@ -80,11 +80,11 @@ def test_bad_inputs_are_named(chat_gen, tiny_models):
     with pytest.raises(ConfigError, match=r"sampling\.max_new_tokens"):
         chat_gen.generate(["hi"], {"max_new_tokens": 0})
     with pytest.raises(DataError, match="messages"):
-        chat_gen.chat([[{"role": "user", "content": "hi"}], []])
+        chat_gen.chat([[{"role": "user", "content": "hi"}], []], {"max_new_tokens": 4})
     with pytest.raises(DataError, match="a"):
-        chat_gen.generate(["x", "y"], ids=["a", "a"])
+        chat_gen.generate(["x", "y"], {"max_new_tokens": 4}, ids=["a", "a"])
     with pytest.raises(ConfigError, match="prompt: 1, id: 2: one value per prompt"):
-        chat_gen.generate(["x"], ids=["a", "b"])
+        chat_gen.generate(["x"], {"max_new_tokens": 4}, ids=["a", "b"])
     with pytest.raises(ConfigError, match="no chat template"):
         batchgen.Generator(str(tiny_models["base"]), progress=False).chat([[]])
     with pytest.raises(ConfigError, match=r"runner\.batch_sise"):

@@ -304,7 +304,7 @@ def test_version_is_batchgens(work):
 
 
 def test_help_describes_batchgen(work):
-    from batchgen.cli import dotted_keys
+    from batchgen.composition import dotted_keys
 
     proc = run_cli("--help", "model.name_or_path=/models/my-llama", cwd=work)
     assert proc.returncode == 0, proc.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_config import OUT, compose_job
+from test_composition import OUT, compose_job
 
 from batchgen.config import JobConfig, OutputConfig, SamplingConfig
 from batchgen.config_checks import validate

@@ -227,8 +227,8 @@ def test_two_configs_started_at_once_never_share_a_folder(tiny_models, data, tmp
 # process lives on (a hung CUDA kernel, a dead collective); it says when the hang began.
 HUNG_GENERATION = """
 import sys, threading, time
-from batchgen.engine.static import Engine
-real = Engine.generate
+from batchgen.engine.static import StaticEngine
+real = StaticEngine.generate
 calls = []
 def generate(self, *args, **kwargs):
     calls.append(1)
@@ -236,7 +236,7 @@ def generate(self, *args, **kwargs):
         print(f"hung at {time.time()}", file=sys.stderr, flush=True)
         threading.Event().wait()
     return real(self, *args, **kwargs)
-Engine.generate = generate
+StaticEngine.generate = generate
 from batchgen.cli import main
 sys.argv[0] = "batchgen"
 main()

@@ -12,7 +12,7 @@ from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
 from batchgen.engine import devices
 from batchgen.engine.batching import BatchRunner
 from batchgen.engine.continuous import ContinuousEngine
-from batchgen.engine.static import Engine
+from batchgen.engine.static import StaticEngine
 from batchgen.inputs import models
 from batchgen.inputs.prompts import PromptRecord
 
@@ -36,8 +36,8 @@ def _records(tok):
 
 
 def _texts(engine, records, sampling, batch_size=8):
-    runner = BatchRunner(engine, RunnerConfig(batch_size=batch_size), sampling, seed=0)
-    results, failed = runner.run(records, lambda r, t: None)
+    runner = BatchRunner(engine, RunnerConfig(batch_size=batch_size), seed=0)
+    results, failed = runner.run(records, sampling, lambda r, t: None)
     assert failed == []
     return [results[r.index][0].text for r in records]
 
@@ -53,9 +53,9 @@ def test_engines_agree_on_cuda(tiny_models):
     sampling = SamplingConfig(max_new_tokens=8)
     model, tok, _, _ = _load(tiny_models["nopad"], dtype="float32")
     records = _records(tok)
-    static = _texts(Engine(model, tok, sampling), records, sampling)
-    single = _texts(Engine(model, tok, sampling), records, sampling, batch_size=1)
-    continuous = _texts(ContinuousEngine(model, tok, sampling), records, sampling)
+    static = _texts(StaticEngine(model, tok), records, sampling)
+    single = _texts(StaticEngine(model, tok), records, sampling, batch_size=1)
+    continuous = _texts(ContinuousEngine(model, tok), records, sampling)
     assert static == single == continuous
 
 
@@ -63,8 +63,8 @@ def test_sampling_same_on_cuda_and_cpu(tiny_models):
     sampling = SamplingConfig(max_new_tokens=6, do_sample=True, temperature=0.8)
     model, tok, _, _ = _load(tiny_models["chat"], dtype="float32")
     records = _records(tok)
-    on_gpu = _texts(Engine(model, tok, sampling), records, sampling)
-    on_cpu = _texts(Engine(model.to("cpu"), tok, sampling), records, sampling)
+    on_gpu = _texts(StaticEngine(model, tok), records, sampling)
+    on_cpu = _texts(StaticEngine(model.to("cpu"), tok), records, sampling)
     assert on_gpu == on_cpu  # the noise is integer-hashed, identical on every device
 
 
@@ -72,6 +72,6 @@ def test_static_cache_compile(tiny_models):
     sampling = SamplingConfig(max_new_tokens=8)
     model, tok, _, _ = _load(tiny_models["nopad"], dtype="float32")
     records = _records(tok)
-    eager = _texts(Engine(model, tok, sampling), records, sampling)
-    compiled = _texts(Engine(model, tok, sampling, compile=True), records, sampling)
+    eager = _texts(StaticEngine(model, tok), records, sampling)
+    compiled = _texts(StaticEngine(model, tok, compile=True), records, sampling)
     assert compiled == eager

@@ -25,10 +25,6 @@ COMPAT = PACKAGE / "hydra_compat.py"
 PRIVATE = {"_return_value", "_results_timeout_s", "class_name_to_class", "_EXECUTOR"}
 PRIVATE |= {"get_args_parser"}
 INTERNAL = "hydra._internal"
-# What a module still uses while its change to hydra_compat waits elsewhere: batchgen/cli.py is
-# being rewritten in another branch, which takes ``hydra_compat.args_parser`` instead. Each entry
-# must still be needed (the test says when it is not): delete it with the last such use.
-WAITING = {"batchgen/cli.py": ["get_args_parser", "hydra._internal.utils", "get_args_parser"]}
 
 
 def private_uses(source: str) -> list[str]:
@@ -66,16 +62,12 @@ def private_uses(source: str) -> list[str]:
 def test_only_the_compat_module_touches_internals():
     modules = sorted(PACKAGE.rglob("*.py"))
     assert len(modules) > 30 and COMPAT in modules, modules
-    found, waiting = [], {}
+    found = []
     for path in modules:
         name = path.relative_to(REPO).as_posix()
         uses = private_uses(path.read_text(encoding="utf-8")) if path != COMPAT else []
-        if name in WAITING:
-            waiting[name] = [use.split(": ")[1] for use in uses]
-        else:
-            found += [f"{name}:{use}" for use in uses]
+        found += [f"{name}:{use}" for use in uses]
     assert not found, "internals outside batchgen/hydra_compat.py:\n" + "\n".join(found)
-    assert waiting == WAITING, f"update WAITING in {Path(__file__).name}: {waiting}"
 
 
 def test_the_scan_sees_each_form():

@@ -2,12 +2,13 @@
 
 Layers, lowest first: the base modules (``errors``, ``config``, ``config_checks``, ``paths``,
 ``progress``, ``version``), then ``inputs``, ``engine``, ``store``, ``cluster``, ``job``,
-``tools``, and on top the entry modules (``cli``, ``api``, ``launcher``, ``hydra_compat``,
-``__init__``, ``__main__``). A module may import its own layer (the same subpackage, or another
-base or top module) and any layer below. Every import counts: module level, inside functions, under
-``TYPE_CHECKING``, relative, and ``importlib.import_module`` / ``__import__`` of a literal (or
-f-string) ``batchgen.`` name. Every module must sit in a layer, so a new top-level module or
-subpackage has to be placed here.
+``tools``, and on top the entry modules (``cli``, ``composition``, ``api``, ``launcher``,
+``hydra_compat``, ``__init__``, ``__main__``). A module may import its own layer (the same
+subpackage, or another base or top module) and any layer below. Every import counts: module
+level, inside functions, under ``TYPE_CHECKING``, relative, and ``importlib.import_module`` /
+``__import__`` of a literal (or f-string) ``batchgen.`` name. Every module must sit in a layer,
+so a new top-level module or subpackage has to be placed here. No import cycle either, inside a
+layer or across: the modules form a graph without loops (imports inside functions included).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 BASE = ("errors", "config", "config_checks", "paths", "progress", "version")
 SUBPACKAGES = ("inputs", "engine", "store", "cluster", "job", "tools")
-TOP = ("cli", "api", "launcher", "hydra_compat", "__init__", "__main__")
+TOP = ("cli", "composition", "api", "launcher", "hydra_compat", "__init__", "__main__")
 # Layer name -> rank; a module may import only ranks <= its own.
 RANKS = {"base": 0, **{name: rank for rank, name in enumerate(SUBPACKAGES, 1)}, "top": 7}
 
@@ -135,6 +136,71 @@ def violations(modules: dict[str, Path], root: Path = ROOT) -> list[str]:
                     f"{imp.module} -> {imp.imported} (layer {src} -> layer {dst}) at {where}"
                 )
     return lines
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (every form ``imports_of`` finds)."""
+    names = set(modules)
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for module, path in modules.items():
+        source = path.read_text(encoding="utf-8")
+        for imp in imports_of(source, module, names, is_package=path.name == "__init__.py"):
+            if imp.imported != module:
+                graph[module].add(imp.imported)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import graph's strongly connected components of more than one module, each sorted:
+    every module in one imports every other, directly or not."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+def test_no_import_cycle():
+    found = cycles(import_graph(package_modules()))
+    assert not found, "modules that import each other:\n" + "\n".join(map(" <-> ".join, found))
+
+
+def test_cycle_check_sees_a_cycle_inside_a_layer(tmp_path):
+    files = {
+        "__init__.py": "",
+        "cli.py": "def main():\n    from batchgen import api\n",  # inside a function
+        "api.py": "from batchgen.cli import main\n",
+        "config.py": "from batchgen import errors\n",
+        "errors.py": "",
+    }
+    root = tmp_path / PACKAGE
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    assert cycles(import_graph(package_modules(root))) == [["batchgen.api", "batchgen.cli"]]
 
 
 def test_every_module_has_a_layer():

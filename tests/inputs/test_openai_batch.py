@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from batchgen import cli
+from batchgen import composition
 from batchgen.config import DatasetConfig
 from batchgen.errors import DataError
 from batchgen.inputs import dataset, openai_batch
@@ -50,7 +50,7 @@ def overrides(body):
 
 
 def test_the_preset_reads_the_converted_columns():
-    d = cli.compose_job(["dataset=openai_batch", "dataset.path=requests.jsonl"]).dataset
+    d = composition.compose_job(["dataset=openai_batch", "dataset.path=requests.jsonl"]).dataset
     assert (d.id_column, d.messages_column, d.sampling_column) == (
         openai_batch.ID_COLUMN,
         openai_batch.MESSAGES_COLUMN,

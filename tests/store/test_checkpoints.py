@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from batchgen import run
-from batchgen.engine.static import Engine, Sample
+from batchgen.engine.interface import Sample
+from batchgen.engine.static import StaticEngine
 from batchgen.errors import Stopped
 from batchgen.store import checkpoints, layout
 
@@ -106,7 +107,7 @@ def data(tmp_path):
 def calls(monkeypatch):
     """Rows per call of the engine; ``calls.stop_after = N`` sends SIGINT in the Nth call."""
     seen = []
-    real = Engine.generate
+    real = StaticEngine.generate
 
     def counting(self, batch, seed, sampling=None):
         seen.append(len(batch))
@@ -115,7 +116,7 @@ def calls(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while this batch is generated
         return outs
 
-    monkeypatch.setattr(Engine, "generate", counting)
+    monkeypatch.setattr(StaticEngine, "generate", counting)
     calls.seen = seen
     return calls
 

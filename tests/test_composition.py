@@ -1,4 +1,5 @@
-"""Config composition: presets, contract overrides and Hydra's own checks."""
+"""Config composition (``batchgen.composition``): presets, contract overrides and Hydra's own
+checks, then the job's conversion."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-import batchgen.cli as cli
+import batchgen.composition as composition
+from batchgen import paths
 from batchgen.config import (
     DatasetConfig,
     JobConfig,
@@ -24,8 +26,9 @@ from batchgen.config import (
 )
 from batchgen.config_checks import validate
 from batchgen.errors import ConfigError
+from batchgen.job.run import finish_config
 
-CONF = Path(cli.CONFIG_DIR)
+CONF = Path(paths.CONFIG_DIR)
 OUT = "/tmp/batchgen-test-out"
 SECTIONS = {
     "model": ModelConfig,
@@ -42,13 +45,26 @@ def presets(group: str) -> list[str]:
 
 
 def compose_cfg(*overrides: str) -> DictConfig:
-    """Compose batchgen/conf/config.yaml as the entry point does, with a concrete output.dir."""
-    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+    """Compose batchgen/conf/config.yaml as the entry point does, with a concrete output.dir
+    (resolve it inside ``hydra_registered``)."""
+    with (
+        composition.hydra_registered(),
+        initialize_config_dir(config_dir=paths.CONFIG_DIR, version_base="1.3"),
+    ):
         return compose("config", overrides=[f"output.dir={OUT}", *overrides])
 
 
 def compose_job(*overrides: str) -> JobConfig:
-    return cli.to_job_config(compose_cfg(*overrides))
+    """The config the job runs: composed, then finished as the job finishes it."""
+    with composition.hydra_registered():
+        return finish_config(composition.to_job_config(compose_cfg(*overrides)))
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    """batchgen's schema and resolvers, as while the command line composes."""
+    with composition.hydra_registered():
+        yield
 
 
 def assert_plain(value, where: str = "cfg") -> None:
@@ -129,7 +145,7 @@ def test_local_dataset_without_path_is_a_missing_mandatory_value():
     cfg = compose_cfg("dataset=local")
     assert OmegaConf.is_missing(cfg.dataset, "path")
     with pytest.raises(ConfigError, match=r"dataset\.path: missing mandatory value"):
-        cli.to_job_config(cfg)
+        composition.to_job_config(cfg)
 
 
 CONTRACT = [
@@ -254,21 +270,21 @@ def test_config_strings_never_reach_instantiation(override, key):
     # The schema is closed: a key added with `+` (a `_target_` above all) is refused, and
     # nothing in batchgen calls hydra.utils.instantiate, eval or exec on config values.
     with pytest.raises(ConfigError, match=f"^{re.escape(key)}: not a batchgen setting"):
-        cli.to_job_config(compose_cfg(override, "output.dir=/tmp/x"))
-    sources = "".join(p.read_text() for p in Path(cli.__file__).parent.glob("*.py"))
+        composition.to_job_config(compose_cfg(override, "output.dir=/tmp/x"))
+    sources = "".join(p.read_text() for p in Path(composition.__file__).parent.glob("*.py"))
     assert not re.search(r"instantiate\(|(?<![.\w])(eval|exec)\(", sources)
 
 
 def test_remote_code_is_off_unless_asked():
-    job = cli.to_job_config(compose_cfg("output.dir=/tmp/x"))
+    job = composition.to_job_config(compose_cfg("output.dir=/tmp/x"))
     assert job.model.trust_remote_code is False
 
 
 def compose_output_dir(*overrides: str) -> str:
     """The default output.dir (no output.dir override) that these overrides resolve to."""
-    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=paths.CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
-    return cli.to_job_config(cfg).output.dir
+    return finish_config(composition.to_job_config(cfg)).output.dir
 
 
 def test_overriding_the_source_drops_what_belongs_to_the_presets_source():
@@ -331,12 +347,12 @@ def test_default_output_dir_follows_the_actual_model_and_data():
 def test_unknown_key_gets_a_suggestion(override, expected):
     key = override.lstrip("~").split("=")[0]
     with pytest.raises(ConfigError, match="^" + re.escape(f"{key}: not a batchgen setting")) as e:
-        cli.check_overrides([override])
+        composition.check_overrides([override])
     assert expected in str(e.value)
 
 
 def test_overrides_batchgen_leaves_to_hydra_pass_the_check():
-    cli.check_overrides(
+    composition.check_overrides(
         [
             "model=qwen2.5-0.5b",
             "hydra/launcher=local",
@@ -352,7 +368,7 @@ def test_overrides_batchgen_leaves_to_hydra_pass_the_check():
 
 def test_unparsable_override_names_itself_and_the_quoting():
     with pytest.raises(ConfigError) as e:
-        cli.check_overrides(["seed=1", "dataset.template=Translate to {lang}: {text}"])
+        composition.check_overrides(["seed=1", "dataset.template=Translate to {lang}: {text}"])
     message = str(e.value)
     assert message.startswith("cannot parse the override 'dataset.template=Translate to {lang}")
     assert "python -m batchgen 'dataset.template=\"Translate to {lang}: {text}\"'" in message
