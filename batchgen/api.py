@@ -35,6 +35,7 @@ from batchgen.job.shard_inputs import ShardInputs
 from batchgen.progress import Progress
 from batchgen.store.rows import shard_rows
 from batchgen.store.shards import Shard
+from batchgen.store.summary import WorkerSummary
 
 # The in-memory rows' column names: the prompt text, or an OpenAI-style conversation.
 _TEXT, _MESSAGES, _SAMPLING = "prompt", "messages", "sampling"
@@ -269,8 +270,11 @@ def compose(overrides: Sequence[str] = ()) -> JobConfig:
     return compose_job(list(overrides))
 
 
-def run(job: JobConfig | Sequence[str] = ()) -> dict:
+def run(job: JobConfig | Sequence[str] = ()) -> WorkerSummary:
     """Run a file-to-file job, as the ``batchgen`` command does, and return its summary.
+
+    The summary is typed (``summary.totals.rows``) and reads as the dict it was before
+    (``summary["totals"]["rows"]``); ``summary.to_dict()`` is that dict.
 
     Args:
         job: a ``JobConfig`` (from ``compose`` or built by hand), or command-line overrides

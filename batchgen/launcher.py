@@ -10,12 +10,12 @@ The exit status. Hydra's multirun ignores what ``launch`` returns, except that i
 ``launch`` (the stock launcher's ``job.results()`` raises submitit's ``UncompletedJobError`` for
 a cancelled task) becomes a traceback and exit 1. So ``launch`` here submits like
 hydra-submitit-launcher 1.2.0, waits for every task with ``job.exception()`` (which returns the
-error instead of raising it), reads the output with ``batchgen.tools.status.collect``, prints the
-summary, then either returns one ``COMPLETED`` ``JobReturn`` per task (output complete: Hydra
-ends normally, exit 0) or raises ``SystemExit(1)``, which is no ``Exception``: neither the
-sweeper nor Hydra's error report catch it, and Python exits 1 without a traceback. (Hydra's
-default sweeper launches a sweep as one batch; with ``hydra.sweeper.max_batch_size`` each batch
-is judged when it ends.)
+error instead of raising it), reads the output with ``batchgen.store.folder.read_folder``,
+prints the summary, then either returns one ``COMPLETED`` ``JobReturn`` per task (output
+complete: Hydra ends normally, exit 0) or raises ``SystemExit(1)``, which is no ``Exception``:
+neither the sweeper nor Hydra's error report catch it, and Python exits 1 without a traceback.
+(Hydra's default sweeper launches a sweep as one batch; with ``hydra.sweeper.max_batch_size``
+each batch is judged when it ends.)
 
 Hydra instantiates launchers only by names under ``hydra_plugins.`` (those its plugin scan
 finds). Importing this module registers both classes as ``hydra_plugins.batchgen_launcher.*``,
@@ -176,18 +176,19 @@ def count_requeues(job_ids: list[str]) -> Counter[str]:
 def output_lines(out_dirs: list[Path]) -> tuple[bool, list[str]]:
     """Whether every output folder is complete, and one ``output ...`` line per folder."""
     from batchgen.errors import NotAnOutputDir
-    from batchgen.tools.status import collect  # pyarrow: only once the tasks ended
+    from batchgen.store import folder  # pyarrow: only once the tasks ended
 
     complete, lines = True, []
     for out in out_dirs:
+        state = folder.read_folder(out)
         try:
-            report = collect(out)
+            state.require_plan()
         except NotAnOutputDir as e:
             complete = False
             lines.append(f"output incomplete: no shard done in {out}: {e}")
             continue
-        done, total = report["shards"]["done"], report["shards"]["total"]
-        if report["complete"]:
+        done, total = len(state.done), state.shards_total
+        if state.complete:
             lines.append(f"output complete: {done}/{total} shards in {out}")
         else:
             complete = False

@@ -1,4 +1,4 @@
-"""Progress bar (rows, tokens/s, ETA) and the closing summary."""
+"""Progress bar (rows, tokens/s, ETA) and the decoding settings in one line."""
 
 from __future__ import annotations
 
@@ -66,42 +66,6 @@ class Progress:
     def close(self) -> None:
         """Close the bar."""
         self.bar.close()
-
-
-def format_summary(summary: dict) -> str:
-    """The closing summary as aligned lines for the terminal."""
-    t = summary["totals"]
-    this = summary["this_run"]
-    phases = ", ".join(f"{k} {v:.1f} s" for k, v in summary.get("phases", {}).items()) or "-"
-    reasons = ", ".join(f"{k} {v}" for k, v in sorted(t["finish_reasons"].items())) or "-"
-    lines = [
-        "batchgen summary",
-        f"  rows        {t['rows']:,} generated, {t['skipped']:,} skipped, {t['failed']:,} failed "
-        f"({summary['shards_done']}/{summary['shards_total'] or '?'} shards complete)",
-        f"  samples     {t['samples']:,} (finish: {reasons})"
-        + (f"; {t['invalid']:,} invalid (column valid)" if t.get("invalid") else ""),
-        f"  tokens      {t['prompt_tokens']:,} prompt, {t['completion_tokens']:,} completion, "
-        f"padding waste {summary.get('padding_waste', 0.0):.1%}",
-        f"  this run    {this['rows']:,} rows, {this['completion_tokens']:,} tokens in "
-        f"{this['generate_seconds']:.1f} s = {this['tokens_per_second']:,.1f} tokens/s "
-        f"(wall {summary['wall_seconds']:.1f} s, {summary['shards_resumed']} shards resumed)",
-        f"  phases      {phases}",
-        f"  outputs     {summary['output_dir']}/part-*.parquet",
-    ]
-    tuning = summary.get("tuning")
-    if tuning:
-        why = tuning["why"]
-        budget = tuning["max_batch_tokens"]
-        lines[-1:-1] = [
-            f"  batch size  {tuning['batch_size']} ({why['batch_size']})",
-            f"  batch slots {f'{budget:,}' if budget else 'no bound'} ({why['max_batch_tokens']})",
-            f"  engine      {tuning['engine']} ({why['engine']})",
-        ]
-    if summary.get("already_complete"):
-        lines.insert(1, "  status      already complete: every shard was finished before this run")
-    if t["skipped"] or t["failed"]:
-        lines.append(f"  errors      {summary['errors_file']} (ids and reasons)")
-    return "\n".join(lines)
 
 
 def describe_sampling(s: SamplingConfig) -> str:

@@ -101,13 +101,9 @@ def child_env(tmp: Path, name: str) -> dict:
 
 def phases(out: Path) -> dict:
     """The workers' ``phases`` summed, from the output folder's records ({} if none)."""
-    from batchgen.errors import NotAnOutputDir
-    from batchgen.store import records
+    from batchgen.store.folder import read_folder
 
-    try:
-        return records.read_workers(out, records.read_run_file(out)).get("phases") or {}
-    except NotAnOutputDir:
-        return {}
+    return read_folder(out).phases or {}
 
 
 def first_shard(out: Path):

@@ -206,3 +206,52 @@ def readers():
     each given the output folder itself: the shards' rows, and nothing else, whatever batchgen
     keeps there (batchgen/store/layout.py)."""
     return _rows_per_reader
+
+
+@pytest.fixture
+def folder_reads(monkeypatch) -> list[Path]:
+    """The folders read through ``batchgen.store.folder.read_folder``, one entry per call."""
+    from batchgen.store import folder
+
+    calls: list[Path] = []
+    real = folder.read_folder
+
+    def counted(out_dir):
+        calls.append(Path(out_dir))
+        return real(out_dir)
+
+    monkeypatch.setattr(folder, "read_folder", counted)
+    return calls
+
+
+@pytest.fixture
+def footer_parses(monkeypatch):
+    """Shard file name -> how many times its Parquet footer was parsed: every ``read_metadata``,
+    ``read_schema`` and ``read_table`` of it, and every ``ParquetFile`` opened on it by name
+    without its parsed footer."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+    import pyarrow.parquet.core as pq_core
+
+    parses: Counter[str] = Counter()
+
+    class Counted(pq.ParquetFile):
+        def __init__(self, source, *args, metadata=None, **kwargs):
+            # The readers below open a file object: they counted it already.
+            if metadata is None and isinstance(source, (str, os.PathLike)):
+                parses[Path(source).name] += 1
+            super().__init__(source, *args, metadata=metadata, **kwargs)
+
+    def counted(read):
+        def reader(source, *args, **kwargs):
+            parses[Path(source).name] += 1
+            return read(source, *args, **kwargs)
+
+        return reader
+
+    for module in (pq, pq_core):
+        monkeypatch.setattr(module, "ParquetFile", Counted)
+        for name in ("read_metadata", "read_schema", "read_table"):
+            monkeypatch.setattr(module, name, counted(getattr(pq_core, name)))
+    return parses

@@ -192,6 +192,13 @@ def test_incomplete_or_missing_output_exits_1(finished, tmp_path, capsys):
     assert lines[-1].startswith(f"output incomplete: no shard done in {tmp_path / 'nothing'}: ")
 
 
+def test_each_output_folder_is_read_once_through_the_one_reader(finished, tmp_path, folder_reads):
+    folder_reads.clear()  # the job's own closing summary read it too
+    complete, lines = launcher.output_lines([finished, tmp_path / "nothing"])
+    assert not complete and lines[0] == f"output complete: 3/3 shards in {finished}"
+    assert folder_reads == [finished, tmp_path / "nothing"]
+
+
 def _local_sweep(model: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """A local sweep of ranks 0 and 5 of 2: rank 5 fails its config check at once."""
     return subprocess.run(

@@ -21,12 +21,13 @@ from batchgen.inputs import dataset, models, screen
 from batchgen.job.session import Model, Plan, Session
 from batchgen.job.shard_inputs import ShardInputs
 from batchgen.job.shard_loop import LoopSettings, ShardLoop
-from batchgen.progress import Progress, describe_sampling, format_summary
+from batchgen.progress import Progress, describe_sampling
 from batchgen.store import checkpoints, layout, manifest, writer
+from batchgen.store.folder import summarize
 from batchgen.store.naming import default_output_dir
 from batchgen.store.records import run_file_guard, write_run_file, write_worker_file
 from batchgen.store.shards import Shard, plan_shards
-from batchgen.store.summary import summarize
+from batchgen.store.summary import WorkerSummary, format_summary
 from batchgen.store.writer import finished_shards
 
 # Errors writing the output folder that the user fixes outside batchgen (space, permissions).
@@ -240,7 +241,7 @@ def _tidy(p: Prepared, complete: bool) -> None:
         checkpoints.clear(p.out_dir)
 
 
-def generate(p: Prepared) -> dict:
+def generate(p: Prepared) -> WorkerSummary:
     """Generate this worker's shards (and stolen ones), return the summary.
 
     The model loads when the first shard needs generating.
@@ -291,18 +292,18 @@ def generate(p: Prepared) -> dict:
         p.phases,
         elapsed,
     )
-    complete = total is not None and summary["shards_done"] == total
-    summary["already_complete"] = complete and len(published) == total and batcher is None
+    complete = summary.complete
+    summary.already_complete = complete and len(published) == total and batcher is None
     status = "complete" if complete else "interrupted" if stop_signal else "incomplete"
     if batcher is not None and batcher.tuner is not None:  # what it ran with, and why
-        summary["tuning"] = batcher.choices()
-        meta["engine"] = summary["tuning"]["engine"]
+        summary.tuning = batcher.choices()
+        meta["engine"] = summary.tuning["engine"]
     write_worker_file(p.out_dir, meta, w.rank, w.world_size, status, summary)
     _tidy(p, complete)
     if stop_signal is not None:
         print(format_summary(summary), flush=True)
         stop_signal.chain()
-        done = summary["shards_done"]
+        done = summary.shards_done
         of = f"/{len(p.shards)}" if p.shards is not None else ""
         kept = this_run.kept_rows
         raise Stopped(
@@ -322,7 +323,7 @@ def _write_error(out_dir: Path, e: OSError) -> BatchgenError:
     )
 
 
-def run(cfg: JobConfig) -> dict:
+def run(cfg: JobConfig) -> WorkerSummary:
     """Run a whole job: prepare (all checks), generate, print and return the summary."""
     started = time.perf_counter()
     prepared = prepare(cfg)
@@ -334,6 +335,6 @@ def run(cfg: JobConfig) -> dict:
         raise _write_error(prepared.out_dir, e) from e
     finally:
         prepared.lock.release()
-    summary["wall_seconds"] = time.perf_counter() - started
+    summary.wall_seconds = time.perf_counter() - started
     print(format_summary(summary), flush=True)
     return summary

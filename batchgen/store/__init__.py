@@ -1,2 +1,3 @@
 """The output folder: its file names, shard files and their footers, the run record and
-fingerprint, verification and the summary. Imports ``inputs`` and ``engine`` types at most."""
+fingerprint, verification, the summary, and the one reader of a folder's state (``folder``).
+Imports ``inputs`` and ``engine`` types at most."""

@@ -7,7 +7,8 @@ by the first worker admitted, under ``run_file_guard`` (``batchgen.store.manifes
 rewritten only to replace a run that never published a shard. Everything a worker knows of
 itself alone (status, device, engine, host, pid, summary) goes to its own
 ``workers/rank-R-of-W.record``, which only that rank writes: a restart of the rank replaces it, and
-no worker's record is lost to another's. Readers merge the records (``read_workers``).
+no worker's record is lost to another's. Readers get them typed (``read_workers``) and merge
+them in ``batchgen.store.folder``.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from batchgen.errors import NotAnOutputDir
 from batchgen.store import layout
+from batchgen.store.summary import WorkerSummary
 from batchgen.store.writer import write_json_atomic
 
 RUN_KEYS = ("fingerprint", "fingerprint_parts", "config", "versions")
-# Merged status: the first of these that any worker records. A live worker makes the run
-# running; one worker that saw every shard done makes it complete, whatever the others saw
-# when they stopped earlier.
-STATUS_ORDER = ("running", "complete", "interrupted", "incomplete")
 
 
 @contextlib.contextmanager
@@ -68,7 +67,7 @@ def write_worker_file(
     rank: int,
     world_size: int,
     status: str,
-    summary: dict[str, Any] | None = None,
+    summary: WorkerSummary | None = None,
 ) -> None:
     """Write this worker's record: its own part of ``meta`` (device, engine), status and summary.
 
@@ -86,7 +85,7 @@ def write_worker_file(
         "updated_at": time.time(),
     }
     if summary is not None:
-        payload["summary"] = summary
+        payload["summary"] = summary.to_dict()
     write_json_atomic(layout.worker_file(out_dir, rank, world_size), payload)
 
 
@@ -118,7 +117,49 @@ def read_run_file(out_dir: Path) -> dict[str, Any]:
     return run
 
 
-def _records(out_dir: Path, run: dict[str, Any]) -> list[dict[str, Any]]:
+@dataclass
+class WorkerRecord:
+    """One worker's record as read back; what it lacks is None."""
+
+    rank: int | None
+    world_size: int | None
+    status: str | None  # running, complete, interrupted, incomplete, stalled
+    host: str | None = None
+    pid: int | None = None
+    device: str | None = None
+    engine: str | None = None
+    updated_at: float | None = None
+    summary: WorkerSummary | None = None  # once it finished
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerRecord:
+        """The record ``write_worker_file`` wrote (or an earlier version's)."""
+        summary = d.get("summary")
+        return cls(
+            rank=d.get("rank"),
+            world_size=d.get("world_size"),
+            status=d.get("status"),
+            host=d.get("host"),
+            pid=d.get("pid"),
+            device=d.get("device"),
+            engine=d.get("engine"),
+            updated_at=d.get("updated_at"),
+            summary=WorkerSummary.from_dict(summary) if isinstance(summary, dict) else None,
+        )
+
+
+def read_workers(out_dir: Path, run: dict[str, Any]) -> list[WorkerRecord]:
+    """The worker records of the run in ``out_dir``, by world size and rank.
+
+    Args:
+        out_dir: the output folder.
+        run: its run record (``read_run_file``; ``{}`` when there is none: then only records
+            without a fingerprint would match, so none do).
+
+    Returns:
+        One record per worker of this run (records of an earlier fingerprint are left out); a
+        folder written before per-worker records gives its ``run.json`` as the one record.
+    """
     records = []
     for path in sorted(layout.workers_dir(out_dir).glob(layout.WORKER_RECORD_GLOB)):
         try:
@@ -132,61 +173,5 @@ def _records(out_dir: Path, run: dict[str, Any]) -> list[dict[str, Any]]:
     if not records and "status" in run:
         # Written before per-worker records: run.json carried the one worker's record.
         records.append({k: v for k, v in run.items() if k not in RUN_KEYS})
-    return records
-
-
-def _throughput(summaries: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Rows/s and tokens/s of the workers' last runs, added up: they ran side by side."""
-    rows = tokens = 0.0
-    for s in summaries:
-        this_run = s.get("this_run") or {}
-        seconds = this_run.get("generate_seconds") or 0.0
-        if seconds > 0:
-            rows += (this_run.get("rows", 0) + this_run.get("skipped", 0)) / seconds
-            tokens += this_run.get("completion_tokens", 0) / seconds
-    if not rows and not tokens:
-        return None
-    return {"rows_per_second": rows, "completion_tokens_per_second": tokens}
-
-
-def read_workers(out_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
-    """The worker records of the run in ``out_dir``, merged.
-
-    Args:
-        out_dir: the output folder.
-        run: its run record (``read_run_file``; ``{}`` when there is none: then only records
-            without a fingerprint would match, so none do).
-
-    Returns:
-        ``records``: each worker's record (``rank``, ``world_size``, ``host``, ``pid``,
-        ``device``, ``engine``, ``status``, ``updated_at``, ``summary`` once it finished), by
-        world size and rank; ``status``: the run's (``STATUS_ORDER``), None without records;
-        ``shards_total`` and ``rows_total``: as any worker recorded them (None for a stream no
-        worker has read to its end); ``phases``: seconds per phase summed over the workers
-        (worker-seconds); ``wall_seconds``: the longest worker's; ``throughput``: rows/s and
-        completion tokens/s of the workers' last runs added up, None when none generated.
-    """
-    records = sorted(
-        _records(Path(out_dir), run),
-        key=lambda r: (r.get("world_size") or 0, r.get("rank") or 0),
-    )
-    summaries = [r["summary"] for r in records if isinstance(r.get("summary"), dict)]
-    statuses = {r.get("status") for r in records}
-    phases: dict[str, float] = {}
-    for s in summaries:
-        for name, seconds in (s.get("phases") or {}).items():
-            phases[name] = phases.get(name, 0.0) + seconds
-    walls = [s["wall_seconds"] for s in summaries if s.get("wall_seconds") is not None]
-    return {
-        "records": records,
-        "status": next((s for s in STATUS_ORDER if s in statuses), None),
-        "shards_total": next(
-            (s["shards_total"] for s in summaries if s.get("shards_total") is not None), None
-        ),
-        "rows_total": next(
-            (s["rows_total"] for s in summaries if s.get("rows_total") is not None), None
-        ),
-        "phases": phases or None,
-        "wall_seconds": max(walls, default=None),
-        "throughput": _throughput(summaries),
-    }
+    typed = [WorkerRecord.from_dict(r) for r in records]
+    return sorted(typed, key=lambda r: (r.world_size or 0, r.rank or 0))

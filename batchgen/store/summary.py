@@ -3,17 +3,21 @@
 Invariant: every number and row here comes from the published shards' own footers
 (``writer.read_footers``), where each shard's skipped and failed rows were recorded when it was
 made. Each shard is published exactly once and counted once, so a resumed, restarted or
-multi-worker run never counts a row twice or loses one, whoever reads it and whenever.
+multi-worker run never counts a row twice or loses one, whoever reads it and whenever. A worker's
+summary (``WorkerSummary``) is one typed record: the job builds it (``folder.summarize``), writes
+it to its record and prints it (``format_summary``); readers get it back with ``from_dict``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from batchgen.store import layout
-from batchgen.store.writer import Footer, read_footers, write_text_atomic
+from batchgen.store.writer import Footer, write_text_atomic
 
 ERROR_KINDS = ("skipped", "failed")
 
@@ -111,43 +115,110 @@ def write_worker_errors(
     return path
 
 
-def summarize(
-    out_dir: Path,
-    rank: int,
-    world_size: int,
-    shards_total: int | None,
-    rows_total: int | None,
-    resumed: int,
-    this_run: Totals,
-    phases: dict[str, float],
-    wall: float,
-) -> dict:
-    """This worker's summary: totals over every finished shard plus its own numbers; writes its
-    errors file.
+def is_complete(shards_done: int, shards_total: int | None) -> bool:
+    """Whether a run is complete: its shard count is known and every shard is done."""
+    return shards_total is not None and shards_done == shards_total
 
-    ``shards_total`` and ``rows_total`` are None for a stream not yet read to its end.
 
-    Raises:
-        OSError: the errors file cannot be written.
+def _known(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+    """The items of ``d`` that are fields of dataclass ``cls``: a record written by another
+    version may lack some (they keep their defaults) or carry more."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass
+class ThisRun(Totals):
+    """A worker's own numbers in its last run: its totals, and how fast it generated them."""
+
+    generate_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+
+
+@dataclass
+class WorkerSummary(Mapping[str, Any]):
+    """A worker's closing summary: the folder's totals when it ended, plus its own run.
+
+    Written to the worker's record (``to_dict``) and read back by ``from_dict``, which gives
+    the defaults below to what a record lacks. It is also a read-only mapping of ``to_dict``
+    (``summary["totals"]["rows"]``), as ``batchgen.run`` returned a dict before.
     """
-    footers = read_footers(out_dir)
-    totals = add_totals(footers)
-    errors_file = write_worker_errors(out_dir, footers, rank, world_size)
-    generate = phases.get("generate", 0.0)
-    return {
-        "output_dir": str(out_dir),
-        "shards_total": shards_total,
-        "rows_total": rows_total,
-        "shards_done": sum(f.meta is not None for f in footers.values()),
-        "shards_resumed": resumed,
-        "totals": totals.to_dict(),
-        "padding_waste": padding_waste(totals),
-        "errors_file": str(errors_file),
-        "this_run": {
-            **this_run.to_dict(),
-            "generate_seconds": generate,
-            "tokens_per_second": this_run.completion_tokens / generate if generate else 0.0,
-        },
-        "phases": phases,
-        "wall_seconds": wall,
-    }
+
+    output_dir: str = ""
+    shards_total: int | None = None  # None: a stream not yet read to its end
+    rows_total: int | None = None
+    shards_done: int = 0
+    shards_resumed: int = 0
+    totals: Totals = field(default_factory=Totals)
+    padding_waste: float = 0.0
+    errors_file: str = ""
+    this_run: ThisRun = field(default_factory=ThisRun)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    wall_seconds: float | None = None
+    already_complete: bool = False  # every shard was done before this run started
+    tuning: dict[str, Any] | None = None  # batch size, token budget, engine, and why
+
+    @property
+    def complete(self) -> bool:
+        """Whether every shard of the run was done when this worker ended."""
+        return is_complete(self.shards_done, self.shards_total)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON (the record's ``summary``); ``tuning`` only when set."""
+        d = asdict(self)
+        if self.tuning is None:
+            del d["tuning"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WorkerSummary:
+        """The summary a worker record holds (``to_dict``, of this or an earlier version)."""
+        known = _known(cls, d)
+        known["totals"] = Totals(**_known(Totals, d.get("totals") or {}))
+        known["this_run"] = ThisRun(**_known(ThisRun, d.get("this_run") or {}))
+        known["phases"] = dict(d.get("phases") or {})
+        return cls(**known)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+def format_summary(summary: WorkerSummary) -> str:
+    """The closing summary as aligned lines for the terminal."""
+    t, this = summary.totals, summary.this_run
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in summary.phases.items()) or "-"
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(t.finish_reasons.items())) or "-"
+    lines = [
+        "batchgen summary",
+        f"  rows        {t.rows:,} generated, {t.skipped:,} skipped, {t.failed:,} failed "
+        f"({summary.shards_done}/{summary.shards_total or '?'} shards complete)",
+        f"  samples     {t.samples:,} (finish: {reasons})"
+        + (f"; {t.invalid:,} invalid (column valid)" if t.invalid else ""),
+        f"  tokens      {t.prompt_tokens:,} prompt, {t.completion_tokens:,} completion, "
+        f"padding waste {summary.padding_waste:.1%}",
+        f"  this run    {this.rows:,} rows, {this.completion_tokens:,} tokens in "
+        f"{this.generate_seconds:.1f} s = {this.tokens_per_second:,.1f} tokens/s "
+        f"(wall {summary.wall_seconds or 0.0:.1f} s, {summary.shards_resumed} shards resumed)",
+        f"  phases      {phases}",
+        f"  outputs     {summary.output_dir}/part-*.parquet",
+    ]
+    tuning = summary.tuning
+    if tuning:
+        why = tuning["why"]
+        budget = tuning["max_batch_tokens"]
+        lines[-1:-1] = [
+            f"  batch size  {tuning['batch_size']} ({why['batch_size']})",
+            f"  batch slots {f'{budget:,}' if budget else 'no bound'} ({why['max_batch_tokens']})",
+            f"  engine      {tuning['engine']} ({why['engine']})",
+        ]
+    if summary.already_complete:
+        lines.insert(1, "  status      already complete: every shard was finished before this run")
+    if t.skipped or t.failed:
+        lines.append(f"  errors      {summary.errors_file} (ids and reasons)")
+    return "\n".join(lines)

@@ -224,17 +224,24 @@ def finished_shards(out_dir: Path) -> dict[int, Path]:
     return found
 
 
-def shard_metadata(path: Path) -> dict[str, Any]:
-    """The batchgen metadata stored in a shard's Parquet footer (reads the footer only)."""
-    meta = pq.read_schema(path).metadata or {}
+def _batchgen_metadata(parquet: pq.FileMetaData) -> dict[str, Any]:
+    meta = parquet.schema.to_arrow_schema().metadata or {}
     return json.loads(meta.get(META_KEY, b"{}"))
 
 
+def shard_metadata(path: Path) -> dict[str, Any]:
+    """The batchgen metadata stored in a shard's Parquet footer (reads the footer only)."""
+    return _batchgen_metadata(pq.read_metadata(path))
+
+
 class Footer(NamedTuple):
-    """A published shard file and its batchgen footer metadata."""
+    """A published shard file, its parsed Parquet footer and its batchgen metadata."""
 
     path: Path
     meta: dict[str, Any] | None  # None: unreadable, or without a shard record with totals
+    # The parsed footer, for opening the file without parsing it again
+    # (``pq.ParquetFile(path, metadata=...)``); None when it could not be read.
+    parquet: pq.FileMetaData | None = None
 
     @property
     def shard(self) -> dict[str, Any]:
@@ -243,23 +250,34 @@ class Footer(NamedTuple):
             raise ValueError(f"{self.path} has no readable batchgen footer")
         return self.meta["shard"]
 
+    def open(self) -> pq.ParquetFile:
+        """The shard's Parquet file, opened on the footer already parsed.
+
+        Raises:
+            OSError: the file is gone or cannot be read.
+            pyarrow.ArrowException: its data is damaged (found when read).
+        """
+        return pq.ParquetFile(self.path, metadata=self.parquet)
+
 
 def read_footers(out_dir: Path) -> dict[int, Footer]:
     """Shard index -> footer for every published shard: the one reader of what shards recorded.
 
-    Reads each footer only, never the rows. A shard whose footer cannot be read, or lacks the
-    ``shard`` record with its ``totals``, comes back with ``meta`` None (damaged files are
-    verify's business; each caller decides how to show them).
+    Reads each footer only, never the rows, and parses it once: ``Footer.open`` reuses it. A
+    shard whose footer cannot be read, or lacks the ``shard`` record with its ``totals``, comes
+    back with ``meta`` None (damaged files are verify's business; each caller decides how to
+    show them).
     """
     footers = {}
     for index, path in sorted(finished_shards(out_dir).items()):
         try:
-            meta = shard_metadata(path)
+            parquet = pq.read_metadata(path)
+            meta = _batchgen_metadata(parquet)
         except (OSError, ValueError, pa.ArrowException):
-            meta = None
+            parquet, meta = None, None
         shard = meta.get("shard") if isinstance(meta, dict) else None
         readable = isinstance(shard, dict) and isinstance(shard.get("totals"), dict)
-        footers[index] = Footer(path, meta if readable else None)
+        footers[index] = Footer(path, meta if readable else None, parquet)
     return footers
 
 

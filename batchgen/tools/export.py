@@ -5,7 +5,8 @@ one JSON line per input row, its ``custom_id`` being the row's id, with one choi
 or an ``error`` for a row that was skipped or failed. So work submitted to the hosted API and
 work generated here are read back by the same code.
 
-Invariant: the export is a pure function of the published shards and ``run.json``. Lines come
+Invariant: the export is a pure function of the published shards and ``run.json``, read once
+(``folder.read_folder``, which also says whether the run is complete). Lines come
 in shard order, then row order (a shard's skipped and failed rows, whose positions its footer
 does not keep, after its generated rows); ids are hashes of the run's fingerprint and the row
 id, and ``created`` is the time the shard was finished, so exporting twice gives the same bytes.
@@ -25,13 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-import pyarrow.parquet as pq
-
 from batchgen.errors import NotAnOutputDir, Unfinished
-from batchgen.store.records import read_run_file
+from batchgen.store import folder
 from batchgen.store.summary import read_errors
-from batchgen.store.writer import Footer, read_footers
-from batchgen.tools import status
+from batchgen.store.writer import Footer
 
 EXIT_WRITTEN, EXIT_INCOMPLETE, EXIT_NOT_OUTPUT = 0, 1, 2
 FORMATS = ("openai_batch",)
@@ -96,17 +94,19 @@ def error_line(run: dict[str, Any], custom_id: str, kind: str, reason: str) -> d
     return {**_envelope(run["fingerprint"], custom_id), "response": None, "error": error}
 
 
-def _created(footer: Footer) -> int:
+def _created(footer: Footer, mtime: float) -> int:
     # The finishing time recorded in the footer travels with the file (a copy changes mtime).
     finished = (footer.shard.get("timing") or {}).get("finished_at")
-    return int(finished if finished is not None else footer.path.stat().st_mtime)
+    return int(finished if finished is not None else mtime)
 
 
-def _shard_lines(run: dict[str, Any], index: int, footer: Footer) -> Iterator[dict[str, Any]]:
-    created = _created(footer)
+def _shard_lines(
+    run: dict[str, Any], index: int, footer: Footer, mtime: float
+) -> Iterator[dict[str, Any]]:
+    created = _created(footer, mtime)
     current: str | None = None
     samples: list[dict[str, Any]] = []
-    parquet = pq.ParquetFile(footer.path)
+    parquet = footer.open()
     columns = COLUMNS + [c for c in OPTIONAL if c in parquet.schema_arrow.names]
     for batch in parquet.iter_batches(BATCH_ROWS, columns=columns):
         for row in batch.to_pylist():
@@ -122,20 +122,21 @@ def _shard_lines(run: dict[str, Any], index: int, footer: Footer) -> Iterator[di
         yield error_line(run, error["id"], error["kind"], error["reason"])
 
 
-def openai_batch_lines(out_dir: Path, run: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def openai_batch_lines(state: folder.FolderState) -> Iterator[dict[str, Any]]:
     """Every output line of the run's published shards, in shard order, then row order.
 
-    Shards of another fingerprint, or whose footer cannot be read, are left out with a note
-    on stderr.
+    Shards that are not done ones of the run (``FolderState.done``: another fingerprint, a
+    footer that cannot be read) are left out with a note on stderr.
     """
-    for index, footer in read_footers(out_dir).items():
-        if footer.meta is None or footer.meta.get("fingerprint") != run["fingerprint"]:
+    run = state.require_run()
+    for index, footer in state.footers.items():
+        if index not in state.done:
             print(
                 f"batchgen export: leaving out {footer.path.name}: not of this run or damaged",
                 file=sys.stderr,
             )
             continue
-        yield from _shard_lines(run, index, footer)
+        yield from _shard_lines(run, index, footer, state.mtimes[index])
 
 
 def _write(lines: Iterator[dict[str, Any]], out: TextIO) -> int:
@@ -155,19 +156,20 @@ def export(out_dir: Path, target: Path | None, partial: bool = False) -> int:
         The number of lines written.
 
     Raises:
-        NotAnOutputDir: no usable ``run.json``.
+        NotAnOutputDir: no usable ``run.json``; without ``partial``, also a run whose row
+            count is unknown (a stream no worker has read to its end).
         Unfinished: the run is not finished and ``partial`` is false; says how far it is.
     """
-    run = read_run_file(out_dir)
+    state = folder.read_folder(out_dir)
+    state.require_run()
     if not partial:
-        report = status.collect(out_dir)
-        if not report["complete"]:
-            shards = report["shards"]
+        state.require_plan()
+        if not state.complete:
             raise Unfinished(
-                f"{out_dir} is not finished ({shards['done']}/{shards['total']} shards done): "
-                "rerun the job to finish it, or pass --partial to export what is done."
+                f"{out_dir} is not finished ({len(state.done)}/{state.shards_total} shards "
+                "done): rerun the job to finish it, or pass --partial to export what is done."
             )
-    lines = openai_batch_lines(out_dir, run)
+    lines = openai_batch_lines(state)
     if target is None:
         return _write(lines, sys.stdout)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
 """A one-page HTML report on an output folder, and the same headline numbers as a text table.
 
-``batchgen report OUTPUT_DIR [--out FILE]`` reads the finished shards (token counts and finish
-reasons from the data; totals, skipped and failed rows and timing from each shard's footer),
-``run.json`` and the worker records (merged); it writes ``OUTPUT_DIR/_batchgen/report.html``
-unless told otherwise. Missing pieces (no timing, no ``run.json``, an unreadable shard) show as
-such rather than failing.
+``batchgen report OUTPUT_DIR [--out FILE]`` reads the folder once (``folder.read_folder``:
+``run.json``, the worker records merged, each shard's footer: totals, skipped and failed rows,
+timing), then the done shards' data on those footers (token counts and finish reasons); it
+writes ``OUTPUT_DIR/_batchgen/report.html`` unless told otherwise. Missing pieces (no timing, no
+``run.json``, an unreadable shard) show as such rather than failing.
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from batchgen.errors import NotAnOutputDir
-from batchgen.store import layout
-from batchgen.store.records import read_run_file, read_workers
+from batchgen.store import folder, layout
 from batchgen.store.summary import add_totals, padding_waste, read_errors
-from batchgen.store.writer import read_footers
+from batchgen.store.writer import Footer
 from batchgen.tools import plots
 
 PHASES = ("load", "tokenize", "generate", "write")
@@ -36,10 +33,11 @@ def _by_count(counter: Counter) -> dict[str, int]:
     return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _columns(path: Path) -> pa.Table | None:
+def _columns(footer: Footer) -> pa.Table | None:
     """The columns the report counts, or None for a shard that cannot be read."""
     try:
-        return pq.read_table(path, columns=COLUMNS)
+        with footer.open() as parquet:
+            return parquet.read(columns=COLUMNS)
     except Exception:  # whatever is wrong with it, the report shows the rest
         return None
 
@@ -62,11 +60,11 @@ def build_report(out_dir: Path) -> tuple[dict[str, Any], str]:
 
     Returns:
         ``(numbers, html)``. ``numbers`` holds: ``output_dir``, ``model``, ``status``,
-        ``workers`` (worker records), ``shards_done``, ``shards_total`` and
-        ``shards_unreadable`` (file names); ``rows_done`` (input rows with outputs),
-        ``samples``, ``rows_skipped``, ``rows_failed`` and ``padding_waste`` (from the shard
-        footers' ``shard.totals``); ``prompt_tokens`` (once per row) and
-        ``completion_tokens`` (over all samples); ``generate_seconds`` and
+        ``workers`` (worker records), ``shards_done``, ``shards_total`` (None when unknown) and
+        ``shards_unreadable`` (file names: not this run's shards, or unreadable);
+        ``rows_done`` (input rows with outputs), ``samples``, ``rows_skipped``, ``rows_failed``
+        and ``padding_waste`` (from the shard footers' ``shard.totals``); ``prompt_tokens``
+        (once per row) and ``completion_tokens`` (over all samples); ``generate_seconds`` and
         ``tokens_per_second`` over the shards whose footer has ``shard.timing`` (None when
         none has); ``phases`` (summed over the workers) and ``wall_seconds`` (the longest
         worker's) from the worker records' summaries (None when absent); ``finish_reasons``
@@ -76,16 +74,12 @@ def build_report(out_dir: Path) -> tuple[dict[str, Any], str]:
         ``throughput``: one ``{"shard", "seconds", "tokens_per_second"}`` per timed shard, in
         order of finishing, ``seconds`` from when the first timed shard started to its end.
     """
-    try:
-        run = read_run_file(out_dir)
-    except NotAnOutputDir:
-        run = {}
-    merged = read_workers(out_dir, run)
-    model = (run.get("config") or {}).get("model", {}).get("name_or_path")
+    state = folder.read_folder(out_dir)
+    model = (state.run.get("config") or {}).get("model", {}).get("name_or_path")
     prompt_lengths, completion_lengths, reasons = Counter(), Counter(), Counter()
     timed, unreadable, done = [], [], {}
-    for index, footer in read_footers(out_dir).items():
-        table = _columns(footer.path) if footer.meta is not None else None
+    for index, footer in state.footers.items():
+        table = _columns(footer) if index in state.done else None
         if table is None:
             unreadable.append(footer.path.name)
             continue
@@ -106,10 +100,10 @@ def build_report(out_dir: Path) -> tuple[dict[str, Any], str]:
     numbers = {
         "output_dir": str(out_dir),
         "model": model,
-        "status": merged["status"],
-        "workers": len(merged["records"]),
+        "status": state.status,
+        "workers": len(state.records),
         "shards_done": len(done),
-        "shards_total": merged["shards_total"],
+        "shards_total": state.shards_total,
         "shards_unreadable": unreadable,
         "rows_done": sum(prompt_lengths.values()),
         "samples": sum(completion_lengths.values()),
@@ -120,8 +114,8 @@ def build_report(out_dir: Path) -> tuple[dict[str, Any], str]:
         "generate_seconds": gen_seconds,
         "tokens_per_second": sum(t for _, _, t, _ in timed) / gen_seconds if timed else None,
         "padding_waste": padding_waste(totals) if done else None,
-        "phases": merged["phases"],
-        "wall_seconds": merged["wall_seconds"],
+        "phases": state.phases,
+        "wall_seconds": state.wall_seconds,
         "finish_reasons": _by_count(reasons),
         "errors": _by_count(Counter(e["reason"] for e in read_errors(done))),
         "prompt_hist": _hist(prompt_lengths),

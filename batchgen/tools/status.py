@@ -1,7 +1,8 @@
 """``batchgen status OUTPUT_DIR``: how far a run is, from its output folder alone.
 
-Reads ``_batchgen/run.json``, the worker records (``_batchgen/workers/``, merged), the footers of
-the published shards and the claim files, and nothing else (no config, no model, no scheduler),
+Reads the folder through ``batchgen.store.folder.read_folder`` (``_batchgen/run.json``, the
+worker records, the footers of the published shards), then the claim files and the finished
+batches of shards in progress, and nothing else (no config, no model, no scheduler),
 so it works from a login node while workers run. Exit status: 0 when every shard is done, 1 while
 some are not, 2 when the folder is not a batchgen output.
 """
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +23,12 @@ from batchgen.cluster.claims import ClaimStore
 from batchgen.cluster.lock import is_live
 from batchgen.config import DEFAULT_LEASE_SECONDS
 from batchgen.errors import NotAnOutputDir
-from batchgen.store import checkpoints, layout
-from batchgen.store.records import read_run_file, read_workers
-from batchgen.store.summary import Totals
-from batchgen.store.writer import read_footers
+from batchgen.store import checkpoints, folder, layout
 
 EXIT_COMPLETE, EXIT_INCOMPLETE, EXIT_NOT_OUTPUT = 0, 1, 2
 
 
-def _layout(run: dict[str, Any], merged: dict[str, Any], path: Path) -> tuple[int, int, int]:
-    """Total shards, total rows and rows per shard of the run."""
-    parts = run.get("fingerprint_parts") or {}
-    per_shard = (parts.get("layout") or {}).get("rows_per_shard") or (
-        (run.get("config") or {}).get("output") or {}
-    ).get("rows_per_shard")
-    total = merged["shards_total"]
-    rows = merged["rows_total"] or (parts.get("data") or {}).get("rows")
-    if rows is None and ((run.get("config") or {}).get("dataset") or {}).get("streaming"):
-        raise NotAnOutputDir(
-            f"{path}: the dataset is streamed and no worker has read it to its end yet, so its "
-            "row count is unknown; ask again when one has."
-        )
-    if rows is None or not per_shard:
-        raise NotAnOutputDir(f"{path} does not record the row count and rows per shard.")
-    if total is None:
-        total = math.ceil(rows / per_shard)
-    return total, rows, per_shard
-
-
-def _throughput(done: list[dict], merged: dict[str, Any]) -> dict[str, Any]:
+def _throughput(done: list[dict], state: folder.FolderState) -> dict[str, Any]:
     """Rows/s and tokens/s, from the times of two or more finished shards or batches."""
     timed = sorted(done, key=lambda s: s["mtime"])
     span = timed[-1]["mtime"] - timed[0]["mtime"] if len(timed) > 1 else 0.0
@@ -62,25 +40,23 @@ def _throughput(done: list[dict], merged: dict[str, Any]) -> dict[str, Any]:
             "completion_tokens_per_second": sum(s["completion_tokens"] for s in later) / span,
             "source": "shard and batch times",
         }
-    if merged["throughput"]:
-        return {**merged["throughput"], "source": "worker records"}
+    if state.throughput is not None:
+        return {**asdict(state.throughput), "source": "worker records"}
     return {"rows_per_second": None, "completion_tokens_per_second": None, "source": None}
 
 
-def _run_status(
-    out_dir: Path, run: dict[str, Any], merged: dict[str, Any], clock: Callable[[], float]
-) -> str | None:
+def _run_status(state: folder.FolderState, clock: Callable[[], float]) -> str | None:
     """The workers' merged status, but "stopped" for a "running" run that no worker holds any more.
 
     Every live worker holds a lock whose mtime its heartbeat touches every third of the lease;
     a worker killed (or a second Ctrl-C) leaves ``running`` behind with no heartbeat.
     """
-    status = merged["status"]
+    status = state.status
     if status != "running":
         return status
-    runner = (run.get("config") or {}).get("runner") or {}
+    runner = (state.run.get("config") or {}).get("runner") or {}
     lease = runner.get("lease_seconds") or DEFAULT_LEASE_SECONDS
-    locks = layout.locks_dir(out_dir).glob("*.lock")
+    locks = layout.locks_dir(state.out_dir).glob("*.lock")
     if any(is_live(lock, lease, clock()) for lock in locks):
         return status
     return "stopped (no live worker: rerun the same command to resume)"
@@ -91,7 +67,8 @@ def collect(
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     clock: Callable[[], float] = time.time,
 ) -> dict[str, Any]:
-    """Gather the state of the run in ``out_dir``.
+    """Gather the state of the run in ``out_dir``: the folder (``folder.read_folder``), its
+    claims and the finished batches of shards in progress.
 
     Args:
         out_dir: the run's output folder.
@@ -107,32 +84,25 @@ def collect(
         ``status``, ``host``, ``device``, ``engine``).
 
     Raises:
-        NotAnOutputDir: no folder, no usable ``run.json``.
+        NotAnOutputDir: no folder, no usable ``run.json``, or rows or shards unknown.
     """
     out_dir = Path(out_dir)
-    run = read_run_file(out_dir)
-    merged = read_workers(out_dir, run)
-    total, num_rows, per_shard = _layout(run, merged, layout.run_file(out_dir))
-    totals, done, foreign = Totals(), [], []
-    for index, footer in read_footers(out_dir).items():
-        ours = footer.meta is not None and footer.meta.get("fingerprint") == run["fingerprint"]
-        try:
-            mtime = footer.path.stat().st_mtime
-        except OSError:
-            ours = False  # quarantined since it was listed
-        if not ours or index >= total:
-            foreign.append(footer.path.name)
-            continue
-        shard = footer.shard
-        totals.add(Totals(**shard["totals"]))
-        rows = shard["stop"] - shard["start"]
-        tokens = shard["totals"]["completion_tokens"]
-        done.append({"index": index, "rows": rows, "completion_tokens": tokens, "mtime": mtime})
-    done_set = {s["index"] for s in done}
+    state = folder.read_folder(out_dir)
+    state.require_plan()
+    total = state.shards_total
+    done = [
+        {
+            "index": index,
+            "rows": folder.covered_rows(footer),
+            "completion_tokens": footer.shard["totals"]["completion_tokens"],
+            "mtime": state.mtimes[index],
+        }
+        for index, footer in state.done.items()
+    ]
     workers: dict[str, dict[str, Any]] = {}
     claimed = expired = 0
     for c in ClaimStore.describe(out_dir, lease_seconds, clock):
-        if c["index"] in done_set or c["index"] >= total or c["released"]:
+        if c["index"] in state.done or c["index"] >= total or c["released"]:
             continue
         key = c["owner"] or "(unreadable claim)"
         w = workers.setdefault(
@@ -142,17 +112,16 @@ def collect(
         w["expired" if c["expired"] else "shards"].append(c["index"])
         expired += c["expired"]
         claimed += not c["expired"]
-    rows_done = sum(s["rows"] for s in done)
-    samples = ((run.get("config") or {}).get("sampling") or {}).get("num_return_sequences", 1)
-    batches = checkpoints.finished_batches(out_dir, samples)  # of shards still in progress
-    remaining = num_rows - rows_done - sum(b["rows"] for b in batches)
-    speed = _throughput(done + batches, merged)
+    rows_done = state.rows_done
+    batches = checkpoints.finished_batches(out_dir, state.samples_per_row)  # shards in progress
+    remaining = state.rows_total - rows_done - sum(b["rows"] for b in batches)
+    speed = _throughput(done + batches, state)
     rate = speed["rows_per_second"]
     return {
         "output_dir": str(out_dir),
-        "fingerprint": run["fingerprint"],
-        "run_status": _run_status(out_dir, run, merged, clock),
-        "complete": len(done) == total,
+        "fingerprint": state.run["fingerprint"],
+        "run_status": _run_status(state, clock),
+        "complete": state.complete,
         "shards": {
             "total": total,
             "done": len(done),
@@ -160,16 +129,23 @@ def collect(
             "expired": expired,
             "pending": total - len(done) - claimed - expired,
         },
-        "rows": {"total": num_rows, "done": rows_done, "remaining": remaining},
-        "rows_per_shard": per_shard,
-        "totals": totals.to_dict(),
+        "rows": {"total": state.rows_total, "done": rows_done, "remaining": remaining},
+        "rows_per_shard": state.rows_per_shard,
+        "totals": state.totals.to_dict(),
         "workers": sorted(workers.values(), key=lambda w: (w["rank"] is None, w["rank"] or 0)),
-        "foreign": foreign,
+        "foreign": state.foreign,
         "throughput": speed,
         "eta_seconds": remaining / rate if rate else (0.0 if remaining == 0 else None),
         "records": [
-            {k: r.get(k) for k in ("rank", "world_size", "status", "host", "device", "engine")}
-            for r in merged["records"]
+            {
+                "rank": r.rank,
+                "world_size": r.world_size,
+                "status": r.status,
+                "host": r.host,
+                "device": r.device,
+                "engine": r.engine,
+            }
+            for r in state.records
         ],
     }
 

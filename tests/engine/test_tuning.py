@@ -25,8 +25,8 @@ from batchgen.engine.interface import Sample
 from batchgen.errors import ConfigError
 from batchgen.inputs.prompts import PromptRecord
 from batchgen.job import run as job_runner
-from batchgen.progress import format_summary
 from batchgen.store import records as run_records
+from batchgen.store.summary import format_summary
 
 GIB = 2**30
 # SmolLM2-135M's shape: 30 layers, 9 heads of which 3 KV heads, hidden 576.
@@ -417,9 +417,9 @@ def test_job_with_auto_batch_size_records_its_choice(tiny_models, prompts_file, 
     assert choice["max_batch_tokens"] >= 1
     # The worker's record holds it; run.json, the run's shared identity, does not.
     run = run_records.read_run_file(out)
-    workers = run_records.read_workers(out, run)["records"]
-    assert workers[0]["summary"]["tuning"] == json.loads(json.dumps(choice))
-    assert workers[0]["engine"] == "static" and "tuning" not in run
+    workers = run_records.read_workers(out, run)
+    assert workers[0].summary.tuning == json.loads(json.dumps(choice))
+    assert workers[0].engine == "static" and "tuning" not in run
     lines = format_summary(summary)
     assert f"  batch size  {choice['batch_size']} (auto:" in lines
     assert "  engine      static (auto: continuous batching is not probed on cpu" in lines

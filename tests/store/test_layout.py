@@ -47,6 +47,7 @@ def test_many_workers_files_do_not_outvote_one_shard(tmp_path, readers):
     worker records nor the files of ``-m`` sweeps (as a local or Slurm sweep leaves them, also
     when every task failed) may outvote the shards, or be read as outputs."""
     from batchgen.store.records import write_worker_file
+    from batchgen.store.summary import WorkerSummary
     from batchgen.store.writer import output_schema, write_json_atomic, write_shard
 
     out = tmp_path / "out"
@@ -63,7 +64,7 @@ def test_many_workers_files_do_not_outvote_one_shard(tmp_path, readers):
     assert write_shard(out, layout.shard_name(0), [row], output_schema({}, {}))
     write_json_atomic(layout.run_file(out), {"fingerprint": "fp"})
     for rank in range(8):
-        write_worker_file(out, {"fingerprint": "fp"}, rank, 8, "complete", {"phases": {}})
+        write_worker_file(out, {"fingerprint": "fp"}, rank, 8, "complete", WorkerSummary())
         layout.worker_errors_file(out, rank, 8).write_text('{"id": "x", "reason": "empty"}\n')
     for sweep, job in (("2026-01-01_00-00-00", "4691"), ("2026-01-02_00-00-00", "51")):
         folder = layout.sweeps_dir(out) / f"multirun-{sweep}"

@@ -6,6 +6,7 @@ import json
 
 from batchgen import run
 from batchgen.store import layout
+from batchgen.store.folder import read_folder
 from batchgen.store.records import read_run_file, read_workers
 from batchgen.store.summary import read_errors
 from batchgen.store.writer import read_footers
@@ -45,14 +46,17 @@ def test_two_workers_keep_their_own_records_and_readers_merge_them(tiny_models, 
 
     run_record = read_run_file(out)
     assert "status" not in run_record and "summary" not in run_record
-    merged = read_workers(out, run_record)
-    assert [(r["rank"], r["status"]) for r in merged["records"]] == [
+    records = read_workers(out, run_record)
+    assert [(r.rank, r.status) for r in records] == [
         (0, "incomplete"),  # shard 1 was not done yet when rank 0 finished
         (1, "complete"),
     ]
-    assert merged["status"] == "complete" and merged["shards_total"] == 3
-    loads = [r["summary"]["phases"]["load"] for r in merged["records"]]
-    assert merged["phases"]["load"] == sum(loads)
+    # The record holds the summary the job returned, typed again.
+    assert records[1].summary.totals == second.totals
+    assert records[1].summary.this_run == second.this_run
+    state = read_folder(out)
+    assert state.status == "complete" and state.shards_total == 3
+    assert state.phases["load"] == sum(r.summary.phases["load"] for r in records)
     errors = read_errors(read_footers(out))
     assert [(e["id"], e["kind"], e["shard"], e["rank"]) for e in errors] == [
         ("row-1", "skipped", 0, 0),

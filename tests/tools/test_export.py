@@ -14,6 +14,8 @@ from openai.types import BatchError
 from openai.types.chat import ChatCompletion
 
 import batchgen
+from batchgen.cluster.claims import ClaimStore
+from batchgen.store import checkpoints
 from batchgen.tools import export
 
 ENVELOPE = {"id", "custom_id", "response", "error"}
@@ -111,6 +113,20 @@ def test_exporting_again_gives_the_same_bytes(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert export.main([str(run_dir), "--format", "openai_batch"]) == 0  # to stdout
     assert capsys.readouterr().out == a.read_text()
+
+
+def test_reads_the_folder_once_and_each_footer_once(
+    run_dir, tmp_path, monkeypatch, folder_reads, footer_parses
+):
+    def no_claims(*args, **kwargs):
+        raise AssertionError("export read the claims: completeness is read_folder's")
+
+    monkeypatch.setattr(ClaimStore, "describe", no_claims)
+    monkeypatch.setattr(checkpoints, "finished_batches", no_claims)
+    target = tmp_path / "batch_output.jsonl"
+    assert export.main([str(run_dir), "--format", "openai_batch", "-o", str(target)]) == 0
+    assert len(read_lines(target)) == 7 and folder_reads == [run_dir]
+    assert footer_parses == {f"part-{i:05d}.parquet": 1 for i in range(3)}
 
 
 def test_an_unfinished_run_is_refused_unless_partial(run_dir, tmp_path, capsys):

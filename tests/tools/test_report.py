@@ -15,6 +15,7 @@ import pytest
 
 from batchgen.store import layout
 from batchgen.store.records import write_worker_file
+from batchgen.store.summary import WorkerSummary
 from batchgen.store.writer import output_schema, write_json_atomic, write_shard
 from batchgen.tools.plots import histogram_bins, nice_step
 from batchgen.tools.report import build_report, format_table, main
@@ -97,7 +98,8 @@ def out_dir(tmp_path):
     )
     # Rank 1 stopped before rank 0 published the last shard; rank 0 saw the run complete.
     for rank, status in ((0, "complete"), (1, "incomplete")):
-        write_worker_file(out, {"fingerprint": "fp"}, rank, 2, status, SUMMARIES[rank])
+        summary = WorkerSummary.from_dict(SUMMARIES[rank])
+        write_worker_file(out, {"fingerprint": "fp"}, rank, 2, status, summary)
     return out
 
 
@@ -140,6 +142,14 @@ def test_numbers_are_exact(out_dir):
         {"shard": 0, "seconds": 4.0, "tokens_per_second": 43 / 4.0},
         {"shard": 1, "seconds": 14.0, "tokens_per_second": 48 / 5.0},
     ]
+
+
+def test_reads_the_folder_once_and_each_footer_once(out_dir, folder_reads, footer_parses):
+    numbers, _ = build_report(out_dir)
+    assert numbers["shards_done"] == 3 and numbers["rows_done"] == 5
+    assert folder_reads == [out_dir]
+    # The data is read on the footers read_folder parsed: none is parsed a second time.
+    assert footer_parses == {f"part-{i:05d}.parquet": 1 for i in range(3)}
 
 
 def test_text_table(out_dir):

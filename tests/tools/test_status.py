@@ -16,6 +16,7 @@ from batchgen.config import RunnerConfig
 from batchgen.errors import NotAnOutputDir
 from batchgen.store import layout
 from batchgen.store.records import write_worker_file
+from batchgen.store.summary import WorkerSummary
 from batchgen.store.writer import output_schema, write_json_atomic, write_shard
 from batchgen.tools.status import collect, format_status, main
 
@@ -41,7 +42,8 @@ def run_json(out, status="running", summary=None, fingerprint="fp1"):
 
 def worker(out, rank, world_size, status, summary=None, fingerprint="fp1"):
     meta = {"fingerprint": fingerprint, "device": f"cuda:{rank}", "engine": "static"}
-    write_worker_file(out, meta, rank, world_size, status, summary)
+    typed = WorkerSummary.from_dict(summary) if summary is not None else None
+    write_worker_file(out, meta, rank, world_size, status, typed)
 
 
 def shard(out, index, mtime, tokens_per_row=4, fingerprint="fp1", skipped=0):
@@ -320,3 +322,9 @@ def test_a_stream_row_count_from_whichever_worker_read_it_to_its_end(tmp_path):
         collect(out)
     worker(out, 1, 2, "complete", {"shards_total": 5, "rows_total": ROWS})
     assert collect(out)["rows"]["total"] == ROWS
+
+
+def test_reads_the_folder_once_through_the_one_reader(half_done, folder_reads):
+    out, clock = half_done
+    assert collect(out, clock=clock)["shards"]["done"] == 2
+    assert folder_reads == [out]
