@@ -143,3 +143,118 @@ def test_per_prompt_sampling_equals_one_call_per_setting(tiny_models):
     assert all(
         c.completion_tokens <= s["max_new_tokens"] for c, s in zip(mixed, settings, strict=True)
     )
+
+
+def test_importing_and_a_generator_leave_hydras_global_state_alone(tiny_models):
+    """Nothing registered in Hydra's config store or OmegaConf's resolvers by importing the
+    library, building a Generator (the default one composes the packaged configs) or calling
+    ``batchgen.compose``: a host application's own ``base_config`` stays its own."""
+    code = """
+import json, sys
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+OmegaConf.register_new_resolver("host.own", lambda: 1)
+ConfigStore.instance().store(name="base_config", node={"host": 1})
+def state():
+    repo = ConfigStore.instance().repo
+    names = ["batchgen.for_source", "batchgen.output_dir", "batchgen.sweeps_dir",
+             "batchgen.help_keys", "host.own"]
+    return sorted(repo), [OmegaConf.has_resolver(n) for n in names], repo["base_config.yaml"].node
+before = state()
+import batchgen
+batchgen.Generator(sys.argv[1], progress=False).generate(["hi"], {"max_new_tokens": 2})
+assert batchgen.compose(["seed=3"]).seed == 3
+after = state()
+print(json.dumps([str(before), str(after)]))
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_models["chat"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout.splitlines()[-1])
+    assert before == after
+    assert "host" in before and "batchgen_job.yaml" not in after
+
+
+def test_two_calls_load_and_measure_once(tiny_models, monkeypatch):
+    """One session for every call: the engine and batch runner are built once, and the batch
+    size search goes on from what the first call measured instead of starting over."""
+    from batchgen.engine import choice, memory
+
+    built = []
+    real = choice.build_engine
+    monkeypatch.setattr(memory, "available_ram", lambda: 16 * 2**30)
+    from batchgen.job import session
+
+    monkeypatch.setattr(session, "build_engine", lambda *a, **k: built.append(1) or real(*a, **k))
+    gen = batchgen.Generator(str(tiny_models["chat"]), progress=False)
+    texts = [f"prompt {i} " + "word " * i for i in range(40)]
+    gen.generate(texts, {"max_new_tokens": 3})
+    first = dict(gen.stats["tuning"]["decode_tokens_per_second"])
+    gen.generate(texts, {"max_new_tokens": 3})
+    second = gen.stats["tuning"]["decode_tokens_per_second"]
+    assert built == [1]
+    assert first and set(first) <= set(second)  # the sizes measured first are still known
+    assert gen.session.batcher.tuner is not None
+
+
+def test_run_of_a_hand_built_config_equals_the_command_line(
+    tiny_models, prompts_file, tmp_path, monkeypatch
+):
+    """The same settings through the command line and through ``batchgen.run(JobConfig(...))``:
+    stop-string escapes, temperature=0 and a schema file are converted once, the same way, so
+    both give one fingerprint and, with output.dir unset, one folder."""
+    import os
+    import subprocess
+    import sys
+
+    from batchgen.config import DatasetConfig, JobConfig, ModelConfig, SamplingConfig
+    from batchgen.store import manifest
+
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "string"}}}')
+    model = str(tiny_models["chat"])
+    overrides = [
+        f"model.name_or_path={model}",
+        "model.gguf_file=null",
+        "dataset=local",
+        f"dataset.path={prompts_file}",
+        "dataset.id_column=uid",
+        "sampling.max_new_tokens=4",
+        "sampling.temperature=0",
+        'sampling.stop=["\\n\\n"]',  # as a shell passes a typed \n: two characters
+        f"sampling.json_schema={schema}",
+        "runner.progress=false",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cli = subprocess.run(
+        [sys.executable, "-m", "batchgen", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    (cli_dir,) = [p.parent for p in tmp_path.glob("outputs/*/*/_batchgen")]
+    by_hand = JobConfig(
+        model=ModelConfig(name_or_path=model),
+        dataset=DatasetConfig(path=str(prompts_file), id_column="uid"),
+        sampling=SamplingConfig(
+            max_new_tokens=4, temperature=0, stop=["\\n\\n"], json_schema=str(schema)
+        ),
+    )
+    by_hand.runner.progress = False
+    monkeypatch.chdir(tmp_path)
+    summary = batchgen.run(by_hand)
+    assert summary["this_run"]["rows"] == 0 and summary["already_complete"]
+    cli_run = json.loads((cli_dir / "_batchgen" / "run.json").read_text())
+    assert cli_run["fingerprint_parts"]["sampling"]["stop"] == ["\n\n"]
+    assert cli_run["fingerprint_parts"]["sampling"]["do_sample"] is False
+    assert manifest.fingerprint(cli_run["fingerprint_parts"]) == cli_run["fingerprint"]
