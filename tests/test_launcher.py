@@ -251,19 +251,21 @@ def test_local_sweep_exit_status_follows_the_output(tiny_models, prompts_file, t
 def test_sweep_folders_lie_in_the_meta_folder(tmp_path, executor):
     from hydra import compose, initialize_config_dir
 
-    from batchgen import cli
+    from batchgen import paths
+    from batchgen.composition import hydra_registered
 
     out = tmp_path / "out"
-    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+    with hydra_registered(), initialize_config_dir(config_dir=paths.CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "config",
             overrides=[f"hydra/launcher={executor}", f"output.dir={out}"],
             return_hydra_config=True,
         )
-    sweep = Path(cfg.hydra.sweep.dir)
+        sweep = Path(cfg.hydra.sweep.dir)
+        submitit = Path(cfg.hydra.launcher.submitit_folder)
     assert sweep.parent == layout.sweeps_dir(out)
     assert sweep.name.startswith("multirun-")
-    assert Path(cfg.hydra.launcher.submitit_folder).parent == sweep / ".submitit"
+    assert submitit.parent == sweep / ".submitit"
 
 
 def test_sweeps_leave_the_folder_to_the_readers(tiny_models, prompts_file, tmp_path, readers):
