@@ -25,7 +25,8 @@ from batchgen.config import (
     RunnerConfig,
     SamplingConfig,
 )
-from batchgen.config_checks import convert_sampling, validate
+from batchgen.config_checks import validate
+from batchgen.conversion import convert_sampling
 from batchgen.engine import devices
 from batchgen.errors import ConfigError, ModelError
 from batchgen.inputs import models

@@ -6,7 +6,7 @@ OmegaConf's resolvers as they were: the schema (``SCHEMA``) and the resolvers th
 (``batchgen.for_source``, ``batchgen.output_dir``, ``batchgen.sweeps_dir``,
 ``batchgen.help_keys``) are registered by ``hydra_registered`` for the block that composes, and
 removed after. The command line and the Python API compose through the same functions here; the
-conversion that finishes a config (``config_checks.convert``) is the job's, not composition's,
+conversion that finishes a config (``conversion.convert``) is the job's, not composition's,
 so a ``JobConfig`` built by hand is finished the same way.
 """
 

@@ -10,7 +10,7 @@ import torch
 
 from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
 from batchgen.engine import devices
-from batchgen.engine.batching import BatchRunner
+from batchgen.engine.batching import Batcher
 from batchgen.engine.continuous import ContinuousEngine
 from batchgen.engine.static import StaticEngine
 from batchgen.inputs import models
@@ -36,7 +36,7 @@ def _records(tok):
 
 
 def _texts(engine, records, sampling, batch_size=8):
-    runner = BatchRunner(engine, RunnerConfig(batch_size=batch_size), seed=0)
+    runner = Batcher(engine, RunnerConfig(batch_size=batch_size), seed=0)
     results, failed = runner.run(records, sampling, lambda r, t: None)
     assert failed == []
     return [results[r.index][0].text for r in records]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen import run
-from batchgen.config_checks import convert as batchgen_convert
+from batchgen.conversion import convert as batchgen_convert
 from batchgen.errors import ResumeError
 from batchgen.store import layout
 

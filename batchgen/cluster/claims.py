@@ -285,6 +285,7 @@ def clear(out_dir: Path) -> None:
         folder.rmdir()  # not empty: a late claim; its worker clears it when it finishes
 
 
-def live_indices(out_dir: Path) -> list[int]:
-    """Shards whose claim is neither released nor expired: a worker may be writing them."""
-    return [c["index"] for c in ClaimStore.describe(out_dir) if not c["expired"]]
+def live_indices(out_dir: Path, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> list[int]:
+    """Shards whose claim is neither released nor expired: a worker may be writing them
+    (``lease_seconds`` judges the claim files that do not parse, by their age)."""
+    return [c["index"] for c in ClaimStore.describe(out_dir, lease_seconds) if not c["expired"]]

@@ -2,7 +2,7 @@
 out-of-memory, adapt the budget, and tune the batch size and engine when asked to
 (``batchgen.engine.tuning``).
 
-Invariant: one ``BatchRunner`` lives as long as its engine (a whole job, or every call of a
+Invariant: one ``Batcher`` lives as long as its engine (a whole job, or every call of a
 ``Generator``), so the batch size and engine are measured once and kept; each call names the
 sampling it decodes with.
 """
@@ -38,7 +38,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-class BatchRunner:
+class Batcher:
     """Feeds records to an engine in planned batches; one instance lives as long as its engine.
 
     ``engine_kind`` is ``choose_engine``'s answer (None: the engine's own kind); ``PROBE`` runs
@@ -98,7 +98,7 @@ class BatchRunner:
             RuntimeError: nothing has run yet, so nothing was chosen.
         """
         if self.tuner is None:
-            raise RuntimeError("BatchRunner.choices: no call has run yet")
+            raise RuntimeError("Batcher.choices: no call has run yet")
         return self.tuner.record(self.budget.limit)
 
     def run(
@@ -236,18 +236,18 @@ class BatchRunner:
     def _measured(self, batch, sampling) -> list[tuple[PromptRecord, Any]]:
         """``_generate``, timing the decoding steps for the tuner while it searches."""
         if not self.tuner.searching:
-            return self._generate(batch, sampling)
+            return self._generate_or_split(batch, sampling)
         clock = tuning.StepClock(self.engine.on_step)
         self.engine.on_step, splits = clock, self.budget.splits
         try:
-            pairs = self._generate(batch, sampling)
+            pairs = self._generate_or_split(batch, sampling)
         finally:
             self.engine.on_step = clock.inner
         if self.budget.splits == splits:  # a split batch's steps time several calls
             self.tuner.observed(len(batch), clock.rate(), self.budget)
         return pairs
 
-    def _generate(
+    def _generate_or_split(
         self, batch: list[PromptRecord], sampling: SamplingConfig
     ) -> list[tuple[PromptRecord, Any]]:
         outs = None
@@ -267,7 +267,9 @@ class BatchRunner:
                 torch.cuda.empty_cache()
             # Outputs do not depend on batch composition, so halves give the same samples.
             half = len(batch) // 2
-            return self._generate(batch[:half], sampling) + self._generate(batch[half:], sampling)
+            return self._generate_or_split(batch[:half], sampling) + self._generate_or_split(
+                batch[half:], sampling
+            )
         self.budget.succeeded()
         self.failing_streak = 0
         return list(zip(batch, outs, strict=True))

@@ -32,7 +32,7 @@ def choose_engine(
     per_row: bool = False,
 ) -> str:
     """``static``, ``continuous``, or ``PROBE`` (``runner.engine=auto`` where both apply on a
-    ``tuning.PROBE_DEVICES`` device: ``BatchRunner`` runs the first rows through both).
+    ``tuning.PROBE_DEVICES`` device: ``Batcher`` runs the first rows through both).
 
     ``logprobs``: log-probabilities are recorded (output.logprobs or output.top_logprobs), which
     takes a logits processor that continuous batching has no place for. ``per_row``: rows carry

@@ -41,7 +41,7 @@ MAX_GRAMMARS = 1024
 
 class Constraint(NamedTuple):
     """What a row's text must match: ``kind`` is ``json_schema`` (canonical schema text, as
-    ``config_checks.read_json_schema`` leaves it) or ``regex`` (matched whole)."""
+    ``conversion.read_json_schema`` leaves it) or ``regex`` (matched whole)."""
 
     kind: str
     text: str

@@ -22,7 +22,7 @@ The rules, the same on every device:
   doubles too. Without it the search settles.
 - Out of memory: ``memory.Budget`` halves the budget and splits the batch, as for any job; the
   search stops growing, and an automatic budget's ceiling drops below the size that failed.
-- Engine: where both apply on a ``PROBE_DEVICES`` device, ``batching.BatchRunner`` runs a
+- Engine: where both apply on a ``PROBE_DEVICES`` device, ``batching.Batcher`` runs a
   shard's first rows through both, alternately by prompt length, and the faster output tokens/s
   (prefill included: continuous batching interleaves it) decides the rest of the job.
 """

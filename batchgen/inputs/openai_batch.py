@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchgen.config_checks import schema_text
+from batchgen.conversion import schema_text
 from batchgen.errors import BadRequest, ConfigError, DataError
 from batchgen.inputs.models import cache_root
 

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchgen.config import DatasetConfig, SamplingConfig
-from batchgen.config_checks import check_sampling, greedy_if_zero, schema_text
+from batchgen.config_checks import check_sampling
+from batchgen.conversion import greedy_if_zero, schema_text
 from batchgen.errors import ConfigError
 from batchgen.inputs.dataset import Rows
 

@@ -9,15 +9,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batchgen.cluster import claims
-from batchgen.cluster.lock import RunLock, describe_holder, live_fingerprints
+from batchgen.cluster.lock import RunLock, describe_holder
 from batchgen.cluster.ranks import WorkerInfo, resolve_worker
 from batchgen.cluster.signals import StopRequested
 from batchgen.cluster.watchdog import Watchdog
 from batchgen.config import JobConfig
-from batchgen.config_checks import convert, validate
+from batchgen.config_checks import validate
+from batchgen.conversion import convert
 from batchgen.engine import devices
 from batchgen.errors import BatchgenError, Interrupted, Stopped
 from batchgen.inputs import dataset, models, screen
+from batchgen.job.admission import admit
 from batchgen.job.session import Model, Plan, Session
 from batchgen.job.shard_inputs import ShardInputs
 from batchgen.job.shard_loop import LoopSettings, ShardLoop
@@ -25,7 +27,7 @@ from batchgen.progress import Progress, describe_sampling
 from batchgen.store import checkpoints, layout, manifest, writer
 from batchgen.store.folder import summarize
 from batchgen.store.naming import default_output_dir
-from batchgen.store.records import run_file_guard, write_run_file, write_worker_file
+from batchgen.store.records import write_worker_file
 from batchgen.store.shards import Shard, plan_shards
 from batchgen.store.summary import WorkerSummary, format_summary
 from batchgen.store.writer import finished_shards
@@ -54,7 +56,7 @@ class Prepared:
 def finish_config(cfg: JobConfig) -> JobConfig:
     """The config as the job runs it: the default output folder named when ``output.dir`` is
     unset (``naming.default_output_dir``, as the command line names it), then converted once
-    (``config_checks.convert``), whichever way it came: the command line, ``compose`` or built
+    (``conversion.convert``), whichever way it came: the command line, ``compose`` or built
     by hand.
 
     Raises:
@@ -103,7 +105,7 @@ def prepare(cfg: JobConfig) -> Prepared:
         parts = manifest.fingerprint_parts(cfg, plan.chat, dtype, num_rows, plan.output)
         if not streaming:
             screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)
-        parts = _admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
+        parts = admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
         inputs = ShardInputs(
             None if streaming else table, plan, cfg.runner, session.model.tokenizer
         )
@@ -123,40 +125,6 @@ def prepare(cfg: JobConfig) -> Prepared:
     except BaseException:
         lock.release()
         raise
-
-
-def _admit(cfg: JobConfig, out_dir: Path, lock: RunLock, parts: dict) -> dict:
-    """Join the run recorded in ``out_dir`` or record this one, atomically with other workers;
-    return the fingerprint parts to generate under (``manifest.check_run_file``).
-
-    Raises:
-        ResumeError: the folder holds another config's run (``manifest.check_run_file``).
-    """
-    fingerprint = manifest.fingerprint(parts)
-    identity = {
-        "fingerprint": fingerprint,
-        "fingerprint_parts": parts,
-        "config": cfg.to_dict(),
-        "versions": manifest.versions(),
-    }
-    with run_file_guard(out_dir):
-        parts, write = manifest.check_run_file(
-            out_dir,
-            parts,
-            lambda: claims.live_indices(out_dir),
-            lambda: live_fingerprints(out_dir, cfg.runner.lease_seconds, lock.path),
-        )
-        if write:
-            write_run_file(out_dir, identity)
-        lock.attach(manifest.fingerprint(parts))
-    if manifest.fingerprint(parts) != fingerprint:
-        print(
-            f"batchgen: dataset.path={cfg.dataset.path!r} names the data this folder's run "
-            f"recorded as {parts['data']['source']!r}: resuming it (each finished shard's rows "
-            "are checked when reached).",
-            flush=True,
-        )
-    return parts
 
 
 def _run_metadata(p: Prepared) -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 from batchgen.config import MODEL_DEFAULTS, DatasetConfig, JobConfig, ModelConfig, SamplingConfig
 from batchgen.config_checks import resolve_sampling
 from batchgen.engine import devices
-from batchgen.engine.batching import BatchRunner
+from batchgen.engine.batching import Batcher
 from batchgen.engine.choice import build_engine, choose_engine
 from batchgen.engine.constrained import check_constraint
 from batchgen.engine.interface import Sample
@@ -121,7 +121,7 @@ class Session:
     """One model's generation set-up (see the module docstring).
 
     Args:
-        cfg: the job's settings, converted (``config_checks.convert``); a ``Generator``'s
+        cfg: the job's settings, converted (``conversion.convert``); a ``Generator``'s
             calls bring their own dataset and sampling settings.
         model: the model.
         stop: set by a signal; generation stops between batches.
@@ -132,7 +132,7 @@ class Session:
         self.model = model
         self.stop = stop
         self.context = models.context_length(model.config, model.tokenizer, model.settings)
-        self.batcher: BatchRunner | None = None
+        self.batcher: Batcher | None = None
 
     def resolve_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
         """``sampling`` with its null settings (``sampling=model``) taken from the model's
@@ -173,7 +173,7 @@ class Session:
         )
         return Plan(dataset, sampling, chat, room, output, engine_kind)
 
-    def runner(self, plan: Plan) -> BatchRunner:
+    def runner(self, plan: Plan) -> Batcher:
         """The batch runner, built at the first call: the weights load and the engine is built
         for that plan's engine choice; every later call reuses both, and what they tuned."""
         if self.batcher is None:
@@ -188,7 +188,7 @@ class Session:
                 o.logprobs,
                 o.top_logprobs,
             )
-            self.batcher = BatchRunner(
+            self.batcher = Batcher(
                 engine, self.cfg.runner, self.cfg.seed, self.stop, plan.engine_kind
             )
         return self.batcher
@@ -200,5 +200,5 @@ class Session:
         on_rows: Callable[[int, int], None],
         on_batch: Callable[[list[tuple[int, list[Sample]]]], None] | None = None,
     ) -> tuple[dict[int, list[Sample]], list[Skipped]]:
-        """Every record's samples under ``plan`` (``BatchRunner.run``)."""
+        """Every record's samples under ``plan`` (``Batcher.run``)."""
         return self.runner(plan).run(records, plan.sampling, on_rows, on_batch)

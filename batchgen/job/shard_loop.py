@@ -191,7 +191,7 @@ class ShardLoop:
                 started = time.perf_counter()
                 work = self.inputs.build(shard, rows)
                 self.result.tokenize_seconds += time.perf_counter() - started
-                self._generate(work)
+                self._generate_and_publish(work)
                 return self._published(shard)
         finally:
             self._release(shard)
@@ -306,7 +306,7 @@ class ShardLoop:
             },
         }
 
-    def _generate(self, item: ShardWork) -> None:
+    def _generate_and_publish(self, item: ShardWork) -> None:
         shard = item.shard
         results, failed, padded, generate_seconds = self._results(item)
         rows, totals = shard_rows(item.records, results, self.plan.output)

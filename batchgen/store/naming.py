@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from batchgen import paths
 from batchgen.config import DatasetConfig, ModelConfig, SamplingConfig
-from batchgen.config_checks import normalize_sampling
+from batchgen.conversion import normalize_sampling
 from batchgen.errors import ConfigError
 from batchgen.store.manifest import fingerprint
 

@@ -8,7 +8,7 @@ import torch
 from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
 from batchgen.engine import choice, devices
 from batchgen.engine.batch_plan import plan_batches
-from batchgen.engine.batching import BatchRunner, Budget, batch_tokens
+from batchgen.engine.batching import Batcher, Budget, batch_tokens
 from batchgen.engine.choice import choose_engine
 from batchgen.engine.continuous import ContinuousEngine
 from batchgen.engine.static import StaticEngine
@@ -77,8 +77,8 @@ def test_budget_halves_and_grows_back():
 
 
 def unbounded(engine, batch_size, seed):
-    """A BatchRunner whose batches are bounded by size alone, so tests know their shapes."""
-    return BatchRunner(engine, RunnerConfig(batch_size=batch_size, max_padding=None), seed)
+    """A Batcher whose batches are bounded by size alone, so tests know their shapes."""
+    return Batcher(engine, RunnerConfig(batch_size=batch_size, max_padding=None), seed)
 
 
 def load(path, sampling):
@@ -111,7 +111,7 @@ def test_greedy_equal_across_engines_and_batch_sizes(tiny_models):
         (StaticEngine, 10),
         (ContinuousEngine, 1),
     ):
-        runner = BatchRunner(engine_cls(model, tok), RunnerConfig(batch_size=batch_size), seed=0)
+        runner = Batcher(engine_cls(model, tok), RunnerConfig(batch_size=batch_size), seed=0)
         outs.append(texts_of(runner.run(records, sampling, lambda r, t: None), records))
     assert outs[0] == outs[1] == outs[2] == outs[3]
 
@@ -129,7 +129,7 @@ def test_sampling_is_batch_invariant(tiny_models):
     records = recs(tok)
     runs = []
     for batch_size, budget in ((1, None), (8, None), (10, 150)):
-        runner = BatchRunner(
+        runner = Batcher(
             StaticEngine(model, tok),
             RunnerConfig(batch_size=batch_size, max_batch_tokens=budget),
             seed=3,
@@ -252,7 +252,7 @@ def test_systematic_failure_stops_the_job(tiny_models, monkeypatch):
 
     monkeypatch.setattr(engine, "generate", broken)
     with pytest.raises(RuntimeError, match="device-side assert"):
-        BatchRunner(engine, RunnerConfig(batch_size=4), 0).run(recs(tok, 12), sampling, print)
+        Batcher(engine, RunnerConfig(batch_size=4), 0).run(recs(tok, 12), sampling, print)
     assert calls.count(1) == 8  # eight rows failed alone in a row, then it gave up
 
 

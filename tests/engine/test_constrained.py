@@ -13,7 +13,7 @@ import torch
 
 from batchgen import Generator
 from batchgen.config import RunnerConfig, SamplingConfig
-from batchgen.config_checks import schema_text
+from batchgen.conversion import schema_text
 from batchgen.engine import choice
 from batchgen.engine.choice import choose_engine
 from batchgen.engine.constrained import (

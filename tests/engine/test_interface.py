@@ -21,7 +21,7 @@ ENGINE_SPECIFIC = {
     "ContinuousEngine",
     "build_engine",
     "choose_engine",
-    "BatchRunner",
+    "Batcher",
 }
 
 
@@ -61,4 +61,4 @@ def users(package: Path = PACKAGE) -> dict[str, set[str]]:
 
 
 def test_only_the_session_builds_an_engine():
-    assert users() == {"batchgen/job/session.py": {"BatchRunner", "build_engine", "choose_engine"}}
+    assert users() == {"batchgen/job/session.py": {"Batcher", "build_engine", "choose_engine"}}

@@ -19,7 +19,7 @@ import batchgen
 from batchgen.config import RunnerConfig, SamplingConfig
 from batchgen.config_checks import validate
 from batchgen.engine import memory, tuning
-from batchgen.engine.batching import BatchRunner, batch_tokens
+from batchgen.engine.batching import Batcher, batch_tokens
 from batchgen.engine.choice import PROBE, choose_engine
 from batchgen.engine.interface import Sample
 from batchgen.errors import ConfigError
@@ -161,7 +161,7 @@ GREEDY = SamplingConfig(max_new_tokens=64)
 
 
 def run_all(engine, records, runner, sampling=GREEDY, kind=None):
-    batcher = BatchRunner(engine, runner, 0, engine_kind=kind)
+    batcher = Batcher(engine, runner, 0, engine_kind=kind)
     results, failed = batcher.run(records, sampling, lambda rows, tokens: None)
     assert failed == [] and sorted(results) == [r.index for r in records]
     return batcher
