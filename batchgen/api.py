@@ -27,11 +27,12 @@ from batchgen.config import (
 )
 from batchgen.config_checks import validate
 from batchgen.conversion import convert_sampling
-from batchgen.engine import devices
+from batchgen.engine import devices, vllm_engine
+from batchgen.engine.devices import Model
 from batchgen.errors import ConfigError, ModelError
 from batchgen.inputs import models
 from batchgen.inputs.dataset import Rows
-from batchgen.job.session import Model, Session
+from batchgen.job.session import Session
 from batchgen.job.shard_inputs import ShardInputs
 from batchgen.progress import Progress
 from batchgen.store.rows import shard_rows
@@ -143,7 +144,9 @@ class Generator:
         # One session for every call: the model loads once, the batch size is measured once.
         self.session = Session(job, handle)
         devices.set_threads(self.runner.threads)
-        self.model, self.tokenizer = handle.load(), handle.tokenizer
+        # transformers' engines run on these weights; vLLM loads its own at the first call.
+        self.model = handle.load() if self.runner.engine != vllm_engine.KIND else None
+        self.tokenizer = handle.tokenizer
         self.device = handle.device
         # Of the last call: the engine used, the batch size, token budget and engine it ran
         # with and why (tuning), and the pad slots computed in prompt prefill and held in KV

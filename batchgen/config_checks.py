@@ -19,7 +19,7 @@ PROMPT_POLICIES = ("error", "truncate_left", "skip")
 BAD_ROW_POLICIES = ("error", "skip")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
-ENGINES = ("auto", "static", "continuous")
+ENGINES = ("auto", "static", "continuous", "vllm")
 REASONING_MODES = ("auto", "off")
 MAX_TOP_LOGPROBS = 20
 # Shortest lease the claims' heartbeat can honour: it renews every third of the lease, and a

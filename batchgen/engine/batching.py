@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,11 +32,42 @@ log = logging.getLogger(__name__)
 # Rows failing one after another, each alone, before the job stops: past this it is the model or
 # the device that is broken, not the rows.
 FAILING_STREAK_LIMIT = 8
+# An engine that schedules a shard itself hands its finished rows on to be checkpointed in groups
+# of this many, or after this long: a kill loses at most that much, and a shard of a thousand
+# rows does not leave a thousand checkpoint files.
+FLUSH_ROWS = 32
+FLUSH_SECONDS = 30.0
 
 
 def is_out_of_memory(error: BaseException) -> bool:
     """True for CUDA/MPS out-of-memory errors, which a smaller batch can avoid."""
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class Flusher:
+    """Rows an engine finished on its own schedule, handed on in groups: progress as they come,
+    checkpoints (``on_batch``) every ``FLUSH_ROWS`` rows or ``FLUSH_SECONDS``, and the rest when
+    ``flush`` is called (at the end, or on a stop: a stop loses no finished row)."""
+
+    def __init__(self, on_rows, on_batch):
+        self.on_rows = on_rows
+        self.on_batch = on_batch
+        self.pending: list[tuple[int, list[Sample]]] = []
+        self.since = time.monotonic()
+
+    def add(self, finished: list[tuple[PromptRecord, list[Sample]]]) -> None:
+        """Rows the engine has just finished."""
+        self.pending += [(record.index, samples) for record, samples in finished]
+        tokens = sum(s.completion_tokens for _, samples in finished for s in samples)
+        self.on_rows(len(finished), tokens)
+        if len(self.pending) >= FLUSH_ROWS or time.monotonic() - self.since >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the rows not yet checkpointed to ``on_batch``."""
+        if self.pending and self.on_batch is not None:
+            self.on_batch(self.pending)
+        self.pending, self.since = [], time.monotonic()
 
 
 class Batcher:
@@ -73,7 +105,7 @@ class Batcher:
                 sampling, engine.encoder_decoder, self.logprobs, False
             )
             memory = None
-            if runner.batch_size == tuning.AUTO:
+            if runner.batch_size == tuning.AUTO and engine.model is not None:
                 memory = model_memory(
                     engine.model,
                     engine.device,
@@ -133,17 +165,11 @@ class Batcher:
             records = [
                 r if r.sampling else dataclasses.replace(r, sampling=sampling) for r in records
             ]
-        whole = (
-            self.engine.serves_shards
-            and uniform
-            and not tuning.continuous_blockers(
-                sampling, self.engine.encoder_decoder, self.logprobs, False
-            )
-        )
+        whole = self.engine.serves(sampling, per_row=not uniform)
         if whole and tuner.engine is None and len(records) >= 2:
             records = self._probe_engines(records, sampling, results, failed, on_rows, on_batch)
-        if whole and tuner.engine == "continuous" and records and not self.stop.is_set():
-            outs = self._continuous(records, sampling, on_rows, on_batch)
+        if whole and tuner.engine == self.engine.kind and records and not self.stop.is_set():
+            outs = self._whole_shard(records, sampling, on_rows, on_batch)
             if outs is not None:
                 return {**results, **outs}, failed
         groups = [(sampling, records)] if uniform else sampling_groups(records, sampling)
@@ -151,17 +177,20 @@ class Batcher:
             self._run_group(group, group_sampling, results, failed, on_rows, on_batch)
         return results, failed
 
-    def _continuous(self, records, sampling, on_rows, on_batch) -> dict[int, list[Sample]] | None:
-        """Every record through continuous batching; None when it failed (redo them static)."""
+    def _whole_shard(self, records, sampling, on_rows, on_batch) -> dict[int, list[Sample]] | None:
+        """Every record through the engine's own scheduling (``generate_all``), finished rows
+        checkpointed as they come (``Flusher``); None when continuous batching failed (redo the
+        rows in static batches: the continuous engine is a static one too)."""
+        flusher = Flusher(on_rows, on_batch)
         try:
-            outs = self.engine.generate_all(
-                records, self.seed, sampling, on_row=lambda t: on_rows(1, t)
-            )
-        except Exception as e:  # noqa: BLE001 - the static path handles rows one by one
+            outs = self.engine.generate_all(records, self.seed, sampling, flusher.add, self.stop)
+        except Exception as e:
+            if self.engine.kind != "continuous":
+                raise
             log.warning("continuous batching failed (%s); redoing the rows in static batches", e)
             return None
-        if on_batch is not None:
-            on_batch([(r.index, o) for r, o in zip(records, outs, strict=True)])
+        finally:
+            flusher.flush()
         return {r.index: o for r, o in zip(records, outs, strict=True)}
 
     def _probe_engines(
@@ -181,7 +210,7 @@ class Batcher:
         if self.stop.is_set():
             raise Interrupted
         started = tuning.clock()
-        outs = self._continuous(continuous, sampling, on_rows, on_batch)
+        outs = self._whole_shard(continuous, sampling, on_rows, on_batch)
         if outs is None:
             self.tuner.engines_probed(half, static_rate, None)
             self._run_group(continuous, sampling, results, failed, on_rows, on_batch)

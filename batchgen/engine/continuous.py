@@ -9,6 +9,7 @@ static engine, whose per-sample noise keeps them batch-invariant.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,8 @@ from transformers.generation.continuous_batching.utils import WorkloadHints
 from batchgen.config import SamplingConfig
 from batchgen.engine.interface import Sample
 from batchgen.engine.static import StaticEngine
+from batchgen.engine.tuning import continuous_blockers
+from batchgen.errors import Interrupted
 from batchgen.inputs.prompts import PromptRecord
 
 # Seconds to wait for one result before checking that the manager's thread is still alive.
@@ -41,16 +44,25 @@ class ContinuousEngine(StaticEngine):
     here."""
 
     kind = "continuous"
-    serves_shards = True
+
+    def serves(self, sampling: SamplingConfig, per_row: bool) -> bool:
+        """Greedy rows of one setting, without processors (``tuning.continuous_blockers``)."""
+        logprobs = bool(self.logprobs or self.top_logprobs)
+        return not continuous_blockers(sampling, self.encoder_decoder, logprobs, per_row)
 
     def generate_all(
         self,
         records: list[PromptRecord],
         seed: int,
         sampling: SamplingConfig,
-        on_row: Callable[[int], None] | None = None,
+        on_finished: Callable[[list[tuple[PromptRecord, list[Sample]]]], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> list[list[Sample]]:
-        """Greedy-generate every record; ``on_row(tokens)`` is called as each one finishes."""
+        """Greedy-generate every record; ``on_finished`` gets each as it finishes.
+
+        Raises:
+            Interrupted: ``stop`` was set (checked as results arrive).
+        """
         del seed  # greedy decoding draws nothing
         self.use(sampling)
         inputs = [r.token_ids for r in records]
@@ -72,7 +84,10 @@ class ContinuousEngine(StaticEngine):
             ) as manager,
         ):
             request_ids = manager.add_requests(inputs=inputs, max_new_tokens=new_tokens)
+            position = {rid: i for i, rid in enumerate(request_ids)}
             while len(results) < len(request_ids):
+                if stop is not None and stop.is_set():
+                    raise Interrupted
                 result = manager.get_result(timeout=POLL_SECONDS)
                 if result is None:
                     if not manager.is_running():
@@ -81,7 +96,10 @@ class ContinuousEngine(StaticEngine):
                 if result.is_finished():
                     if result.error:
                         raise RuntimeError(f"continuous batching request failed: {result.error}")
-                    results[result.request_id] = list(result.generated_tokens)
-                    if on_row is not None:
-                        on_row(len(result.generated_tokens))
-        return [[self.decoder.sample(results[rid], sampling)] for rid in request_ids]
+                    results[result.request_id] = [
+                        self.decoder.sample(list(result.generated_tokens), sampling)
+                    ]
+                    if on_finished is not None:
+                        record = records[position[result.request_id]]
+                        on_finished([(record, results[result.request_id])])
+        return [results[rid] for rid in request_ids]

@@ -15,9 +15,9 @@ from batchgen.engine.logprobs import RowLogprobs
 from batchgen.engine.partial_char import PartialCharTrimmer
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(generation_config, tokenizer) -> set[int]:
     """Every id that ends a sequence: the generation config's (often several), the tokenizer's."""
-    ids = model.generation_config.eos_token_id
+    ids = generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

@@ -1,4 +1,5 @@
-"""Where and how a model runs: device and dtype for ``auto``, the attention kernel, loading the
+"""Where and how a model runs: device and dtype for ``auto``, the attention kernel, the model an
+engine is built over (config and tokenizer at once, the weights on first use), loading the
 weights onto the device, and torch's CPU threads.
 
 Invariant: the device and dtype a job records (fingerprint, banner) are the ones its weights are
@@ -9,10 +10,12 @@ takes its answer.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 from batchgen.config import ModelConfig
 from batchgen.errors import ConfigError, ModelError
-from batchgen.inputs.models import ModelSource
+from batchgen.inputs import models
 
 
 def resolve_device_dtype(cfg: ModelConfig, local_rank: int | None = None) -> tuple[str, str]:
@@ -67,7 +70,7 @@ def attention(cfg: ModelConfig, device: str, dtype: str) -> str | None:
     return "flash_attention_2" if flash and half and device.startswith("cuda") else None
 
 
-def load_model(source: ModelSource, config, cfg: ModelConfig, device: str, dtype: str):
+def load_model(source: models.ModelSource, config, cfg: ModelConfig, device: str, dtype: str):
     """Load the weights with the causal-LM or seq2seq class the config calls for, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -103,3 +106,62 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+@dataclass
+class Model:
+    """A model as an engine is built over: config and tokenizer at once, the weights on first use
+    (transformers' engines load them; vLLM loads from ``source.location`` itself).
+
+    Attributes:
+        config: the model's config.
+        tokenizer: its tokenizer, padding side and pad token set for batching.
+        device: where the weights go (``cuda:LOCAL_RANK`` under a launcher).
+        dtype: the dtype they load in.
+        settings: the ``model.*`` settings.
+        source: where the weights are (None for a model loaded by the caller).
+        weights: the loaded model, once loaded.
+    """
+
+    config: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    settings: ModelConfig
+    source: models.ModelSource | None = None
+    weights: Any = None
+
+    @classmethod
+    def open(cls, settings: ModelConfig, source: models.ModelSource, device: str, dtype: str):
+        """Config and tokenizer of ``source`` (a GGUF converted once), no weights yet.
+
+        Raises:
+            ModelError: the model cannot be found, converted or tokenized for batching.
+        """
+        source = models.convert_gguf(source)
+        config, tokenizer = models.load_config_and_tokenizer(source, settings)
+        return cls(config, tokenizer, device, dtype, settings, source)
+
+    @classmethod
+    def loaded(cls, weights, tokenizer) -> Model:
+        """A model the caller loaded (and keeps: it is never moved or modified)."""
+        parameter = next(weights.parameters())
+        dtype = str(parameter.dtype).removeprefix("torch.")
+        return cls(
+            weights.config, tokenizer, str(parameter.device), dtype, ModelConfig(), None, weights
+        )
+
+    def load(self):
+        """The weights, loaded at the first call."""
+        if self.weights is None:
+            self.weights = load_model(
+                self.source, self.config, self.settings, self.device, self.dtype
+            )
+        return self.weights
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """What ``model.generate()`` with no arguments samples with (``sampling=model``): from
+        the loaded weights, else from the model's ``generation_config.json``."""
+        if self.weights is not None:
+            return models.generation_defaults(self.weights.generation_config)
+        return models.generation_defaults(models.load_generation_config(self.source, self.settings))

@@ -33,11 +33,18 @@ What it must guarantee:
 - Out of memory: raise the device's error and keep no state from the failed call; the caller
   splits the batch and calls again (outputs do not depend on batch composition).
 - Progress: ``on_step(tokens)`` after each decoding step with the tokens it produced, and
-  ``on_prefill()`` after each prefill pass, where the engine has such steps.
+  ``on_prefill()`` after each prefill pass, where the engine has such steps. An engine whose rows
+  finish on their own schedule reports each step as ``on_step(0)`` (work moving) and its tokens
+  with the rows that finish (``generate_all``'s ``on_finished``).
+
+An engine that schedules requests itself (continuous batching, vLLM) also serves a whole shard's
+records at once (``generate_all``, where ``serves`` says it can): it hands over rows as they
+finish, so the caller can checkpoint them, and stops at its next step when asked to.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,20 +92,24 @@ class Engine(ABC):
     ) -> list[list[Sample]]:
         """The samples of every record, in record order (a planned batch)."""
 
+    def serves(self, sampling: SamplingConfig, per_row: bool) -> bool:
+        """Whether ``generate_all`` serves a shard of records decoding with ``sampling``
+        (``per_row``: some rows carry their own settings)."""
+        return False
+
     def generate_all(
         self,
         records: list[PromptRecord],
         seed: int,
         sampling: SamplingConfig,
-        on_row: Callable[[int], None] | None = None,
+        on_finished: Callable[[list[tuple[PromptRecord, list[Sample]]]], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> list[list[Sample]]:
-        """The samples of a whole shard's records at once, for an engine that schedules them
-        itself (``serves_shards``); ``on_row(tokens)`` as each record finishes.
+        """The samples of a whole shard's records, the engine scheduling them itself (where
+        ``serves`` says so); ``on_finished`` receives rows as they finish.
 
         Raises:
+            Interrupted: ``stop`` was set; the rows ``on_finished`` received are final.
             NotImplementedError: the engine takes planned batches only.
         """
         raise NotImplementedError(f"the {self.kind} engine takes planned batches only")
-
-    # Whether ``generate_all`` serves a shard (its own scheduling beats planned batches).
-    serves_shards = False

@@ -131,7 +131,8 @@ class StaticEngine(Engine):
         super().__init__()
         self.tokenizer = tokenizer
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
-        self.decoder = Decoder(tokenizer, eos_token_ids(model, tokenizer), tokenizer.pad_token_id)
+        eos_ids = eos_token_ids(model.generation_config, tokenizer)
+        self.decoder = Decoder(tokenizer, eos_ids, tokenizer.pad_token_id)
         # A shallow copy shares the weights but not the attributes: the generation config is set
         # on it, not on the caller's model. Passing it to each generate() call instead would not
         # do: generate() fills the unset (None) fields from the model's own config, which would

@@ -294,7 +294,10 @@ class Tuner:
         A search the job ended before it settled reports the largest size it ran.
         """
         rows, why = self.rows, self.rows_why
-        if self.searching:
+        if self.engine == "vllm":  # it batches the shard's requests itself
+            rows = None if self.auto else self.rows
+            why = f"vllm schedules its own batches (max_num_seqs: {rows or 'its default'})"
+        elif self.searching:
             rows = max(self.rates, default=self.rows)
             measured = ", ".join(f"{r} rows {v:,.1f}" for r, v in sorted(self.rates.items()))
             why = f"auto: decoding tok/s {measured or 'not measured'}; the job ended while growing"

@@ -16,11 +16,12 @@ from batchgen.cluster.watchdog import Watchdog
 from batchgen.config import JobConfig
 from batchgen.config_checks import validate
 from batchgen.conversion import convert
-from batchgen.engine import devices
+from batchgen.engine import devices, vllm_engine
+from batchgen.engine.devices import Model
 from batchgen.errors import BatchgenError, Interrupted, Stopped
 from batchgen.inputs import dataset, models, screen
 from batchgen.job.admission import admit
-from batchgen.job.session import Model, Plan, Session
+from batchgen.job.session import Plan, Session
 from batchgen.job.shard_inputs import ShardInputs
 from batchgen.job.shard_loop import LoopSettings, ShardLoop
 from batchgen.progress import Progress, describe_sampling
@@ -98,11 +99,14 @@ def prepare(cfg: JobConfig) -> Prepared:
             flush=True,
         )
     try:
-        session = Session(cfg, Model.open(cfg.model, source, device, dtype))
+        log = layout.worker_engine_log(out_dir, worker.rank, worker.world_size)
+        session = Session(cfg, Model.open(cfg.model, source, device, dtype), log_file=log)
         plan = session.plan()
         cfg = replace(cfg, sampling=plan.sampling)
         num_rows = cfg.dataset.limit if streaming else len(table)
-        parts = manifest.fingerprint_parts(cfg, plan.chat, dtype, num_rows, plan.output)
+        parts = manifest.fingerprint_parts(
+            cfg, plan.chat, dtype, num_rows, plan.output, plan.engine_kind
+        )
         if not streaming:
             screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)
         parts = admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
@@ -188,9 +192,12 @@ def banner(p: Prepared, published: set[int]) -> str:
         n = len(p.shards)
         size = f"{len(p.data):,} rows in {n:,} shard{'s' * (n != 1)} ({len(published):,} finished)"
     where = f", worker {w.rank} of {w.world_size}" if w.world_size > 1 else ""
+    engine = f"{p.plan.engine_kind} engine"
+    if p.plan.engine_kind != vllm_engine.KIND and vllm_engine.installed():
+        engine += " (vllm is installed here: runner.engine=vllm)"
     return (
         f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on "
-        f"{p.session.model.device} ({p.session.model.dtype}), {p.plan.engine_kind} engine; "
+        f"{p.session.model.device} ({p.session.model.dtype}), {engine}; "
         f"{size}{where}; output {p.out_dir}\n"
         f"batchgen: {describe_sampling(p.cfg.sampling)}"
     )
@@ -241,7 +248,7 @@ def generate(p: Prepared) -> WorkerSummary:
     this_run = loop.result
     batcher = p.session.batcher
     if batcher is not None:
-        p.phases["load"] = p.session.model.load_seconds
+        p.phases["load"] = p.session.load_seconds
     p.phases.update(
         tokenize=this_run.tokenize_seconds,
         generate=this_run.generate_seconds,

@@ -15,80 +15,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
 
-from batchgen.config import MODEL_DEFAULTS, DatasetConfig, JobConfig, ModelConfig, SamplingConfig
+from batchgen.config import MODEL_DEFAULTS, DatasetConfig, JobConfig, SamplingConfig
 from batchgen.config_checks import resolve_sampling
 from batchgen.engine import devices
 from batchgen.engine.batching import Batcher
 from batchgen.engine.choice import build_engine, choose_engine
 from batchgen.engine.constrained import check_constraint
+from batchgen.engine.devices import Model
 from batchgen.engine.interface import Sample
 from batchgen.inputs import models, prompts
 from batchgen.inputs.prompts import PromptRecord, Skipped
 from batchgen.store.rows import OutputSpec, output_spec
-
-
-@dataclass
-class Model:
-    """A model as a session needs it: config and tokenizer at once, the weights on first use.
-
-    Attributes:
-        config: the model's config.
-        tokenizer: its tokenizer, padding side and pad token set for batching.
-        device: where the weights go (``cuda:LOCAL_RANK`` under a launcher).
-        dtype: the dtype they load in.
-        settings: the ``model.*`` settings.
-        source: where the weights are (None for a model loaded by the caller).
-        weights: the loaded model, once loaded.
-        load_seconds: how long loading the weights took.
-    """
-
-    config: Any
-    tokenizer: Any
-    device: str
-    dtype: str
-    settings: ModelConfig
-    source: models.ModelSource | None = None
-    weights: Any = None
-    load_seconds: float = 0.0
-
-    @classmethod
-    def open(cls, settings: ModelConfig, source: models.ModelSource, device: str, dtype: str):
-        """Config and tokenizer of ``source`` (a GGUF converted once), no weights yet.
-
-        Raises:
-            ModelError: the model cannot be found, converted or tokenized for batching.
-        """
-        source = models.convert_gguf(source)
-        config, tokenizer = models.load_config_and_tokenizer(source, settings)
-        return cls(config, tokenizer, device, dtype, settings, source)
-
-    @classmethod
-    def loaded(cls, weights, tokenizer) -> Model:
-        """A model the caller loaded (and keeps: it is never moved or modified)."""
-        parameter = next(weights.parameters())
-        dtype = str(parameter.dtype).removeprefix("torch.")
-        return cls(
-            weights.config, tokenizer, str(parameter.device), dtype, ModelConfig(), None, weights
-        )
-
-    def load(self):
-        """The weights, loaded at the first call."""
-        if self.weights is None:
-            started = time.perf_counter()
-            self.weights = devices.load_model(
-                self.source, self.config, self.settings, self.device, self.dtype
-            )
-            self.load_seconds = time.perf_counter() - started
-        return self.weights
-
-    def generation_defaults(self) -> dict[str, Any]:
-        """What ``model.generate()`` with no arguments samples with (``sampling=model``): from
-        the loaded weights, else from the model's ``generation_config.json``."""
-        if self.weights is not None:
-            return models.generation_defaults(self.weights.generation_config)
-        return models.generation_defaults(models.load_generation_config(self.source, self.settings))
 
 
 @dataclass(frozen=True)
@@ -125,12 +64,21 @@ class Session:
             calls bring their own dataset and sampling settings.
         model: the model.
         stop: set by a signal; generation stops between batches.
+        log_file: where an engine's own messages go (vLLM's), if it has any.
     """
 
-    def __init__(self, cfg: JobConfig, model: Model, stop: threading.Event | None = None):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        model: Model,
+        stop: threading.Event | None = None,
+        log_file: Path | None = None,
+    ):
         self.cfg = cfg
         self.model = model
         self.stop = stop
+        self.log_file = log_file
+        self.load_seconds = 0.0  # building the engine: the weights loaded, vLLM started
         self.context = models.context_length(model.config, model.tokenizer, model.settings)
         self.batcher: Batcher | None = None
 
@@ -174,20 +122,22 @@ class Session:
         return Plan(dataset, sampling, chat, room, output, engine_kind)
 
     def runner(self, plan: Plan) -> Batcher:
-        """The batch runner, built at the first call: the weights load and the engine is built
+        """The batch runner, built at the first call: the engine is built (the weights load)
         for that plan's engine choice; every later call reuses both, and what they tuned."""
         if self.batcher is None:
             devices.set_threads(self.cfg.runner.threads)
-            weights = self.model.load()
             o = self.cfg.output
+            started = time.perf_counter()
             engine = build_engine(
                 plan.engine_kind,
-                weights,
-                self.model.tokenizer,
+                self.model,
                 self.cfg.runner,
                 o.logprobs,
                 o.top_logprobs,
+                self.context,
+                self.log_file,
             )
+            self.load_seconds = time.perf_counter() - started
             self.batcher = Batcher(
                 engine, self.cfg.runner, self.cfg.seed, self.stop, plan.engine_kind
             )

@@ -21,6 +21,7 @@ and a time stamp, and submitit's folder is hydra-submitit-launcher's default, in
     OUT/_batchgen/workers/rank-RRRRR-of-WWWWW.record  one worker's status and summary
     OUT/_batchgen/workers/rank-RRRRR-of-WWWWW.errors  skipped and failed rows of the shards
                                             that worker published
+    OUT/_batchgen/workers/rank-RRRRR-of-WWWWW.engine.log  the engine's own messages (vLLM's)
     OUT/_batchgen/claims/part-NNNNN[.G].claim
     OUT/_batchgen/locks/NAME.lock           a worker's run lock (and NAME.lock.guard)
     OUT/_batchgen/checkpoints/part-NNNNN/rows-*.ckpt   finished batches of an unfinished shard
@@ -81,6 +82,11 @@ def worker_file(out_dir: Path, rank: int, world_size: int) -> Path:
 def worker_errors_file(out_dir: Path, rank: int, world_size: int) -> Path:
     """Skipped and failed rows of the shards a worker published, one JSON line each."""
     return workers_dir(out_dir) / f"{worker_name(rank, world_size)}.errors"
+
+
+def worker_engine_log(out_dir: Path, rank: int, world_size: int) -> Path:
+    """A worker's engine's own messages (vLLM's start-up report and warnings)."""
+    return workers_dir(out_dir) / f"{worker_name(rank, world_size)}.engine.log"
 
 
 def claims_dir(out_dir: Path) -> Path:

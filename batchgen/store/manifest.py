@@ -24,6 +24,7 @@ def fingerprint_parts(
     dtype: str,
     num_rows: int | None,
     output: OutputSpec | None = None,
+    engine: str | None = None,
 ) -> dict:
     """Every setting that changes what is generated, grouped by where it comes from.
 
@@ -31,6 +32,8 @@ def fingerprint_parts(
     (``batchgen.job.shard_inputs``), checked when that shard is resumed, so no worker reads the
     whole dataset to tell whether it changed. ``num_rows`` is None for a stream. ``output``
     (the optional columns) enters only when it writes any, so older folders still resume.
+    ``engine`` (``choose_engine``'s answer) enters where it changes the outputs
+    (``ENGINE_BOUND``).
     """
     m, d = cfg.model, cfg.dataset
     return {
@@ -67,9 +70,25 @@ def fingerprint_parts(
             # floating-point ties.
             "rows_per_shard": cfg.output.rows_per_shard,
             "seed": cfg.seed,
+            **({"engine": engine} if engine_bound(cfg, engine, output) else {}),
         },
         **({"output": _output_parts(output)} if output and output.columns else {}),
     }
+
+
+# Engines whose outputs differ from the transformers engines' in what they may: vLLM draws its
+# samples with its own seeded generator (batchgen's engines add per-sample Gumbel noise) and
+# computes log-probabilities in its own kernels. Its greedy tokens equal theirs (22 of 22
+# prompts measured, docs/benchmarks.md), so a greedy folder may take rows of either.
+ENGINE_BOUND = ("vllm",)
+
+
+def engine_bound(cfg: JobConfig, engine: str | None, output: OutputSpec | None) -> bool:
+    """Whether ``engine``'s rows could differ from another engine's for this job: it is in
+    ``ENGINE_BOUND`` and the job samples (or its rows may) or records log-probabilities."""
+    sampled = bool(cfg.sampling.do_sample) or bool(cfg.dataset.sampling_column)
+    scored = bool(output and (output.logprobs or output.top_logprobs))
+    return engine in ENGINE_BOUND and (sampled or scored)
 
 
 # Settings added after batchgen 0.1.0 enter the fingerprint only when set away from their

@@ -213,7 +213,7 @@ def format_summary(summary: WorkerSummary) -> str:
         why = tuning["why"]
         budget = tuning["max_batch_tokens"]
         lines[-1:-1] = [
-            f"  batch size  {tuning['batch_size']} ({why['batch_size']})",
+            f"  batch size  {tuning['batch_size'] or 'auto'} ({why['batch_size']})",
             f"  batch slots {f'{budget:,}' if budget else 'no bound'} ({why['max_batch_tokens']})",
             f"  engine      {tuning['engine']} ({why['engine']})",
         ]
