@@ -58,9 +58,13 @@ slurm: install
 	$(PY) -m batchgen -m hydra/launcher=$(LAUNCHER) "runner.rank=range($(WORKERS))" \
 		runner.world_size=$(WORKERS) $(ARGS)
 
-# Throughput of every engine against transformers' pipeline, side by side (scripts/bench.py).
+# Throughput of every engine against transformers' pipeline, side by side (scripts/bench.py);
+# then, where the vLLM environment exists, batchgen with vLLM, vLLM driven directly and the static
+# engine in both dtypes (scripts/bench_vllm.py; VLLM_ARGS for it).
+VLLM_ARGS ?=
 bench: install
 	$(PY) scripts/bench.py $(ARGS)
+	if [ -x $(VLLM_PY) ]; then $(VLLM_ENV) $(VLLM_PY) scripts/bench_vllm.py $(VLLM_ARGS); fi
 
 # A worker's start-up and memory over a 10k- and a 1M-row dataset, side by side (scripts/scale.py).
 bench-scale: install

@@ -19,7 +19,8 @@ a step that fails is recorded and the next still runs:
    saved with the tokenizer from ``wheelhouse/tokenizer/`` into a temp folder;
 5. ``cli-job`` and ``cli-resume``: ``python -m batchgen`` on that model and the bundled prompts,
    run from an empty folder so the installed wheel, not the checkout, is what runs; the rerun
-   must find every shard finished;
+   must find every shard finished; ``cli-vllm``: the same job with ``runner.engine=vllm``, where
+   vLLM is installed on the box (skipped elsewhere);
 6. ``pytest-gpu``: ``pytest -m gpu tests/test_gpu.py``;
 7. ``bench``: ``scripts/bench.py --gpu`` on a smaller workload than its default (256 prompts,
    128 new tokens, batch 64 and 256, no one-at-a-time baseline), to fit its ~4 minutes;
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -303,6 +305,14 @@ def plan(args, work: Path) -> list[Step]:
         ),
         Step("cli-job", job_cmd, 120, cwd=work / "cwd", expect=r"batchgen summary"),
         Step("cli-resume", job_cmd, 60, cwd=work / "cwd", expect=r"already complete"),
+        Step(
+            "cli-vllm",
+            [*job_cmd[:-2], f"output.dir={work / 'job-vllm'}", job_cmd[-1], "runner.engine=vllm"],
+            150,
+            cwd=work / "cwd",
+            expect=r"engine      vllm",
+            skip=None if importlib.util.find_spec("vllm") else "vllm is not installed here",
+        ),
         Step("pytest-gpu", [*pytest, "-m", "gpu", "tests/test_gpu.py"], 120),
         Step("bench", [py, __file__, "_bench", *bench_args], 210),
         # Last: it gets what the budget has left, which the steps above must not lack.

@@ -177,6 +177,7 @@ def test_dry_run_lists_every_step(tmp_path, mode):
         "model",
         "cli-job",
         "cli-resume",
+        "cli-vllm",
         "pytest-gpu",
         "bench",
         "pytest-constrained",

@@ -108,6 +108,38 @@ def route_logs(log_file: Path | None) -> None:
     logger.setLevel(logging.INFO)
 
 
+def llm_options(
+    location: str,
+    dtype: str,
+    device: str,
+    context: int | None,
+    runner: RunnerConfig,
+    trust_remote_code: bool = False,
+) -> dict:
+    """``vllm.LLM``'s arguments for batchgen's settings (``VllmEngine``'s; ``scripts/bench_vllm.py``
+    drives vLLM directly with the same)."""
+    options = {
+        "model": location,
+        "tokenizer": location,
+        "dtype": dtype,
+        "max_model_len": context,
+        "enforce_eager": not runner.compile,
+        "trust_remote_code": trust_remote_code,
+        "seed": 0,  # every request has its own seed; this one seeds nothing batchgen reads
+        "logprobs_mode": "raw_logprobs",
+        "structured_outputs_config": {"backend": "guidance"},  # llguidance, as batchgen
+        "disable_log_stats": True,
+        "use_tqdm_on_load": False,
+    }
+    if isinstance(runner.batch_size, int):
+        options["max_num_seqs"] = runner.batch_size
+    if device.startswith("cuda"):
+        options["gpu_memory_utilization"] = MEMORY_SHARE
+    elif (ram := available_ram()) is not None:
+        options["kv_cache_memory_bytes"] = int(ram * MEMORY_SHARE)
+    return {k: v for k, v in options.items() if v is not None}
+
+
 class VllmEngine(Engine):
     """vLLM over one model folder (see the module docstring).
 
@@ -151,27 +183,9 @@ class VllmEngine(Engine):
         self.encoder_decoder = False
         self.logprobs = logprobs
         self.top_logprobs = top_logprobs
-        options = {
-            "model": location,
-            "tokenizer": location,
-            "dtype": dtype,
-            "max_model_len": context,
-            "enforce_eager": not runner.compile,
-            "trust_remote_code": trust_remote_code,
-            "seed": 0,  # every request has its own seed; this one seeds nothing batchgen reads
-            "max_logprobs": max(top_logprobs, 1),
-            "logprobs_mode": "raw_logprobs",
-            "structured_outputs_config": {"backend": "guidance"},  # llguidance, as batchgen
-            "disable_log_stats": True,
-            "use_tqdm_on_load": False,
-        }
-        if isinstance(runner.batch_size, int):
-            options["max_num_seqs"] = runner.batch_size
-        if device.startswith("cuda"):
-            options["gpu_memory_utilization"] = MEMORY_SHARE
-        elif (ram := available_ram()) is not None:
-            options["kv_cache_memory_bytes"] = int(ram * MEMORY_SHARE)
-        self.llm = vllm.LLM(**{k: v for k, v in options.items() if v is not None})
+        options = llm_options(location, dtype, device, context, runner, trust_remote_code)
+        options["max_logprobs"] = max(top_logprobs, 1)
+        self.llm = vllm.LLM(**options)
         self.model = None  # vLLM holds the weights; batchgen's memory plan does not apply
         self.device = _torch_device(device)
         self.decoder = Decoder(tokenizer, eos_ids, tokenizer.pad_token_id)
