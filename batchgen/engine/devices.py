@@ -4,22 +4,53 @@ weights onto the device, and torch's CPU threads.
 
 Invariant: the device and dtype a job records (fingerprint, banner) are the ones its weights are
 loaded with: ``resolve_device_dtype`` answers once, before anything loads, and ``load_model``
-takes its answer.
+takes its answer. ``model.dtype=auto`` is the fastest dtype that keeps the model's quality: bf16
+on a GPU that has it (else fp16), fp16 on MPS, and on a CPU bf16 where the CPU computes it
+natively (AMX or AVX-512 BF16: ``native_bf16``), fp32 where it would only emulate it.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from batchgen.config import ModelConfig
 from batchgen.errors import ConfigError, ModelError
 from batchgen.inputs import models
 
+# The CPU flags (Linux /proc/cpuinfo) of bf16 computed natively: AMX tiles, AVX-512 BF16.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The flag by which this CPU computes bf16 natively; None where it does not, or cannot
+    tell (no /proc/cpuinfo: bf16 would be emulated, slower than fp32, as far as we know)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    return next((f for f in NATIVE_BF16_FLAGS if f in flags), None)
+
+
+def dtype_reason(cfg: ModelConfig, device: str, dtype: str) -> str:
+    """Why ``dtype`` (``resolve_device_dtype``'s answer), for the banner."""
+    if cfg.dtype != "auto":
+        return f"model.dtype={cfg.dtype}"
+    if device == "cpu":
+        flag = native_bf16()
+        if flag:
+            return f"auto: this CPU computes bf16 natively, {flag}"
+        return "auto: this CPU has no native bf16 (AMX, AVX-512 BF16); emulated, it loses to fp32"
+    return f"auto on {device.split(':')[0]}"
+
 
 def resolve_device_dtype(cfg: ModelConfig, local_rank: int | None = None) -> tuple[str, str]:
-    """Pick device and dtype for ``auto``: CUDA bf16 (fp16 without bf16), MPS fp16, CPU fp32.
+    """Pick device and dtype for ``auto``: CUDA bf16 (fp16 without bf16), MPS fp16, CPU bf16
+    where it computes bf16 natively (``native_bf16``), else fp32.
 
     Under a launcher that gives each process of a node its ``local_rank`` (torchrun, srun),
     ``cuda`` is that process's GPU, ``cuda:LOCAL_RANK``.
@@ -49,7 +80,7 @@ def resolve_device_dtype(cfg: ModelConfig, local_rank: int | None = None) -> tup
         elif device == "mps":
             dtype = "float16"
         else:
-            dtype = "float32"
+            dtype = "bfloat16" if native_bf16() else "float32"
     if device == "cuda" and local_rank is not None:
         device = f"cuda:{local_rank}"
     return device, dtype

@@ -51,6 +51,7 @@ class Prepared:
     inputs: ShardInputs
     shards: list[Shard] | None  # None for a stream: its length is known at its end
     parts: dict
+    dtype_why: str  # for the banner
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -110,6 +111,10 @@ def prepare(cfg: JobConfig) -> Prepared:
         if not streaming:
             screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)
         parts = admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
+        why = devices.dtype_reason(cfg.model, device, dtype)
+        if parts["model"]["dtype"] != dtype:  # auto: the folder's run keeps its own dtype
+            session.model.dtype = parts["model"]["dtype"]
+            why = "auto: the dtype this folder's run was begun in"
         inputs = ShardInputs(
             None if streaming else table, plan, cfg.runner, session.model.tokenizer
         )
@@ -124,6 +129,7 @@ def prepare(cfg: JobConfig) -> Prepared:
             inputs=inputs,
             shards=None if streaming else plan_shards(len(table), cfg.output.rows_per_shard),
             parts=parts,
+            dtype_why=why,
             phases={"prepare": time.perf_counter() - started},
         )
     except BaseException:
@@ -197,7 +203,7 @@ def banner(p: Prepared, published: set[int]) -> str:
         engine += " (vllm is installed here: runner.engine=vllm)"
     return (
         f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on "
-        f"{p.session.model.device} ({p.session.model.dtype}), {engine}; "
+        f"{p.session.model.device} in {p.session.model.dtype} ({p.dtype_why}), {engine}; "
         f"{size}{where}; output {p.out_dir}\n"
         f"batchgen: {describe_sampling(p.cfg.sampling)}"
     )

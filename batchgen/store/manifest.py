@@ -155,20 +155,42 @@ def refuse(out_dir: Path, where: str, old_parts: dict, new_parts: dict) -> Resum
     )
 
 
-def respelled(old: dict, new: dict) -> bool:
-    """Whether recorded parts ``old`` describe the run of ``new`` but for the spelling of a local
-    data source: one file named relative, then absolute (as a Slurm task started elsewhere
-    needs), or moved. A local source's identity is its rows (their count here, their digest per
-    shard, checked when a finished shard is resumed), not the string that named it."""
+def same_run(old: dict, new: dict, dtype_auto: bool = False) -> list[str] | None:
+    """How recorded parts ``old`` describe the run of ``new`` although they differ, or None when
+    they describe another run (or do not differ). Two differences leave one run:
+
+    - the spelling of a local data source: one file named relative, then absolute (as a Slurm
+      task started elsewhere needs), or moved. A local source's identity is its rows (their
+      count here, their digest per shard, checked when a finished shard is resumed), not the
+      string that named it;
+    - the dtype ``model.dtype=auto`` resolved to (``dtype_auto``), which a new batchgen or
+      another machine may resolve otherwise: the folder's dtype is kept.
+
+    Returns:
+        One line per difference let through, saying what is kept.
+    """
     a, b = old.get("data"), new.get("data")
-    if not isinstance(a, dict) or not isinstance(b, dict):
-        return False
+    ma, mb = old.get("model"), new.get("model")
+    if not all(isinstance(x, dict) for x in (a, b, ma, mb)):
+        return None
+    candidate, said = dict(old), []
     before, now = a.get("source"), b.get("source")
-    if not (
-        isinstance(before, str) and isinstance(now, str) and is_local(before) and is_local(now)
-    ):
-        return False
-    return fingerprint({**old, "data": {**a, "source": now}}) == fingerprint(new)
+    local = all(isinstance(x, str) and is_local(x) for x in (before, now))
+    if before != now and local:
+        candidate["data"] = {**a, "source": now}
+        said.append(
+            f"dataset.path={now!r} names the data this folder's run recorded as {before!r}: "
+            "resuming it (each finished shard's rows are checked when reached)"
+        )
+    if dtype_auto and ma.get("dtype") != mb.get("dtype"):
+        candidate["model"] = {**ma, "dtype": mb.get("dtype")}
+        said.append(
+            f"model.dtype=auto: this folder's run was begun in {ma.get('dtype')}; resuming it in "
+            f"{ma.get('dtype')} (model.dtype={mb.get('dtype')} starts another folder)"
+        )
+    if not said or fingerprint(candidate) != fingerprint(new):
+        return None
+    return said
 
 
 def _only_rows_per_shard_differs(old: dict, new: dict) -> bool:
@@ -186,7 +208,8 @@ def check_run_file(
     parts: dict,
     live_claims: Callable[[], list[int]],
     live_fingerprints: Callable[[], dict[str, dict]],
-) -> bool:
+    dtype_auto: bool = False,
+) -> tuple[dict, bool, list[str]]:
     """Admit a worker with these fingerprint parts to the run in ``out_dir``, or refuse it.
 
     Call it under ``records.run_file_guard``, and record the answer (write ``run.json`` when
@@ -210,12 +233,13 @@ def check_run_file(
             only when the rows-per-shard exception is in question, since it reads every claim.
         live_fingerprints: fingerprint -> a holder's lock record, of the other live workers
             admitted to this folder (``lock.live_fingerprints``); called only then, too.
+        dtype_auto: ``model.dtype`` is ``auto`` (``same_run``).
 
     Returns:
         (the fingerprint parts this worker generates under, whether ``run.json`` is to be written
-        with them): the recorded parts when they differ from ``parts`` only in the spelling of a
-        local source (``respelled``), so the folder stays one run; else ``parts``, to be written
-        when there is no record yet or it is replaced.
+        with them, what ``same_run`` let through): the recorded parts when they differ from
+        ``parts`` only as ``same_run`` allows, so the folder stays one run; else ``parts``, to be
+        written when there is no record yet or it is replaced.
 
     Raises:
         ResumeError: naming what differs.
@@ -225,14 +249,15 @@ def check_run_file(
 
     run_file = layout.run_file(out_dir)
     if not run_file.is_file():
-        return parts, True
+        return parts, True, []
     recorded = read_run_file(out_dir)
     ours = fingerprint(parts)
     if recorded.get("fingerprint") == ours:
-        return parts, False
+        return parts, False, []
     old = recorded.get("fingerprint_parts", {})
-    if respelled(old, parts):
-        return old, False
+    said = same_run(old, parts, dtype_auto)
+    if said:
+        return old, False, said
     error = refuse(out_dir, str(run_file.relative_to(out_dir)), old, parts)
     if not _only_rows_per_shard_differs(old, parts) or finished_shards(out_dir):
         raise error
@@ -251,7 +276,7 @@ def check_run_file(
             f"{who.get('pid')} on host {who.get('host')}): output.rows_per_shard can change "
             "once it has stopped."
         )
-    return parts, True
+    return parts, True, []
 
 
 def versions() -> dict[str, str]:

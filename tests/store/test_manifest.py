@@ -24,7 +24,7 @@ def parts(source: str, rows: int = 12) -> dict:
     ],
 )
 def test_local_spellings_of_one_run_are_one_run(before, now):
-    assert manifest.respelled(parts(before), parts(now))
+    assert manifest.same_run(parts(before), parts(now))
 
 
 @pytest.mark.parametrize(
@@ -35,11 +35,11 @@ def test_local_spellings_of_one_run_are_one_run(before, now):
     ],
 )
 def test_hub_names_are_not_respellings(before, now):
-    assert not manifest.respelled(parts(before), parts(now))
+    assert manifest.same_run(parts(before), parts(now)) is None
 
 
 def test_a_respelled_source_with_other_rows_or_settings_is_another_run():
-    assert not manifest.respelled(parts("a.jsonl", 12), parts("/x/a.jsonl", 13))
+    assert manifest.same_run(parts("a.jsonl", 12), parts("/x/a.jsonl", 13)) is None
     changed = parts("/x/a.jsonl")
     changed["sampling"]["max_new_tokens"] = 9
-    assert not manifest.respelled(parts("a.jsonl"), changed)
+    assert manifest.same_run(parts("a.jsonl"), changed) is None
