@@ -430,6 +430,7 @@ def test_rows_per_shard_change_is_refused_while_a_claim_is_live(tmp_path):
     assert manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted) == (
         changed,
         True,
+        [],
     )
     admitted[manifest.fingerprint(parts)] = {"pid": 41, "host": "node7"}  # a live old worker
     with pytest.raises(ResumeError, match="a worker of that run is live .pid 41 on host node7"):
@@ -439,7 +440,11 @@ def test_rows_per_shard_change_is_refused_while_a_claim_is_live(tmp_path):
     assert ClaimStore(tmp_path, "other:1:0", 60).try_claim(0)  # a worker of that attempt, alive
     with pytest.raises(ResumeError, match=r"live claim on shard\(s\) \[0\]"):
         manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted)
-    assert manifest.check_run_file(tmp_path, parts, claims_now, lambda: admitted) == (parts, False)
+    assert manifest.check_run_file(tmp_path, parts, claims_now, lambda: admitted) == (
+        parts,
+        False,
+        [],
+    )
 
 
 @pytest.fixture
