@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 
 from tqdm import tqdm
 
@@ -14,58 +15,113 @@ class Progress:
     """A tqdm bar over input rows that moves with every decoding step, not once per batch.
 
     Each step's tokens advance the bar by their share of a row's token budget
-    (``max_new_tokens`` x samples), so the rate and the ETA show from the first step and count
-    the decoding left; when a batch finishes, the bar settles on its exact row count. The
-    postfix shows output tokens/s of this process.
+    (``max_new_tokens`` x samples); when a batch finishes, the bar settles on its exact row
+    count. Before the first token the bar says what is happening (``phase``: loading the model,
+    prefilling). Its tokens/s and ETA count from the first token over the last ``WINDOW``
+    seconds, and the ETA is tokens left over that rate: the rows left times the tokens a
+    finished row took so far (the budget until one finished). Rows/s would swing with every
+    batch's length; tokens/s over a minute does not.
 
     Args:
         total_rows: rows to do (None when unknown: a stream).
         enabled: draw the bar at all.
         row_tokens: the most tokens one row can produce (``max_new_tokens`` x samples).
+        clock: seconds, monotonic; a fake one in tests.
     """
 
-    def __init__(self, total_rows: int | None, enabled: bool = True, row_tokens: int = 1):
-        self.start = time.perf_counter()
+    WINDOW = 60.0
+
+    def __init__(
+        self,
+        total_rows: int | None,
+        enabled: bool = True,
+        row_tokens: int = 1,
+        clock=time.monotonic,
+    ):
+        self.clock = clock
+        self.total = total_rows
         self.tokens = 0
         self.row_tokens = max(row_tokens, 1)
         self.partial = 0.0  # rows advanced by steps of batches not finished yet
         self.step_tokens = 0  # tokens counted by steps of batches not finished yet
-        # Steps move the bar by fractions of a row: show whole rows.
-        shape = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+        self.position = 0.0  # rows on the bar (tqdm keeps no count while disabled)
+        self.rows_done = 0  # rows finished here (not skipped ones, not other workers')
+        self.done_tokens = 0  # their tokens
+        self.marks: deque[tuple[float, int]] = deque()  # (time, tokens so far), last WINDOW s
+        # Steps move the bar by fractions of a row: show whole rows. The ETA is ours (postfix).
+        shape = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}{postfix}]"
         self.bar = tqdm(
             total=total_rows,
             unit="row",
-            desc="generating",
+            desc="starting",
             file=sys.stderr,
             disable=not enabled,
             dynamic_ncols=True,
-            smoothing=0.1,
             bar_format=shape if total_rows is not None else None,
         )
 
+    def phase(self, what: str) -> None:
+        """Say what the job is doing before it decodes (``loading the model``, ``prefilling``)."""
+        if not self.marks:
+            self.bar.set_description_str(what)
+
     def step(self, tokens: int) -> None:
         """Count ``tokens`` decoded in one step of the batch in progress."""
+        if not self.marks:
+            self.bar.set_description_str("generating")
         self.tokens += tokens
         self.step_tokens += tokens
         advance = tokens / self.row_tokens
         self.partial += advance
-        self.bar.set_postfix_str(f"{self.tokens_per_second():,.1f} tok/s", refresh=False)
+        self.position += advance
+        self._mark()
         self.bar.update(advance)
 
     def update(self, rows: int, completion_tokens: int) -> None:
         """Count ``rows`` finished input rows that produced ``completion_tokens`` tokens."""
         self.tokens += completion_tokens - self.step_tokens
-        self.bar.set_postfix_str(f"{self.tokens_per_second():,.1f} tok/s", refresh=False)
+        if completion_tokens:
+            self.rows_done += rows
+            self.done_tokens += completion_tokens
+            self._mark()
+        self.position += rows - self.partial
         self.bar.update(rows - self.partial)
         self.partial, self.step_tokens = 0.0, 0
 
+    def _mark(self) -> None:
+        now = self.clock()
+        self.marks.append((now, self.tokens))
+        while len(self.marks) > 2 and now - self.marks[1][0] >= self.WINDOW:
+            self.marks.popleft()
+        rate, eta = self.tokens_per_second(), self.eta_seconds()
+        left = f", ETA {_clock(eta)}" if eta is not None else ""
+        self.bar.set_postfix_str(f"{rate:,.1f} tok/s{left}", refresh=False)
+
     def tokens_per_second(self) -> float:
-        """Output tokens per wall-clock second since the bar started."""
-        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        """Output tokens per second over the last ``WINDOW`` seconds of decoding."""
+        if len(self.marks) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
+
+    def eta_seconds(self) -> float | None:
+        """Seconds left: the tokens the rows left will take, at ``tokens_per_second``."""
+        rate = self.tokens_per_second()
+        if self.total is None or rate <= 0:
+            return None
+        per_row = self.done_tokens / self.rows_done if self.rows_done else self.row_tokens
+        rows_left = max(self.total - self.position, 0.0)
+        return rows_left * per_row / rate
 
     def close(self) -> None:
         """Close the bar."""
         self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def describe_sampling(s: SamplingConfig) -> str:

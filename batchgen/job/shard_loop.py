@@ -264,10 +264,11 @@ class ShardLoop:
             self.watchdog.beat()
 
         if self.session.batcher is None:
+            self.progress.phase("loading the model")
             with self.watchdog.paused():  # loading the model is no stall
                 engine = self.session.runner(self.plan).engine
             engine.on_step = self._stepped
-            engine.on_prefill = self.watchdog.beat
+            engine.on_prefill = self._prefilled
         engine = self.session.runner(self.plan).engine
         padded_before = engine.padded_tokens
         started = time.perf_counter()
@@ -275,6 +276,10 @@ class ShardLoop:
         seconds = time.perf_counter() - started
         padded = engine.padded_tokens - padded_before
         return {**results, **fresh}, failed, padded, seconds
+
+    def _prefilled(self) -> None:
+        self.watchdog.beat()
+        self.progress.phase("prefilling")
 
     def _stepped(self, tokens: int) -> None:
         self.watchdog.beat()
