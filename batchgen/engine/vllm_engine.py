@@ -39,9 +39,12 @@ ENVIRONMENT = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in this process: see the docstring
     "VLLM_CONFIGURE_LOGGING": "0",  # its loggers are routed by ``route_logs``
 }
-# The share of the memory vLLM may take: of the GPU's (gpu_memory_utilization), or of the RAM
-# available once batchgen runs, for its KV cache on the CPU.
+# The share of the GPU's memory vLLM may take (gpu_memory_utilization).
 MEMORY_SHARE = 0.8
+# On the CPU, its KV cache takes this share of the RAM available, at most CPU_KV_CAP: the RAM is
+# the whole machine's, shared with the data, the other workers and everything else running.
+CPU_KV_SHARE = 0.25
+CPU_KV_CAP = 8 * 2**30
 
 
 def installed() -> bool:
@@ -136,7 +139,7 @@ def llm_options(
     if device.startswith("cuda"):
         options["gpu_memory_utilization"] = MEMORY_SHARE
     elif (ram := available_ram()) is not None:
-        options["kv_cache_memory_bytes"] = int(ram * MEMORY_SHARE)
+        options["kv_cache_memory_bytes"] = min(int(ram * CPU_KV_SHARE), CPU_KV_CAP)
     return {k: v for k, v in options.items() if v is not None}
 
 
