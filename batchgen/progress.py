@@ -60,6 +60,13 @@ class Progress:
             bar_format=shape if total_rows is not None else None,
         )
 
+    def grow(self, rows: int) -> None:
+        """Add ``rows`` to do (a shard taken over from another worker)."""
+        if self.total is not None:
+            self.total += rows
+            self.bar.total = self.total
+            self.bar.refresh()
+
     def phase(self, what: str) -> None:
         """Say what the job is doing before it decodes (``loading the model``, ``prefilling``)."""
         if not self.marks:

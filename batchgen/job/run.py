@@ -10,7 +10,7 @@ from pathlib import Path
 
 from batchgen.cluster import claims
 from batchgen.cluster.lock import RunLock, describe_holder
-from batchgen.cluster.ranks import WorkerInfo, resolve_worker
+from batchgen.cluster.ranks import WorkerInfo, assign_shards, resolve_worker
 from batchgen.cluster.signals import StopRequested
 from batchgen.cluster.watchdog import Watchdog
 from batchgen.config import JobConfig
@@ -235,8 +235,9 @@ def generate(p: Prepared) -> WorkerSummary:
     published = set(finished_shards(p.out_dir))
     print(banner(p, published), flush=True)
     todo = None
-    if p.shards is not None:
-        todo = sum(s.stop - s.start for s in p.shards if s.index not in published)
+    if p.shards is not None:  # this worker's share: it steals others' shards only when idle
+        mine = set(assign_shards([s.index for s in p.shards], w.rank, w.world_size))
+        todo = sum(s.stop - s.start for s in p.shards if s.index in mine - published)
     progress = Progress(todo, p.cfg.runner.progress and todo != 0, p.plan.row_tokens)
     stop_signal = None
     with StopRequested() as stop:

@@ -149,18 +149,26 @@ def collect(
         "foreign": state.foreign,
         "throughput": speed,
         "eta_seconds": remaining / rate if rate else (0.0 if remaining == 0 else None),
-        "records": [
-            {
-                "rank": r.rank,
-                "world_size": r.world_size,
-                "status": r.status,
-                "host": r.host,
-                "device": r.device,
-                "engine": r.engine,
-            }
-            for r in state.records
-        ],
+        "records": _records(state),
     }
+
+
+def _records(state: folder.FolderState) -> list[dict[str, Any]]:
+    """Each worker record; those of another world size than the latest record's are of an
+    earlier attempt (``earlier``): restarted with other workers, they describe no live one."""
+    latest = max(state.records, key=lambda r: r.updated_at or 0.0, default=None)
+    return [
+        {
+            "rank": r.rank,
+            "world_size": r.world_size,
+            "status": r.status,
+            "host": r.host,
+            "device": r.device,
+            "engine": r.engine,
+            "earlier": latest is not None and r.world_size != latest.world_size,
+        }
+        for r in state.records
+    ]
 
 
 def _duration(seconds: float) -> str:
@@ -181,11 +189,14 @@ def format_status(report: dict[str, Any]) -> str:
         f"  shards      {sh['done']}/{sh['total']} done, {sh['claimed']} claimed, "
         f"{sh['expired']} expired claims, {sh['pending']} pending",
     ]
-    if report["records"]:
-        statuses = Counter(r["status"] for r in report["records"])
+    current = [r for r in report["records"] if not r["earlier"]]
+    if current:
+        statuses = Counter(r["status"] for r in current)
+        earlier = len(report["records"]) - len(current)
         lines.append(
-            f"  records     {len(report['records'])} worker record(s): "
+            f"  records     {len(current)} worker record(s): "
             + ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
+            + (f" ({earlier} more of an earlier attempt with other workers)" if earlier else "")
         )
     for i, w in enumerate(report["workers"]):
         live = f"{len(w['shards'])} claimed {w['shards']}" if w["shards"] else "0 claimed"

@@ -301,6 +301,28 @@ def test_each_workers_record_counts_and_their_rates_add_up(tmp_path, capsys):
     assert "records     2 worker record(s): 1 complete, 1 incomplete" in format_status(report)
 
 
+def test_records_of_an_earlier_attempt_are_set_apart_from_the_live_workers(tmp_path):
+    import time as clock
+
+    out = tmp_path / "out"
+    run_json(out, status=None)
+    shard(out, 0, T0)
+    worker(out, 0, 1, "interrupted")  # one worker, stopped; then restarted as two
+    clock.sleep(0.01)
+    worker(out, 0, 2, "running")
+    worker(out, 1, 2, "running")
+    report = collect(out)
+    assert [(r["world_size"], r["earlier"]) for r in report["records"]] == [
+        (1, True),
+        (2, False),
+        (2, False),
+    ]
+    assert (
+        "records     2 worker record(s): 2 running (1 more of an earlier attempt with other "
+        "workers)" in format_status(report)
+    )
+
+
 def test_a_running_worker_makes_the_run_running(half_done):
     out, clock = half_done
     worker(out, 0, 1, "complete")
