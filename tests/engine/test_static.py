@@ -111,7 +111,8 @@ def test_encoder_decoder_uses_seq2seq_and_no_slicing(tiny_models):
     "device,dtype,expected",
     [("cpu", "auto", ("cpu", "float32")), ("cpu", "bfloat16", ("cpu", "bfloat16"))],
 )
-def test_device_dtype_resolution(device, dtype, expected):
+def test_device_dtype_resolution(device, dtype, expected, monkeypatch):
+    monkeypatch.setattr(devices, "native_bf16", lambda: None)  # a CPU without native bf16
     assert devices.resolve_device_dtype(ModelConfig(device=device, dtype=dtype)) == expected
 
 
