@@ -106,7 +106,7 @@ LATER_PROMPTS = {
 
 
 # Where the weights sit (model.device_map, model.max_memory) is left out: a split over CPU and
-# disk generated exactly the plain load's greedy tokens (tests/engine/test_placement.py), and on
+# disk generated exactly the plain load's greedy tokens (tests/engine/test_devices.py), and on
 # GPUs the same kernels run on each layer wherever it sits.
 
 
