@@ -332,6 +332,9 @@ def test_default_output_dir_follows_the_actual_model_and_data():
     # Greedy is greedy: temperature=0 names the folder of the same settings without it.
     assert compose_output_dir("sampling.temperature=0") == compose_output_dir()
     assert compose_output_dir("output.dir=/scratch/x") == "/scratch/x"
+    # An adapter or a quantization makes another model, with a folder of its own.
+    other = (*mine, "model.adapter=/adapters/my-lora/", "model.quantization=bnb-4bit")
+    assert compose_output_dir(*other) == "outputs/my-llama+my-lora-bnb-4bit/my-greedy"
 
 
 @pytest.mark.parametrize(

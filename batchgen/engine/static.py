@@ -21,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from batchgen.config import SamplingConfig
 from batchgen.engine.constrained import constraint_processor
 from batchgen.engine.decode import Decoder, eos_token_ids
+from batchgen.engine.devices import input_device
 from batchgen.engine.interface import Engine, Sample
 from batchgen.engine.logprobs import LogprobRecorder
 from batchgen.engine.prefill import prefill, supports_prefill
@@ -156,7 +157,7 @@ class StaticEngine(Engine):
         self.prefill_tokens = prefill_tokens
         self.chunked_prefill = supports_prefill(model)
         self.cache_len = 0  # with compile: the longest cache so far, which later batches reuse
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.logprobs = logprobs
         self.top_logprobs = top_logprobs
         self.configs: dict[str, object] = {}  # one generation config per distinct setting

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from batchgen.config import RunnerConfig, SamplingConfig
+from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
 from batchgen.engine.decode import Decoder
 from batchgen.engine.interface import Engine, Sample
 from batchgen.engine.logprobs import RowLogprobs
@@ -75,14 +75,27 @@ def import_vllm():
 
 
 def blockers(
-    sampling: SamplingConfig, encoder_decoder: bool, device: str, logprobs: bool
+    sampling: SamplingConfig,
+    encoder_decoder: bool,
+    device: str,
+    logprobs: bool,
+    model: ModelConfig | None = None,
 ) -> list[str]:
-    """The settings vLLM cannot honour as batchgen's engines do (empty: it serves the job)."""
+    """The settings vLLM cannot honour as batchgen's engines do (empty: it serves the job).
+
+    ``model.quantization``, ``model.adapter`` and ``model.device_map`` are refused: vLLM
+    quantizes, adapts (LoRA requests) and splits (tensor parallel) its own ways, which batchgen
+    does not drive; a checkpoint saved quantized needs none of them, vLLM reads its config.
+    """
+    m = model or ModelConfig()
     return [
         why
         for applies, why in (
             (encoder_decoder, "an encoder-decoder model"),
             (device.startswith("mps"), "model.device=mps"),
+            (m.quantization is not None, "model.quantization"),
+            (m.adapter is not None, "model.adapter"),
+            (m.device_map is not None, "model.device_map"),
             # vLLM reports log-probabilities before any penalty; batchgen's engines after it.
             (
                 logprobs and sampling.repetition_penalty not in (None, 1.0),

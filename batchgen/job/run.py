@@ -106,7 +106,13 @@ def prepare(cfg: JobConfig) -> Prepared:
         cfg = replace(cfg, sampling=plan.sampling)
         num_rows = cfg.dataset.limit if streaming else len(table)
         parts = manifest.fingerprint_parts(
-            cfg, plan.chat, dtype, num_rows, plan.output, plan.engine_kind
+            cfg,
+            plan.chat,
+            dtype,
+            num_rows,
+            plan.output,
+            plan.engine_kind,
+            session.model.source.adapter,
         )
         if not streaming:
             screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)
@@ -201,9 +207,16 @@ def banner(p: Prepared, published: set[int]) -> str:
     engine = f"{p.plan.engine_kind} engine"
     if p.plan.engine_kind != vllm_engine.KIND and vllm_engine.installed():
         engine += " (vllm is installed here: runner.engine=vllm)"
+    unmerged = "" if m.merge_adapter else " unmerged"
+    weights = [
+        m.quantization,
+        f"adapter {m.adapter}{unmerged}" if m.adapter else None,
+        f"device_map {m.device_map}" if m.device_map is not None else None,
+    ]
+    extras = "".join(f", {w}" for w in weights if w)
     return (
         f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on "
-        f"{p.session.model.device} in {p.session.model.dtype} ({p.dtype_why}), {engine}; "
+        f"{p.session.model.device} in {p.session.model.dtype} ({p.dtype_why}){extras}, {engine}; "
         f"{size}{where}; output {p.out_dir}\n"
         f"batchgen: {describe_sampling(p.cfg.sampling)}"
     )

@@ -118,6 +118,7 @@ class Session:
             self.model.device,
             logprobs=bool(output.logprobs or output.top_logprobs),
             per_row=bool(dataset.sampling_column),
+            model=self.model.settings,
         )
         return Plan(dataset, sampling, chat, room, output, engine_kind)
 

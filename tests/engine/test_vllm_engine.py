@@ -187,6 +187,26 @@ def test_what_vllm_cannot_honour_is_refused_before_the_model_loads(
     assert not (out / "_batchgen" / "run.json").exists()  # refused before anything was recorded
 
 
+def test_quantization_adapters_and_device_maps_are_refused_with_vllm_before_loading(
+    tiny_models, prompts_file, make_job, tmp_path
+):
+    import batchgen
+    from batchgen.errors import ConfigError
+
+    out, adapter = tmp_path / "out", tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    cfg = make_job(tiny_models["chat"], prompts_file, out, runner__engine="vllm")
+    cfg.model.quantization, cfg.model.adapter, cfg.model.device_map = "int8", str(adapter), "auto"
+    with pytest.raises(ConfigError) as refused:
+        batchgen.run(cfg)
+    assert str(refused.value) == (
+        "runner.engine=vllm cannot serve model.quantization, model.adapter, model.device_map as "
+        "batchgen's engines do; use runner.engine=static or auto."
+    )
+    assert not (out / "_batchgen" / "run.json").exists()
+
+
 def test_without_vllm_the_error_says_how_to_get_it(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "batchgen", "runner.engine=vllm", f"output.dir={tmp_path / 'o'}"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchgen.config import JobConfig
+from batchgen.config import JobConfig, ModelConfig
 from batchgen.store import manifest
 
 
@@ -43,3 +43,28 @@ def test_a_respelled_source_with_other_rows_or_settings_is_another_run():
     changed = parts("/x/a.jsonl")
     changed["sampling"]["max_new_tokens"] = 9
     assert manifest.same_run(parts("a.jsonl"), changed) is None
+
+
+def test_model_settings_at_their_default_leave_the_fingerprint_as_it_was(tmp_path):
+    parts = manifest.fingerprint_parts(JobConfig(), chat=True, dtype="float32", num_rows=3)
+    # The model keys of batchgen 0.1.0: a folder written before the later settings resumes.
+    assert list(parts["model"]) == [
+        "name_or_path",
+        "gguf_file",
+        "revision",
+        "dtype",
+        "pad_token",
+        "max_context",
+    ]
+    # Where the weights sit is no part of it: a split generates the plain load's tokens.
+    split = JobConfig(model=ModelConfig(device_map="auto", max_memory={"cpu": "1GB"}))
+    assert manifest.fingerprint_parts(split, True, "float32", 3) == parts
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    adapted = JobConfig(model=ModelConfig(quantization="int8", adapter="x"))
+    model = manifest.fingerprint_parts(adapted, True, "float32", 3, adapter=str(adapter))["model"]
+    assert (model["quantization"], model["merge_adapter"]) == ("int8", True)
+    (adapter / "adapter_config.json").write_text('{"r": 8}')  # another adapter, same path
+    again = manifest.fingerprint_parts(adapted, True, "float32", 3, adapter=str(adapter))["model"]
+    assert again["adapter"] != model["adapter"]
