@@ -1,4 +1,9 @@
-"""Turn dataset rows into prompt records: the exact text and token ids the model will see."""
+"""Turn dataset rows into prompt records: the exact text and token ids the model will see.
+
+Invariant: a row is rendered here and nowhere else, so a prompt is the same text in a job, a
+resume's digest and ``Generator``; a row without a usable prompt comes back as a ``Skipped``
+naming why, for the row policies (``batchgen.inputs.policies``) to refuse or pass on.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from batchgen.config import DatasetConfig, SamplingConfig
 from batchgen.errors import ConfigError, DataError
 from batchgen.inputs.blank import is_blank
 from batchgen.inputs.dataset import Rows, template_fields
+from batchgen.inputs.jsonl import PROBLEM_COLUMN
 from batchgen.inputs.row_settings import row_samplings, template_kwargs
 
 
@@ -65,12 +71,21 @@ def duplicate_ids_error(id_column: str, repeated: list[str]) -> DataError:
     )
 
 
-def _row_ids(rows: Rows, cfg: DatasetConfig) -> list[str]:
+def _row_ids(rows: Rows, cfg: DatasetConfig, broken: list[str | None]) -> list[str]:
+    """Each row's id; a malformed jsonl line's (``broken``), whose own cannot be read, is its
+    row index, as when ``dataset.id_column`` is unset."""
     if not cfg.id_column:
         return [str(rows.start + i) for i in range(len(rows))]
-    ids = [str(v) for v in rows.columns[cfg.id_column]]
+    ids = [
+        str(rows.start + i) if broken[i] else str(v)
+        for i, v in enumerate(rows.columns[cfg.id_column])
+    ]
     seen: set[str] = set()
-    dupes = [i for i in ids if i in seen or seen.add(i)]
+    dupes = [
+        row_id
+        for i, row_id in enumerate(ids)
+        if not broken[i] and (row_id in seen or seen.add(row_id))
+    ]
     if dupes:
         raise duplicate_ids_error(cfg.id_column, dupes)
     return ids
@@ -125,6 +140,17 @@ def _user_turns(rows: Rows, cfg: DatasetConfig, n: int) -> tuple[list[str | None
     return texts, problems
 
 
+def _with_broken(
+    texts: list[str | None], problems: list[str], broken: list[str | None]
+) -> tuple[list[str | None], list[str]]:
+    """(texts, problems) with a malformed line's row bad for its own reason (its prompt would
+    read as missing)."""
+    return (
+        [None if b else t for b, t in zip(broken, texts, strict=True)],
+        [b or p for b, p in zip(broken, problems, strict=True)],
+    )
+
+
 def render_texts(
     rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool
 ) -> tuple[list[str], list[str | None], list[str]]:
@@ -134,7 +160,9 @@ def render_texts(
         (ids, texts, problems): per row of ``rows``, in order, its id, its prompt string (None
         for a bad row) and why it is bad ("" for a good row).
     """
-    ids = _row_ids(rows, cfg)
+    # A malformed jsonl line's row holds only what is wrong with it (``inputs.jsonl``).
+    broken = rows.columns.get(PROBLEM_COLUMN) or [None] * len(rows)
+    ids = _row_ids(rows, cfg, broken)
     n = len(ids)
     if cfg.messages_column:
         column = rows.columns[cfg.messages_column]
@@ -151,7 +179,7 @@ def render_texts(
     else:
         user, problems = _user_turns(rows, cfg, n)
         if not chat:
-            return ids, user, problems
+            return ids, *_with_broken(user, problems, broken)
         conversations = [None if t is None else [{"role": "user", "content": t}] for t in user]
     if cfg.system_prompt:
         system = {"role": "system", "content": cfg.system_prompt}
@@ -167,7 +195,7 @@ def render_texts(
         )
         for i, c in enumerate(conversations)
     ]
-    return ids, texts, problems
+    return ids, *_with_broken(texts, problems, broken)
 
 
 def build_records(
@@ -218,102 +246,3 @@ def build_records(
     ]
     bad = [Skipped(at + i, ids[i], problems[i]) for i, t in enumerate(texts) if t is None]
     return records, bad
-
-
-def bad_rows_error(listed: list[Skipped], total: int, lines: bool = False) -> DataError:
-    """The error that refuses a job over rows without a usable prompt, naming the first of
-    ``total``.
-
-    Args:
-        lines: the rows are a jsonl file's lines, one each: name the line too.
-    """
-
-    def where(row: int) -> str:
-        return f"row {row}, line {row + 1}" if lines else f"row {row}"
-
-    named = "; ".join(f"id {b.id!r} ({where(b.index)}): {b.reason}" for b in listed[:10])
-    more = f" (and {total - 10} more)" if total > 10 else ""
-    return DataError(
-        f"{total} row(s) have no usable prompt: {named}{more}. Fix the data, or set "
-        "runner.on_bad_row=skip to leave them out (they are listed in _batchgen/workers/*.errors)."
-    )
-
-
-def apply_bad_row_policy(bad: list[Skipped], policy: str) -> list[Skipped]:
-    """``error``: refuse the job, listing the rows; ``skip``: pass them on.
-
-    Raises:
-        DataError: with ``error`` when there are bad rows.
-    """
-    if bad and policy != "skip":
-        raise bad_rows_error(bad, len(bad))
-    return bad
-
-
-def check_room(max_prompt_tokens: int | None) -> None:
-    """Refuse a job whose ``max_new_tokens`` leaves no room for a prompt in the context.
-
-    Raises:
-        ConfigError: naming ``sampling.max_new_tokens``.
-    """
-    if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise ConfigError(
-            f"sampling.max_new_tokens leaves no room for a prompt in the model's context "
-            f"({max_prompt_tokens} tokens left); lower it or raise model.max_context."
-        )
-
-
-def apply_length_policy(
-    records: list[PromptRecord],
-    max_prompt_tokens: int | None,
-    policy: str,
-    tokenizer,
-    job_new_tokens: int = 0,
-) -> tuple[list[PromptRecord], list[Skipped]]:
-    """Enforce the context limit on a shard's prompts before they are generated.
-
-    Args:
-        records: rendered prompts.
-        max_prompt_tokens: context length minus the job's ``max_new_tokens``; None when
-            unbounded. A row with its own ``max_new_tokens`` (``record.sampling``) gets the
-            room its own setting leaves.
-        policy: ``error`` (refuse the job), ``truncate_left`` (keep the prompt's end, where the
-            generation prompt is) or ``skip`` (leave the row out and report it).
-        job_new_tokens: the job's ``max_new_tokens``, which ``max_prompt_tokens`` subtracted.
-
-    Returns:
-        (records to generate, skipped rows)
-
-    Raises:
-        DataError: with ``error``, listing the offending ids.
-    """
-    if max_prompt_tokens is None:
-        return records, []
-
-    def room(r: PromptRecord) -> int:
-        own = r.sampling.max_new_tokens if r.sampling else job_new_tokens
-        return max_prompt_tokens + job_new_tokens - own
-
-    long = [r for r in records if len(r.token_ids) > room(r)]
-    if not long:
-        return records, []
-    if policy == "error":
-        worst = max(len(r.token_ids) for r in long)
-        raise DataError(
-            f"{len(long)} prompt(s) exceed the {max_prompt_tokens} tokens left for a prompt "
-            f"(context minus sampling.max_new_tokens; longest {worst}), ids "
-            f"{[r.id for r in long[:10]]}{' ...' if len(long) > 10 else ''}. Set "
-            "runner.on_long_prompt=truncate_left or skip, or lower sampling.max_new_tokens."
-        )
-    if policy == "skip":
-        skipped = [Skipped(r.index, r.id, f"prompt longer than {room(r)} tokens") for r in long]
-        long_ids = {r.index for r in long}
-        return [r for r in records if r.index not in long_ids], skipped
-    for r in long:
-        if room(r) < 1:
-            raise DataError(
-                f"row {r.id!r}: its max_new_tokens leaves no room for a prompt in the context."
-            )
-        r.token_ids = r.token_ids[-room(r) :]
-        r.text = tokenizer.decode(r.token_ids, skip_special_tokens=False)
-    return records, []

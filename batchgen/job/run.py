@@ -85,7 +85,7 @@ def prepare(cfg: JobConfig) -> Prepared:
     worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
     device, dtype = devices.resolve_device_dtype(cfg.model, worker.local_rank)
     source = models.resolve_source(cfg.model)
-    table = dataset.open_dataset(cfg.dataset)
+    table = dataset.open_dataset(cfg.dataset, skip_bad_lines=cfg.runner.on_bad_row == "skip")
     streaming = isinstance(table, dataset.Stream)
     out_dir = writer.writable_dir(Path(cfg.output.dir))
     lock = RunLock(

@@ -7,13 +7,8 @@ import pytest
 from batchgen.config import DatasetConfig
 from batchgen.errors import ConfigError, DataError
 from batchgen.inputs.dataset import Rows
-from batchgen.inputs.prompts import (
-    apply_bad_row_policy,
-    apply_length_policy,
-    build_records,
-    check_room,
-    uses_chat_template,
-)
+from batchgen.inputs.policies import apply_bad_row_policy
+from batchgen.inputs.prompts import build_records, uses_chat_template
 
 
 def rows(**columns) -> Rows:
@@ -129,38 +124,6 @@ def test_duplicate_ids_refused(smol_tokenizer):
     data = rows(p=["a", "b", "c"], uid=["x", "y", "x"])
     with pytest.raises(DataError, match="not unique.*'x'"):
         build_records(data, DatasetConfig(prompt_column="p", id_column="uid"), smol_tokenizer, True)
-
-
-def _long_records(tok):
-    data = rows(p=["short", "word " * 50, "tiny", "more words " * 40])
-    return build_records(data, DatasetConfig(prompt_column="p"), tok, chat=False)[0]
-
-
-def test_long_prompt_error_lists_ids(smol_tokenizer):
-    with pytest.raises(DataError, match=r"2 prompt\(s\) exceed the 20 tokens.*\['1', '3'\]"):
-        apply_length_policy(_long_records(smol_tokenizer), 20, "error", smol_tokenizer)
-
-
-def test_long_prompt_skip_reports_rows(smol_tokenizer):
-    kept, skipped = apply_length_policy(_long_records(smol_tokenizer), 20, "skip", smol_tokenizer)
-    assert [r.id for r in kept] == ["0", "2"]
-    assert [(s.index, s.id) for s in skipped] == [(1, "1"), (3, "3")]
-    assert "20 tokens" in skipped[0].reason
-
-
-def test_long_prompt_truncate_left_keeps_the_end(smol_tokenizer):
-    recs = _long_records(smol_tokenizer)
-    original = list(recs[3].token_ids)
-    kept, skipped = apply_length_policy(recs, 20, "truncate_left", smol_tokenizer)
-    assert skipped == [] and len(kept) == 4
-    assert kept[3].token_ids == original[-20:]
-    assert kept[3].text == smol_tokenizer.decode(original[-20:])
-    assert kept[0].text == "short"
-
-
-def test_no_room_for_prompt(smol_tokenizer):
-    with pytest.raises(ConfigError, match="max_new_tokens"):
-        check_room(0)
 
 
 def test_every_row_bad_gives_no_records(smol_tokenizer):

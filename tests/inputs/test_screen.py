@@ -287,3 +287,28 @@ def test_screening_a_wide_table_reads_no_rows_into_python(tmp_path, monkeypatch)
     cfg = DatasetConfig(path=str(path), prompt_column="p")
     assert screen.bad_row_indices(table, cfg).size == 0
     screen.check_unique_ids(table, "p")
+
+
+def test_bad_rows_are_named_by_their_line_past_blank_lines(tmp_path, smol_tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"p": "fine"}\n\n\n{"p": ""}\n')
+    cfg = DatasetConfig(path=str(path), prompt_column="p")
+    with pytest.raises(DataError, match=r"id '1' \(row 1, line 4\): dataset.prompt_column 'p'"):
+        screen.refuse_bad_rows(open_dataset(cfg), cfg, smol_tokenizer, False)
+
+
+def test_malformed_lines_are_bad_rows_with_their_line(tmp_path, smol_tokenizer, monkeypatch):
+    monkeypatch.setenv("BATCHGEN_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"p": "fine", "u": "a"}\n{oops\n\n"text"\n{"p": "ok", "u": "b"}\n')
+    cfg = DatasetConfig(path=str(path), prompt_column="p", id_column="u")
+    table = open_dataset(cfg, skip_bad_lines=True)
+    assert screen.bad_row_indices(table, cfg).tolist() == [1, 2]
+    assert python_bad(table, cfg, smol_tokenizer, False) == [1, 2]
+    screen.check_unique_ids(table, "u")  # the two malformed rows' own ids cannot be read
+    ids, _, problems = render_texts(table.rows(0, len(table)), cfg, smol_tokenizer, False)
+    assert ids == ["a", "1", "2", "b"]
+    assert problems[1].startswith("line 2 is not valid JSON (")
+    assert problems[2] == "line 4 is a JSON str, not an object"
+    with pytest.raises(DataError, match=r"id '2' \(row 2, line 4\): line 4 is a JSON str"):
+        screen.refuse_bad_rows(table, cfg, smol_tokenizer, False)
