@@ -7,7 +7,6 @@ dataset reads no rows into Python, so start-up and memory follow the shard, not 
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from batchgen import paths
 from batchgen.config import DatasetConfig
 from batchgen.errors import DataError
 from batchgen.inputs import hub, jsonl, openai_batch
+from batchgen.inputs.sources import falls_back, needed_columns, plain_fields, template_fields
 
 # Local file suffix -> datasets builder.
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -114,29 +114,6 @@ def _batches(files: list[str]) -> Iterator[pa.RecordBatch]:
     for name in files:
         with pa.OSFile(name) as f:
             yield from pa.ipc.open_stream(f)
-
-
-def template_fields(template: str) -> list[str]:
-    """Names of the ``{column}`` fields in a prompt template."""
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
-def needed_columns(cfg: DatasetConfig) -> list[str]:
-    """Every input column the config refers to, in a stable order without repeats."""
-    cols: list[str] = []
-    if cfg.messages_column:
-        cols.append(cfg.messages_column)
-    elif cfg.template:
-        cols.extend(template_fields(cfg.template))
-    elif cfg.prompt_column:
-        cols.append(cfg.prompt_column)
-    if cfg.id_column:
-        cols.append(cfg.id_column)
-    for column in (cfg.chat_template_kwargs_column, cfg.sampling_column):
-        if column:
-            cols.append(column)
-    cols.extend(cfg.keep_columns)
-    return list(dict.fromkeys(cols))
 
 
 def is_local(location: str) -> bool:
@@ -265,7 +242,11 @@ def open_dataset(cfg: DatasetConfig, skip_bad_lines: bool = False) -> Table | St
             f"{', '.join(keys)}: column(s) {missing} not in {location!r}; "
             f"available columns: {columns}."
         )
-    ds = ds.select_columns(wanted + [c for c in (jsonl.PROBLEM_COLUMN,) if c in columns])
+    # A row without messages uses its plain prompt where the data has that source's columns;
+    # a malformed jsonl line's row carries what is wrong with it (inputs.jsonl).
+    optional = plain_fields(cfg) if falls_back(cfg, columns) else []
+    optional += [c for c in (jsonl.PROBLEM_COLUMN,) if c in columns]
+    ds = ds.select_columns(list(dict.fromkeys(wanted + optional)))
     if cfg.streaming:
         return Stream(ds, _arrow_types(ds.features, cfg.keep_columns), location, cfg.limit)
     if len(ds) == 0:

@@ -13,9 +13,10 @@ from typing import Any
 from batchgen.config import DatasetConfig, SamplingConfig
 from batchgen.errors import ConfigError, DataError
 from batchgen.inputs.blank import is_blank
-from batchgen.inputs.dataset import Rows, template_fields
+from batchgen.inputs.dataset import Rows
 from batchgen.inputs.jsonl import PROBLEM_COLUMN
 from batchgen.inputs.row_settings import row_samplings, template_kwargs
+from batchgen.inputs.sources import falls_back, plain_fields
 
 
 @dataclass
@@ -119,12 +120,15 @@ def _text_problem(value: Any) -> str | None:
     return "empty" if is_blank(value) else None
 
 
-def _user_turns(rows: Rows, cfg: DatasetConfig, n: int) -> tuple[list[str | None], list[str]]:
-    """Each row's user text, or None with a reason for a row that has none."""
+def _user_turns(
+    rows: Rows, cfg: DatasetConfig, which: list[int]
+) -> tuple[list[str | None], list[str]]:
+    """The plain prompt of each row of ``which``, or None with a reason for a row that has
+    none."""
     texts: list[str | None] = []
     problems: list[str] = []
-    fields = template_fields(cfg.template) if cfg.template else [cfg.prompt_column]
-    for i in range(n):
+    fields = plain_fields(cfg)
+    for i in which:
         values = {k: rows.columns[k][i] for k in fields}
         if cfg.template:  # any value formats; only a missing one leaves a hole in the prompt
             bad = {k: "missing (null)" for k, v in values.items() if v is None}
@@ -138,6 +142,16 @@ def _user_turns(rows: Rows, cfg: DatasetConfig, n: int) -> tuple[list[str | None
         problems.append("")
         texts.append(cfg.template.format_map(values) if cfg.template else values[fields[0]])
     return texts, problems
+
+
+def message_rows(rows: Rows, cfg: DatasetConfig) -> list[bool]:
+    """Whether each row's prompt is its messages, else its plain prompt (``inputs.sources``)."""
+    if not cfg.messages_column:
+        return [False] * len(rows)
+    column = rows.columns[cfg.messages_column]
+    if not falls_back(cfg, rows.columns):
+        return [True] * len(column)
+    return [v is not None for v in column]
 
 
 def _with_broken(
@@ -154,7 +168,8 @@ def _with_broken(
 def render_texts(
     rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool
 ) -> tuple[list[str], list[str | None], list[str]]:
-    """Render every row to the text the model sees (no tokenizing).
+    """Render every row to the text the model sees (no tokenizing): its messages through the
+    chat template, or its plain prompt (through the template with ``chat``, else raw).
 
     Returns:
         (ids, texts, problems): per row of ``rows``, in order, its id, its prompt string (None
@@ -163,37 +178,43 @@ def render_texts(
     # A malformed jsonl line's row holds only what is wrong with it (``inputs.jsonl``).
     broken = rows.columns.get(PROBLEM_COLUMN) or [None] * len(rows)
     ids = _row_ids(rows, cfg, broken)
-    n = len(ids)
-    if cfg.messages_column:
-        column = rows.columns[cfg.messages_column]
-        problems = [
-            f"dataset.messages_column {cfg.messages_column!r}: {why}"
-            if (why := messages_problem(v))
-            else ""
-            for v in column
-        ]
-        conversations = [
-            None if problems[i] else [{"role": m["role"], "content": m["content"]} for m in v]
-            for i, v in enumerate(column)
-        ]
-    else:
-        user, problems = _user_turns(rows, cfg, n)
-        if not chat:
-            return ids, *_with_broken(user, problems, broken)
-        conversations = [None if t is None else [{"role": "user", "content": t}] for t in user]
+    on_messages = message_rows(rows, cfg)
+    problems = [""] * len(ids)
+    # Per row: the conversation the chat template renders, or the raw text of a plain prompt.
+    turns: list[list[dict] | str | None] = [None] * len(ids)
+    for i in (i for i, m in enumerate(on_messages) if m):
+        value = rows.columns[cfg.messages_column][i]
+        why = messages_problem(value)
+        if why:
+            problems[i] = f"dataset.messages_column {cfg.messages_column!r}: {why}"
+        else:
+            turns[i] = [{"role": m["role"], "content": m["content"]} for m in value]
+    plain = [i for i, m in enumerate(on_messages) if not m]
+    null = f"dataset.messages_column {cfg.messages_column!r}: missing (null), and "
+    for i, text, why in zip(plain, *_user_turns(rows, cfg, plain), strict=True):
+        problems[i] = why and (null + why if cfg.messages_column else why)
+        turns[i] = None if why else [{"role": "user", "content": text}] if chat else text
     if cfg.system_prompt:
         system = {"role": "system", "content": cfg.system_prompt}
-        conversations = [
-            c if c is None or c[0]["role"] == "system" else [system, *c] for c in conversations
+        turns = [
+            t if not isinstance(t, list) or t[0]["role"] == "system" else [system, *t]
+            for t in turns
         ]
-    kwargs = template_kwargs(rows, cfg, problems)
+    templated = [isinstance(t, list) for t in turns]
+    kwargs: list[dict] = [{}] * len(ids)
+    if any(templated):  # a row's template arguments matter only where the template renders it
+        checked = list(problems)
+        kwargs = template_kwargs(rows, cfg, checked)
+        problems = [c if t else p for c, p, t in zip(checked, problems, templated, strict=True)]
     texts = [
         None
-        if c is None or problems[i]
+        if t is None or problems[i]
         else tokenizer.apply_chat_template(
-            c, tokenize=False, add_generation_prompt=True, **kwargs[i]
+            t, tokenize=False, add_generation_prompt=True, **kwargs[i]
         )
-        for i, c in enumerate(conversations)
+        if templated[i]
+        else t
+        for i, t in enumerate(turns)
     ]
     return ids, *_with_broken(texts, problems, broken)
 
@@ -224,25 +245,25 @@ def build_records(
     own = row_samplings(rows, cfg, sampling, texts, problems)
     at = rows.start
     good = [i for i, t in enumerate(texts) if t is not None]
-    rendered_by_template = chat or bool(cfg.messages_column)
-    # (A fast tokenizer fails on an empty list: every row may be bad.)
-    encoded = (
-        tokenizer([texts[i] for i in good], add_special_tokens=not rendered_by_template)
-        if good
-        else {"input_ids": []}
-    )
+    on_messages = message_rows(rows, cfg)
+    tokens: dict[int, list[int]] = {}
+    for by_template in (True, False):
+        which = [i for i in good if (chat or on_messages[i]) == by_template]
+        if which:  # (a fast tokenizer fails on an empty list)
+            found = tokenizer([texts[i] for i in which], add_special_tokens=not by_template)
+            tokens.update(zip(which, found["input_ids"], strict=True))
     kept = {c: rows.columns[c] for c in cfg.keep_columns}
     records = [
         PromptRecord(
             at + i,
             ids[i],
             texts[i],
-            list(tokens),
+            list(tokens[i]),
             {c: v[i] for c, v in kept.items()},
             own[i].sampling if own[i] else None,
             own[i].seed if own[i] else None,
         )
-        for i, tokens in zip(good, encoded["input_ids"], strict=True)
+        for i in good
     ]
     bad = [Skipped(at + i, ids[i], problems[i]) for i, t in enumerate(texts) if t is None]
     return records, bad

@@ -29,8 +29,9 @@ import pyarrow.compute as pc
 from batchgen.config import DatasetConfig, JobConfig
 from batchgen.errors import DataError
 from batchgen.inputs import block_rules, jsontext, policies, prompts
-from batchgen.inputs.dataset import Table, template_fields
+from batchgen.inputs.dataset import Table
 from batchgen.inputs.jsonl import PROBLEM_COLUMN
+from batchgen.inputs.sources import falls_back, plain_fields, template_fields
 
 # Rows per Arrow block: bounds the transient memory of one pass.
 BLOCK_ROWS = 1 << 16
@@ -44,28 +45,41 @@ def _blocks(table: Table, name: str) -> Iterator[tuple[int, pa.Array]]:
     return table.scan(name, BLOCK_ROWS)
 
 
+def _flags(table: Table, name: str, check) -> np.ndarray:
+    """Per row, ``check``'s verdict on its value of column ``name``."""
+    flags = np.zeros(len(table), dtype=bool)
+    for offset, block in _blocks(table, name):
+        flags[offset : offset + len(block)] = check(block)
+    return flags
+
+
+def _message_rows(table: Table, cfg: DatasetConfig) -> np.ndarray:
+    """Per row, whether its prompt is its messages (``prompts.message_rows``, in Arrow)."""
+    if not cfg.messages_column:
+        return np.zeros(len(table), dtype=bool)
+    if not falls_back(cfg, table.dataset.column_names):
+        return np.ones(len(table), dtype=bool)
+    return ~_flags(table, cfg.messages_column, block_rules.null)
+
+
 def bad_row_indices(table: Table, cfg: DatasetConfig) -> np.ndarray:
     """Indices of the rows that have no usable prompt, in row order."""
-    if cfg.messages_column:
-        checks = [(cfg.messages_column, block_rules.bad_messages)]
-    elif cfg.template:
-        checks = [(f, block_rules.null) for f in template_fields(cfg.template)]
-    else:
-        checks = [(cfg.prompt_column, block_rules.bad_text)]
+    on_messages = _message_rows(table, cfg)
     bad = _broken(table)
-    for name, check in checks:
-        for offset, block in _blocks(table, name):
-            bad[offset : offset + len(block)] |= check(block)
+    if on_messages.any():
+        bad |= on_messages & _flags(table, cfg.messages_column, block_rules.bad_messages)
+    if not on_messages.all():
+        check = block_rules.null if cfg.template else block_rules.bad_text
+        for name in plain_fields(cfg):
+            bad |= ~on_messages & _flags(table, name, check)
     return np.flatnonzero(bad)
 
 
 def _broken(table: Table) -> np.ndarray:
     """Rows of malformed jsonl lines (``inputs.jsonl``): bad whatever their prompt."""
-    broken = np.zeros(len(table), dtype=bool)
-    if PROBLEM_COLUMN in table.dataset.column_names:
-        for offset, block in _blocks(table, PROBLEM_COLUMN):
-            broken[offset : offset + len(block)] = ~block_rules.null(block)
-    return broken
+    if PROBLEM_COLUMN not in table.dataset.column_names:
+        return np.zeros(len(table), dtype=bool)
+    return ~_flags(table, PROBLEM_COLUMN, block_rules.null)
 
 
 def refuse_bad_rows(table: Table, cfg: DatasetConfig, tokenizer, chat: bool) -> None:
@@ -144,30 +158,34 @@ def check_unique_ids(table: Table, id_column: str | None) -> None:
     raise prompts.duplicate_ids_error(id_column, shown)
 
 
-def _byte_lengths(table: Table, cfg: DatasetConfig) -> np.ndarray:
-    """Per row, the UTF-8 bytes of what is rendered into the prompt, beyond the template."""
+def _byte_lengths(table: Table, cfg: DatasetConfig, on_messages: np.ndarray) -> np.ndarray:
+    """Per row, the UTF-8 bytes of what is rendered into the prompt, beyond the template: its
+    messages where ``on_messages``, else its plain prompt."""
     total = np.zeros(len(table), dtype=np.int64)
-    if cfg.messages_column:
+    if on_messages.any():
         for offset, block in _blocks(table, cfg.messages_column):
             found = block_rules.messages(block)
-            if found is None:
-                return total  # rows that bad_row_indices refuses or skips
-            total[offset : offset + len(block)] += found[1]
-        return total
-    fields = template_fields(cfg.template) if cfg.template else [cfg.prompt_column]
-    for name in fields:
-        for offset, block in _blocks(table, name):
-            total[offset : offset + len(block)] += block_rules.text_bytes(block, bool(cfg.template))
+            if found is not None:  # None: no usable messages, rows that are refused or skipped
+                rows = slice(offset, offset + len(block))
+                total[rows] += np.where(on_messages[rows], found[1], 0)
+    if not on_messages.all():
+        for name in plain_fields(cfg):
+            for offset, block in _blocks(table, name):
+                rows = slice(offset, offset + len(block))
+                size = block_rules.text_bytes(block, bool(cfg.template))
+                total[rows] += np.where(on_messages[rows], 0, size)
     return total
 
 
-def _template_tokens(cfg: DatasetConfig, tokenizer, chat: bool) -> int:
-    """Tokens of a prompt whose rendered fields are all empty: the template's own share."""
+def _template_tokens(cfg: DatasetConfig, tokenizer, chat: bool, messages: bool, plain: bool) -> int:
+    """Tokens of a prompt whose rendered fields are all empty: the template's own share, the
+    most of what ``messages`` rows and ``plain`` rows (whichever occur) add."""
     literal = 0
-    if cfg.template and not cfg.messages_column:
+    if cfg.template and plain:
         empty = dict.fromkeys(template_fields(cfg.template), "")
         literal = len(cfg.template.format_map(empty).encode())
-    if chat or cfg.messages_column:
+    wrapper = 0
+    if chat or messages:
         turns = [{"role": "user", "content": ""}]
         if cfg.system_prompt:
             turns.insert(0, {"role": "system", "content": cfg.system_prompt})
@@ -175,8 +193,8 @@ def _template_tokens(cfg: DatasetConfig, tokenizer, chat: bool) -> int:
             turns, tokenize=False, add_generation_prompt=True, **cfg.chat_template_kwargs
         )
         wrapper = len(tokenizer(text, add_special_tokens=False).input_ids)
-    else:
-        wrapper = len(tokenizer("").input_ids)
+    if plain and not chat:
+        wrapper = max(wrapper, len(tokenizer("").input_ids))
     return wrapper + literal + TOKEN_SLACK
 
 
@@ -184,11 +202,14 @@ def maybe_long(table: Table, cfg: DatasetConfig, tokenizer, chat: bool, room: in
     """Indices of rows whose prompt is not provably within ``room`` tokens."""
     if cfg.chat_template_kwargs_column:  # each row may render the template its own way
         return np.arange(len(table))
+    on_messages = _message_rows(table, cfg)
     try:
-        overhead = _template_tokens(cfg, tokenizer, chat)
+        overhead = _template_tokens(
+            cfg, tokenizer, chat, bool(on_messages.any()), not on_messages.all()
+        )
     except Exception:  # noqa: BLE001 - a template that refuses empty turns: prove nothing
         return np.arange(len(table))
-    return np.flatnonzero(_byte_lengths(table, cfg) + overhead > room)
+    return np.flatnonzero(_byte_lengths(table, cfg, on_messages) + overhead > room)
 
 
 def refuse_long_prompts(table: Table, cfg: DatasetConfig, tokenizer, chat: bool, room: int) -> int:

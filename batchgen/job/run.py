@@ -20,6 +20,7 @@ from batchgen.engine import devices, vllm_engine
 from batchgen.engine.devices import Model
 from batchgen.errors import BatchgenError, Interrupted, Stopped
 from batchgen.inputs import dataset, models, screen
+from batchgen.inputs.sources import falls_back
 from batchgen.job.admission import admit
 from batchgen.job.session import Plan, Session
 from batchgen.job.shard_inputs import ShardInputs
@@ -104,8 +105,9 @@ def prepare(cfg: JobConfig) -> Prepared:
         plan = session.plan()
         cfg = replace(cfg, sampling=plan.sampling)
         num_rows = cfg.dataset.limit if streaming else len(table)
+        mixed = falls_back(cfg.dataset, table.dataset.column_names or [])
         parts = manifest.fingerprint_parts(
-            cfg, plan.chat, dtype, num_rows, plan.output, plan.engine_kind
+            cfg, plan.chat, dtype, num_rows, plan.output, plan.engine_kind, mixed
         )
         if not streaming:
             screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)

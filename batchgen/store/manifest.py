@@ -25,6 +25,7 @@ def fingerprint_parts(
     num_rows: int | None,
     output: OutputSpec | None = None,
     engine: str | None = None,
+    mixed: bool = False,
 ) -> dict:
     """Every setting that changes what is generated, grouped by where it comes from.
 
@@ -33,7 +34,9 @@ def fingerprint_parts(
     whole dataset to tell whether it changed. ``num_rows`` is None for a stream. ``output``
     (the optional columns) enters only when it writes any, so older folders still resume.
     ``engine`` (``choose_engine``'s answer) enters where it changes the outputs
-    (``ENGINE_BOUND``).
+    (``ENGINE_BOUND``). ``mixed``: rows without messages use their plain prompt
+    (``inputs.sources.falls_back``), which the data decides, not a setting; it enters only when
+    true, so a folder of messages alone still resumes.
     """
     m, d = cfg.model, cfg.dataset
     return {
@@ -57,6 +60,7 @@ def fingerprint_parts(
             "on_long_prompt": cfg.runner.on_long_prompt,
             "on_bad_row": cfg.runner.on_bad_row,
             **_unless_default({k: getattr(d, k) for k in LATER_PROMPTS}, LATER_PROMPTS),
+            **({"messages_else_plain": True} if mixed else {}),
         },
         "data": {
             "source": d.path,

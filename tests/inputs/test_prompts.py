@@ -131,3 +131,49 @@ def test_every_row_bad_gives_no_records(smol_tokenizer):
         rows(p=[None, ""]), DatasetConfig(prompt_column="p"), smol_tokenizer, True
     )
     assert recs == [] and [b.id for b in bad_rows] == ["0", "1"]
+
+
+MIXED = [
+    {"m": [{"role": "user", "content": "from messages"}], "p": None},
+    {"m": None, "p": "from the prompt"},
+    {"m": [{"role": "user", "content": "both set"}], "p": "unused"},
+    {"m": None, "p": None},
+    {"m": [], "p": "not used: the messages are there, and bad"},
+]
+
+
+def test_a_row_uses_its_messages_else_its_prompt(smol_tokenizer):
+    data = rows(m=[r["m"] for r in MIXED], p=[r["p"] for r in MIXED])
+    cfg = DatasetConfig(messages_column="m", prompt_column="p", system_prompt="Be brief.")
+    recs, bad = build_records(data, cfg, smol_tokenizer, chat=True)
+    alike = DatasetConfig(prompt_column="p", system_prompt="Be brief.")
+    as_prompt = build_records(rows(p=["from the prompt"]), alike, smol_tokenizer, True)[0]
+    assert [r.index for r in recs] == [0, 1, 2]
+    assert "from messages" in recs[0].text and "both set" in recs[2].text
+    assert (recs[1].text, recs[1].token_ids) == (as_prompt[0].text, as_prompt[0].token_ids)
+    assert all(r.text.startswith("<|im_start|>system\nBe brief.") for r in recs)
+    assert [(b.index, b.reason[:44]) for b in bad] == [
+        (3, "dataset.messages_column 'm': missing (null),"),
+        (4, "dataset.messages_column 'm': expected a non-"),
+    ]
+    assert bad[0].reason.endswith("and dataset.prompt_column 'p': missing (null)")
+
+
+def test_without_a_chat_template_plain_rows_stay_raw(smol_tokenizer):
+    data = rows(m=[MIXED[0]["m"], None], p=[None, "raw text"])
+    cfg = DatasetConfig(messages_column="m", prompt_column="p", chat_template="off")
+    recs, bad = build_records(data, cfg, smol_tokenizer, chat=False)
+    assert bad == [] and recs[1].text == "raw text"
+    assert recs[1].token_ids == smol_tokenizer("raw text").input_ids  # its special tokens
+    assert recs[0].text.startswith("<|im_start|>")
+    assert recs[0].token_ids == smol_tokenizer(recs[0].text, add_special_tokens=False).input_ids
+
+
+def test_without_the_prompt_column_every_row_is_its_messages(smol_tokenizer):
+    data = rows(m=[MIXED[0]["m"], None])
+    recs, bad = build_records(
+        data, DatasetConfig(messages_column="m", prompt_column="p"), smol_tokenizer, True
+    )
+    assert [r.index for r in recs] == [0] and bad[0].reason.startswith(
+        "dataset.messages_column 'm': expected a non-empty list"
+    )

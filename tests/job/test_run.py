@@ -139,6 +139,25 @@ def test_a_malformed_line_is_a_bad_row_under_skip(
     assert [r["id"] for r in read(fixed)] == [str(i) for i in range(12)]
 
 
+def test_prompt_rows_and_messages_rows_in_one_file(tiny_models, make_job, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [
+        {"uid": "a", "prompt": "Name a color."},
+        {"uid": "b", "messages": [{"role": "user", "content": "Name a color."}]},
+        {"uid": "c", "messages": [{"role": "user", "content": "Hi"}], "prompt": "unused"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cfg = make_job(tiny_models["chat"], path, out, dataset__messages_column="messages")
+    summary = run(cfg)
+    written = read(out)
+    assert summary["totals"]["rows"] == 3 and [r["id"] for r in written] == ["a", "b", "c"]
+    assert written[0]["prompt"] == written[1]["prompt"]  # a prompt is a user turn
+    assert "Hi" in written[2]["prompt"] and "unused" not in written[2]["prompt"]
+    parts = json.loads((out / "_batchgen" / "run.json").read_text())["fingerprint_parts"]
+    assert parts["prompts"]["messages_else_plain"] is True
+
+
 def test_encoder_decoder_job(tiny_models, prompts_file, make_job, tmp_path):
     summary = run(make_job(tiny_models["t5"], prompts_file, tmp_path / "out"))
     assert summary["totals"]["rows"] == 12

@@ -43,3 +43,13 @@ def test_a_respelled_source_with_other_rows_or_settings_is_another_run():
     changed = parts("/x/a.jsonl")
     changed["sampling"]["max_new_tokens"] = 9
     assert not manifest.respelled(parts("a.jsonl"), changed)
+
+
+def test_prompt_rows_beside_messages_are_another_run_and_only_they():
+    cfg = JobConfig()
+    cfg.dataset.messages_column = "messages"
+    alone = manifest.fingerprint_parts(cfg, True, "float32", 12)
+    mixed = manifest.fingerprint_parts(cfg, True, "float32", 12, mixed=True)
+    assert "messages_else_plain" not in alone["prompts"]  # older folders of messages resume
+    assert mixed["prompts"]["messages_else_plain"] is True
+    assert manifest.fingerprint(alone) != manifest.fingerprint(mixed)
