@@ -99,7 +99,9 @@ class DatasetConfig:
     path: str = "???"
     split: str = "train"
     name: str | None = None
-    # Prompt source, first set wins: messages_column, then template, then prompt_column.
+    # Prompt source, first set wins: messages_column, then template, then prompt_column; beside
+    # messages_column, a row whose messages are null uses the next one where the data has its
+    # columns (batchgen.inputs.sources), so one file may mix chat rows and prompt rows.
     prompt_column: str | None = "prompt"
     messages_column: str | None = None
     template: str | None = None

@@ -20,6 +20,7 @@ from batchgen.engine import devices, vllm_engine
 from batchgen.engine.devices import Model
 from batchgen.errors import BatchgenError, Interrupted, Stopped
 from batchgen.inputs import dataset, models, screen
+from batchgen.inputs.sources import falls_back
 from batchgen.job.admission import admit
 from batchgen.job.session import Plan, Session
 from batchgen.job.shard_inputs import ShardInputs
@@ -86,7 +87,7 @@ def prepare(cfg: JobConfig) -> Prepared:
     worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
     device, dtype = devices.resolve_device_dtype(cfg.model, worker.local_rank)
     source = models.resolve_source(cfg.model)
-    table = dataset.open_dataset(cfg.dataset)
+    table = dataset.open_dataset(cfg.dataset, skip_bad_lines=cfg.runner.on_bad_row == "skip")
     streaming = isinstance(table, dataset.Stream)
     out_dir = writer.writable_dir(Path(cfg.output.dir))
     lock = RunLock(
@@ -105,6 +106,7 @@ def prepare(cfg: JobConfig) -> Prepared:
         plan = session.plan()
         cfg = replace(cfg, sampling=plan.sampling)
         num_rows = cfg.dataset.limit if streaming else len(table)
+        mixed = falls_back(cfg.dataset, table.dataset.column_names or [])
         parts = manifest.fingerprint_parts(
             cfg,
             plan.chat,
@@ -113,6 +115,7 @@ def prepare(cfg: JobConfig) -> Prepared:
             plan.output,
             plan.engine_kind,
             session.model.source.adapter,
+            mixed,
         )
         if not streaming:
             screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)

@@ -27,6 +27,7 @@ def fingerprint_parts(
     output: OutputSpec | None = None,
     engine: str | None = None,
     adapter: str | None = None,
+    mixed: bool = False,
 ) -> dict:
     """Every setting that changes what is generated, grouped by where it comes from.
 
@@ -37,6 +38,9 @@ def fingerprint_parts(
     ``engine`` (``choose_engine``'s answer) enters where it changes the outputs
     (``ENGINE_BOUND``). ``adapter`` is ``model.adapter``'s local folder (``ModelSource.adapter``):
     its content digest enters, not its path (``model_parts``).
+    ``mixed``: rows without messages use their plain prompt
+    (``inputs.sources.falls_back``), which the data decides, not a setting; it enters only when
+    true, so a folder of messages alone still resumes.
     """
     m, d = cfg.model, cfg.dataset
     return {
@@ -61,6 +65,7 @@ def fingerprint_parts(
             "on_long_prompt": cfg.runner.on_long_prompt,
             "on_bad_row": cfg.runner.on_bad_row,
             **_unless_default({k: getattr(d, k) for k in LATER_PROMPTS}, LATER_PROMPTS),
+            **({"messages_else_plain": True} if mixed else {}),
         },
         "data": {
             "source": d.path,

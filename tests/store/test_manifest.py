@@ -68,3 +68,13 @@ def test_model_settings_at_their_default_leave_the_fingerprint_as_it_was(tmp_pat
     (adapter / "adapter_config.json").write_text('{"r": 8}')  # another adapter, same path
     again = manifest.fingerprint_parts(adapted, True, "float32", 3, adapter=str(adapter))["model"]
     assert again["adapter"] != model["adapter"]
+
+
+def test_prompt_rows_beside_messages_are_another_run_and_only_they():
+    cfg = JobConfig()
+    cfg.dataset.messages_column = "messages"
+    alone = manifest.fingerprint_parts(cfg, True, "float32", 12)
+    mixed = manifest.fingerprint_parts(cfg, True, "float32", 12, mixed=True)
+    assert "messages_else_plain" not in alone["prompts"]  # older folders of messages resume
+    assert mixed["prompts"]["messages_else_plain"] is True
+    assert manifest.fingerprint(alone) != manifest.fingerprint(mixed)
