@@ -537,13 +537,23 @@ def test_second_ctrl_c_is_one_line_exit_130(work, tiny_models):
         text=True,
     )
     deadline = time.monotonic() + 120
-    while not any(out.rglob("run.json")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)  # into the shard loop, whose first Ctrl-C only asks for a stop
+    said = b""
+
+    def read_until(text: bytes) -> None:
+        nonlocal said
+        while text not in said and time.monotonic() < deadline:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            assert chunk, said.decode()
+            said += chunk
+
+    read_until(b"generating")  # in the shard loop, whose first Ctrl-C only asks for a stop
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    # The second Ctrl-C as soon as the first is acknowledged: the stop it asked for (at the next
+    # decoding step, then the summary) is still under way; a fixed pause could outlast it.
+    read_until(b"Ctrl-C again to stop at once")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, rest = proc.communicate(timeout=60)
+    err = said.decode() + rest
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1] == (

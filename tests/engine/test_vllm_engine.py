@@ -18,8 +18,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen.engine import batching
-
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 # fp32: greedy tokens of two engines are compared, which bf16's rounding could tip at a tie.
@@ -135,7 +133,8 @@ def test_sampled_job_killed_mid_shard_resumes_to_the_uninterrupted_rows(vllm_pyt
     kept = sum(
         len(pq.read_table(f).column("index").unique()) for f in checkpoints.glob("*/rows-*.ckpt")
     )
-    assert batching.FLUSH_ROWS <= kept < 96 and not list(out.glob("part-*.parquet"))
+    # FLUSH_ROWS rows, or fewer where FLUSH_SECONDS passed first (a busy machine).
+    assert 0 < kept < 96 and not list(out.glob("part-*.parquet"))
     resumed = job(vllm_python, out, *settings, "runner.batch_size=8")
     # The resume generated only the rows the checkpoints lacked.
     assert f"vllm records: {96 - kept}" in resumed.stderr.splitlines()

@@ -117,14 +117,13 @@ def test_an_adapter_gives_the_merged_then_saved_models_outputs(
     tiny_models, adapters, prompts_file, tmp_path, make_job
 ):
     chat = tiny_models["chat"]
-    batchgen.run(make_job(chat, prompts_file, tmp_path / "base"))
-    batchgen.run(
-        make_job(chat, prompts_file, tmp_path / "lora", model__adapter=str(adapters["first"]))
-    )
-    batchgen.run(make_job(adapters["merged"], prompts_file, tmp_path / "merged"))
-    unmerged = make_job(
-        chat, prompts_file, tmp_path / "apart", model__adapter=str(adapters["first"])
-    )
+    # float32 throughout: dtype=auto is bfloat16 on a CPU with native bf16, where merging rounds.
+    fp32 = {"model__dtype": "float32"}
+    batchgen.run(make_job(chat, prompts_file, tmp_path / "base", **fp32))
+    lora = str(adapters["first"])
+    batchgen.run(make_job(chat, prompts_file, tmp_path / "lora", model__adapter=lora, **fp32))
+    batchgen.run(make_job(adapters["merged"], prompts_file, tmp_path / "merged", **fp32))
+    unmerged = make_job(chat, prompts_file, tmp_path / "apart", model__adapter=lora, **fp32)
     unmerged.model.merge_adapter = False
     batchgen.run(unmerged)
     lora = responses(tmp_path / "lora")
