@@ -11,7 +11,7 @@ import pytest
 import batchgen
 from batchgen.engine.static import StaticEngine
 from batchgen.store import checkpoints, layout
-from batchgen.tools import finalize
+from batchgen.tools import export, finalize
 
 
 class Crash(Exception):
@@ -98,7 +98,8 @@ def test_ten_requests_with_ten_token_limits_run_in_one_batch(
 def test_requests_with_their_own_n_checkpoint_resume_and_verify(tiny_models, tmp_path, monkeypatch):
     """Mixed ``n``: each request gets its own number of samples; a run that dies after two
     batches resumes from checkpoints holding each row's own count, the finished shard passes
-    verification on resume and at finalize, and the rows are those of an uninterrupted run."""
+    verification on resume and at finalize, the rows are those of an uninterrupted run, and the
+    export gives each request its own ``choices``."""
     counts = {"a": 1, "b": 3, "c": 2, "d": 1}
     path = requests_file(
         tmp_path / "requests.jsonl",
@@ -139,3 +140,10 @@ def test_requests_with_their_own_n_checkpoint_resume_and_verify(tiny_models, tmp
     assert rows(out) == want
     assert run(out).shards_resumed == 1  # verified by each row's own count, not redone
     assert finalize.check(out)[1] == []
+    target = tmp_path / "batch_output.jsonl"
+    assert export.main([str(out), "--format", "openai_batch", "-o", str(target)]) == 0
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    choices = {x["custom_id"]: x["response"]["body"]["choices"] for x in lines}
+    assert {q: [c["index"] for c in cs] for q, cs in choices.items()} == {
+        q: list(range(n)) for q, n in counts.items()
+    }
