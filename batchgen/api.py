@@ -171,8 +171,9 @@ class Generator:
         Args:
             prompts: one prompt or a list.
             sampling: ``sampling.*`` settings (``max_new_tokens``, ``temperature``, ``stop``...),
-                or a list of them, one per prompt (each over the defaults; ``seed`` too), or
-                ``"model"``: the model's generation config (a null setting is the model's too).
+                or a list of them, one per prompt (each over the defaults; ``seed`` and its own
+                ``num_return_sequences`` too), or ``"model"``: the model's generation config (a
+                null setting is the model's too).
             ids: one id per prompt (default: the position), which seeds its samples.
             seed: this call's base seed (default: the Generator's); a per-prompt ``seed`` in
                 ``sampling`` still wins for its prompt.
@@ -181,7 +182,8 @@ class Generator:
             One ``Completion`` per prompt and sample, in input order, then sample order.
 
         Raises:
-            ConfigError: a bad setting. DataError: a bad or too long prompt, named by id,
+            ConfigError: a bad setting; in a per-prompt list, named by its place
+                (``sampling[3]: ...``). DataError: a bad or too long prompt, named by id,
                 under ``runner.on_bad_row`` / ``runner.on_long_prompt`` = ``error``.
         """
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
