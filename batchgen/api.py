@@ -32,6 +32,7 @@ from batchgen.engine.devices import Model
 from batchgen.errors import ConfigError, ModelError
 from batchgen.inputs import models
 from batchgen.inputs.dataset import Rows
+from batchgen.inputs.row_settings import row_sampling
 from batchgen.job.session import Session
 from batchgen.job.shard_inputs import ShardInputs
 from batchgen.progress import Progress
@@ -170,8 +171,9 @@ class Generator:
         Args:
             prompts: one prompt or a list.
             sampling: ``sampling.*`` settings (``max_new_tokens``, ``temperature``, ``stop``...),
-                or a list of them, one per prompt (each over the defaults; ``seed`` too), or
-                ``"model"``: the model's generation config (a null setting is the model's too).
+                or a list of them, one per prompt (each over the defaults; ``seed`` and its own
+                ``num_return_sequences`` too), or ``"model"``: the model's generation config (a
+                null setting is the model's too).
             ids: one id per prompt (default: the position), which seeds its samples.
             seed: this call's base seed (default: the Generator's); a per-prompt ``seed`` in
                 ``sampling`` still wins for its prompt.
@@ -180,7 +182,8 @@ class Generator:
             One ``Completion`` per prompt and sample, in input order, then sample order.
 
         Raises:
-            ConfigError: a bad setting. DataError: a bad or too long prompt, named by id,
+            ConfigError: a bad setting; in a per-prompt list, named by its place
+                (``sampling[3]: ...``). DataError: a bad or too long prompt, named by id,
                 under ``runner.on_bad_row`` / ``runner.on_long_prompt`` = ``error``.
         """
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -227,6 +230,7 @@ class Generator:
         if isinstance(sampling, Sequence) and not isinstance(sampling, str):
             # One mapping per prompt: the job's rows with their own settings, over the defaults.
             own = [dataclasses.asdict(x) if isinstance(x, SamplingConfig) else x for x in sampling]
+            _check_own_sampling(own)
             columns = {**columns, _SAMPLING: own}
             dataset = dataclasses.replace(dataset, sampling_column=_SAMPLING)
             sampling = None
@@ -269,6 +273,24 @@ class Generator:
             "cache_pad_slots": engine.cache_pad_slots - counted[1],
         }
         return [Completion(**row) for row in out]
+
+
+def _check_own_sampling(own: list) -> None:
+    """Check each prompt's own settings here, so that a bad one is named as the argument it is
+    (``sampling[3]``), not as the job's column and bad-row policy it becomes below.
+
+    Raises:
+        ConfigError: naming ``sampling[i]`` and the key.
+    """
+    defaults = convert_sampling(SamplingConfig())
+    for i, value in enumerate(own):
+        try:
+            row_sampling(defaults, value, f"sampling[{i}]")
+        except ValueError as e:
+            raise ConfigError(
+                f"{e}. Fix that entry of sampling=: one mapping of sampling settings per prompt, "
+                "over the defaults (None: the defaults)."
+            ) from None
 
 
 def _model_config(name: str | None, options: Mapping[str, Any]) -> ModelConfig:

@@ -143,3 +143,20 @@ def describe_sampling(s: SamplingConfig) -> str:
     penalty = f", repetition_penalty {s.repetition_penalty}" if s.repetition_penalty != 1 else ""
     n = f", {s.num_return_sequences} samples per prompt" if s.num_return_sequences > 1 else ""
     return f"{shape}{penalty}, max_new_tokens {s.max_new_tokens}{n}"
+
+
+def describe_row_sampling(s: SamplingConfig, column: str, requests: bool) -> str:
+    """The decoding settings in one line where each row's ``column`` overrides the run's ``s``
+    (``dataset.sampling_column``): the rows' settings rule, so the run's are said to be what a
+    row leaves out. ``requests``: an OpenAI Batch file, whose every request sets ``do_sample``
+    (sampled unless its temperature is 0) and leaves out the rest as the hosted API does."""
+    if requests:
+        return (
+            "sampling settings from each request's body (sampled unless its temperature is 0); "
+            f"a key it leaves out: temperature {s.temperature}, top_p {s.top_p}, "
+            f"max_new_tokens {s.max_new_tokens}, n {s.num_return_sequences}"
+        )
+    return (
+        f"sampling settings from each row's {column!r} column; what a row leaves out: "
+        f"{describe_sampling(s)}"
+    )

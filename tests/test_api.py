@@ -269,3 +269,42 @@ def test_identical_calls_repeat_their_samples_and_a_seed_changes_them(chat_gen):
     assert other != first
     assert [c.response for c in chat_gen.generate(texts, sampling, seed=1234)] == other
     assert [c.response for c in chat_gen.generate(texts, sampling, seed=0)] == first  # the default
+
+
+def test_per_prompt_sampling_errors_name_the_argument(chat_gen):
+    """A bad entry of ``sampling=[...]`` is named as the argument it is, not as the job's column
+    and bad-row policy it becomes inside (``dataset.sampling_column``, ``runner.on_bad_row``)."""
+    cases = [
+        ([{}, {"temperature": "hot"}], r"^sampling\[1\]: temperature must be int/float"),
+        ([{"max_tokens": 3}], r"^sampling\[0\]: max_tokens not a sampling setting"),
+        ([None, {}, {"top_p": 2.0}], r"^sampling\[2\]\.top_p: must be in \(0, 1\]"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(ConfigError, match=message) as raised:
+            chat_gen.generate(["a"] * len(settings), settings)
+        text = str(raised.value)
+        assert "dataset." not in text and "on_bad_row" not in text and "_batchgen" not in text
+
+
+def test_a_prompt_has_its_own_number_of_samples(tiny_models):
+    """Per-prompt ``num_return_sequences`` (an OpenAI request's ``n``): each prompt gets its own
+    count of samples, the same samples as alone."""
+    gen = batchgen.Generator(str(tiny_models["base"]), progress=False, runner={"batch_size": 8})
+    texts = ["one two", "three", "four five six"]
+    settings = [
+        {"max_new_tokens": 3, "num_return_sequences": 3, "do_sample": True},
+        {"max_new_tokens": 3},
+        {"max_new_tokens": 4, "num_return_sequences": 2, "do_sample": True},
+    ]
+    mixed = gen.generate(texts, settings)
+    assert [(c.id, c.sample_index) for c in mixed] == [
+        ("0", 0),
+        ("0", 1),
+        ("0", 2),
+        ("1", 0),
+        ("2", 0),
+        ("2", 1),
+    ]
+    pairs = list(zip(texts, settings, strict=True))
+    alone = [c for i, (t, s) in enumerate(pairs) for c in gen.generate([t], [s], ids=[str(i)])]
+    assert mixed == alone

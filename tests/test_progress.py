@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from batchgen.progress import Progress
+from batchgen.config import SamplingConfig
+from batchgen.progress import Progress, describe_row_sampling
 
 
 class Clock:
@@ -60,3 +61,16 @@ def test_steps_move_the_bar_by_their_share_of_a_row(capsys):
     assert bar.bar.n == 5 and bar.tokens == 7
     bar.close()
     assert "5/10" in capsys.readouterr().err  # whole rows on the bar, never 4.999...
+
+
+def test_rows_settings_are_said_to_be_the_rows_own():
+    """With a sampling column, the banner does not present the run's settings as the ones used."""
+    job = SamplingConfig(max_new_tokens=12)
+    line = describe_row_sampling(job, "settings", requests=False)
+    assert line == (
+        "sampling settings from each row's 'settings' column; what a row leaves out: "
+        "greedy, max_new_tokens 12"
+    )
+    line = describe_row_sampling(job, "sampling", requests=True)
+    assert line.startswith("sampling settings from each request's body")
+    assert "greedy" not in line and "max_new_tokens 12" in line

@@ -72,16 +72,18 @@ def _fits(batch, size, pads, real, batch_size, max_batch_tokens, new_tokens, sam
     return pads + rows * longest - batch_real <= max_padding * (real + batch_real)
 
 
-# Settings a row's own constraint may vary within one batch (the constraint processor reads each
-# row's); every other sampling setting is shared by a batch.
-PER_ROW_IN_BATCH = ("json_schema", "regex")
+# Settings a row may have of its own within one batch: its constraint (the constraint processor
+# reads each row's) and its token limit (the engine stops each row at its own); every other
+# sampling setting is shared by a batch. A row's seed is its record's, never its batch's.
+PER_ROW_IN_BATCH = ("json_schema", "regex", "max_new_tokens")
 
 
 def sampling_groups(
     records: list[PromptRecord], job: SamplingConfig
 ) -> list[tuple[SamplingConfig, list[PromptRecord]]]:
     """Records grouped by how they decode (their own sampling, else the job's), in order of
-    first appearance; each group's sampling is its first record's."""
+    first appearance; each group's sampling is its first record's, run to the group's longest
+    ``max_new_tokens`` (the engine stops each row at its own, ``row_limit``)."""
     groups: dict[str, tuple[SamplingConfig, list[PromptRecord]]] = {}
     for record in records:
         sampling = record.sampling or job
@@ -90,4 +92,13 @@ def sampling_groups(
         }
         key = json.dumps(shared, sort_keys=True)
         groups.setdefault(key, (sampling, []))[1].append(record)
-    return list(groups.values())
+    return [
+        (dataclasses.replace(s, max_new_tokens=max(row_limit(r, s) for r in group)), group)
+        for s, group in groups.values()
+    ]
+
+
+def row_limit(record: PromptRecord, batch: SamplingConfig) -> int:
+    """The new tokens a row may generate: its own ``max_new_tokens``, else its batch's."""
+    own = record.sampling
+    return own.max_new_tokens if own is not None else batch.max_new_tokens

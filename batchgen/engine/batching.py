@@ -145,9 +145,9 @@ class Batcher:
 
         ``sampling`` is the call's (a job's, or one ``Generator`` call's); records with their
         own (``record.sampling``) are batched with those that decode alike
-        (``sampling_groups``): a batch never runs to a longer ``max_new_tokens`` than its own
-        rows ask for. ``on_batch`` receives each finished batch's (row index, samples) pairs as
-        it finishes, to persist them (``batchgen.store.checkpoints``).
+        (``sampling_groups``): rows that differ only in ``max_new_tokens`` share batches, each
+        row stopping at its own limit. ``on_batch`` receives each finished batch's (row index,
+        samples) pairs as it finishes, to persist them (``batchgen.store.checkpoints``).
 
         Returns:
             (row index -> that row's samples, rows that failed alone with the error)

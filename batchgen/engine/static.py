@@ -19,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from batchgen.config import SamplingConfig
+from batchgen.engine.batch_plan import row_limit
 from batchgen.engine.constrained import constraint_processor
 from batchgen.engine.decode import Decoder, eos_token_ids
 from batchgen.engine.devices import input_device
@@ -38,11 +39,12 @@ class StepCounter(BaseStreamer):
     """A ``generate`` streamer that reports how many rows produced a token at each step.
 
     ``generate`` hands it the prompt first (skipped), then each step's new tokens, one per row
-    (R,); a row that has produced an end-of-sequence id only pads from then on.
+    (R,); a row that has produced an end-of-sequence id, or its own ``limits`` of tokens, only
+    pads from then on.
     """
 
-    def __init__(self, rows: int, eos_ids: set[int], on_step: Callable[[int], None]):
-        self.running = [True] * rows
+    def __init__(self, limits: list[int], eos_ids: set[int], on_step: Callable[[int], None]):
+        self.left = list(limits)
         self.eos_ids = eos_ids
         self.on_step = on_step
         self.prompt_seen = False
@@ -53,9 +55,9 @@ class StepCounter(BaseStreamer):
             return
         tokens = 0
         for i, token in enumerate(value.reshape(-1).tolist()):
-            if self.running[i]:
+            if self.left[i] > 0:
                 tokens += 1
-                self.running[i] = token not in self.eos_ids
+                self.left[i] = 0 if token in self.eos_ids else self.left[i] - 1
         self.on_step(tokens)
 
     def end(self) -> None:
@@ -71,6 +73,24 @@ class StopOnEvent(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
         stop = self.event.is_set()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class RowLimits(StoppingCriteria):
+    """Ends each row at its own token limit (rows of one batch may ask for different
+    ``max_new_tokens``); ``generate`` pads a row it ended, and the batch ends with its last row.
+
+    Args:
+        limits: each row's new tokens, (R,).
+        width: the prompt width ``generate``'s ids start with.
+    """
+
+    def __init__(self, limits: list[int], width: int):
+        self.limits = torch.tensor(limits)
+        self.width = width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        self.limits = self.limits.to(input_ids.device)
+        return self.limits <= input_ids.shape[1] - self.width
 
 
 def generation_config(model, sampling: SamplingConfig, pad_id: int, eos_ids: set[int]):
@@ -194,6 +214,7 @@ class StaticEngine(Engine):
             records = records + [records[-1]] * (decode_bucket(real) - real)
         n = sampling.num_return_sequences
         rows = [r.token_ids for r in records for _ in range(n)]  # R = B*n rows
+        limits = [row_limit(r, sampling) for r in records for _ in range(n)]  # (R,)
         padded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         input_ids = padded["input_ids"].to(self.device)  # (R, T)
         attention_mask = padded["attention_mask"].to(self.device)  # (R, T), 0 on pads
@@ -214,9 +235,12 @@ class StaticEngine(Engine):
             procs.insert(0, recorder)
         extra = {"tokenizer": self.tokenizer} if sampling.stop else {}
         if self.on_step is not None:
-            extra["streamer"] = StepCounter(len(rows), eos_ids, self.on_step)
-        if self.stop is not None:
-            extra["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(self.stop)])
+            extra["streamer"] = StepCounter(limits, eos_ids, self.on_step)
+        criteria = [StopOnEvent(self.stop)] if self.stop is not None else []
+        if min(limits) < sampling.max_new_tokens:
+            criteria.append(RowLimits(limits, width))
+        if criteria:
+            extra["stopping_criteria"] = StoppingCriteriaList(criteria)
         with torch.inference_mode():
             extra.update(self._cache(records, attention_mask, sampling))
             out = self.model.generate(
@@ -225,9 +249,10 @@ class StaticEngine(Engine):
         new_tokens = out[:, width:]  # (R, N)
         self.cache_pad_slots += int((attention_mask == 0).sum())
         recorded = recorder.finish(new_tokens) if recorder else [None] * len(rows)
+        # A row ended at its own limit is pads after it: cut there, it ended by "length".
         samples = [
-            self.decoder.sample(row, sampling, scores, self.logprobs)
-            for row, scores in zip(new_tokens.tolist(), recorded, strict=True)
+            self.decoder.sample(row[:limit], sampling, scores, self.logprobs)
+            for row, scores, limit in zip(new_tokens.tolist(), recorded, limits, strict=True)
         ]
         per_record = [samples[i * n : (i + 1) * n] for i in range(real)]
         if self.stop is not None and self.stop.is_set():
@@ -278,12 +303,12 @@ class StaticEngine(Engine):
 
 def _finished(records, per_record, sampling: SamplingConfig) -> list:
     """The records of a batch a stop ended whose samples were all complete: each ended by
-    itself (an end-of-sequence id or a stop string) or ran to ``max_new_tokens``."""
+    itself (an end-of-sequence id or a stop string) or ran to its row's ``max_new_tokens``."""
     return [
         (record, samples)
         for record, samples in zip(records, per_record, strict=True)
         if all(
-            s.finish_reason == "stop" or s.completion_tokens >= sampling.max_new_tokens
+            s.finish_reason == "stop" or s.completion_tokens >= row_limit(record, sampling)
             for s in samples
         )
     ]

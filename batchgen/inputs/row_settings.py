@@ -2,8 +2,9 @@
 
 Invariant: a row's value (a mapping, or its JSON text) is checked against the job's keys and
 ranges when the row is rendered; a bad one makes the row a bad row whose reason names the column
-and the key, handled by ``runner.on_bad_row`` like a bad prompt. What a row sets replaces the
-job's setting for that row alone; what it leaves out is the job's.
+and the key, handled by ``runner.on_bad_row`` like a bad prompt (a ``Generator`` checks its
+``sampling=[...]`` first, naming ``sampling[i]``). What a row sets replaces the job's setting for
+that row alone, its number of samples included; what it leaves out is the job's.
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ class RowSampling:
     seed: int | None = None
 
 
-def parse_mapping(value: Any, column: str) -> dict[str, Any]:
+def parse_mapping(value: Any, where: str) -> dict[str, Any]:
     """A row's mapping from a dict, its JSON text, or null (an empty mapping).
 
+    Args:
+        where: how errors name the value's place (``column 'kwargs'``, ``sampling[3]``).
+
     Raises:
-        ValueError: naming the column: not a mapping, or JSON text that is not one.
+        ValueError: naming ``where``: not a mapping, or JSON text that is not one.
     """
     if value is None:
         return {}
@@ -50,33 +54,38 @@ def parse_mapping(value: Any, column: str) -> dict[str, Any]:
         try:
             value = json.loads(value) if value.strip() else {}
         except ValueError as e:
-            raise ValueError(f"column {column!r}: not JSON ({e})") from None
+            raise ValueError(f"{where}: not JSON ({e})") from None
     if not isinstance(value, Mapping):
-        raise ValueError(f"column {column!r}: expected a mapping, got {str(value)[:60]!r}")
+        raise ValueError(f"{where}: expected a mapping, got {str(value)[:60]!r}")
     return dict(value)
 
 
-def row_sampling(job: SamplingConfig, value: Any, column: str) -> RowSampling | None:
-    """The sampling of a row whose ``column`` holds ``value``; None when it sets nothing.
+def row_sampling(job: SamplingConfig, value: Any, where: str) -> RowSampling | None:
+    """The sampling of a row whose settings are ``value``; None when it sets nothing.
 
-    A JSON schema may be given as a mapping or as text; ``num_return_sequences`` must stay the
-    job's (every row of a shard has the same number of samples).
+    A JSON schema may be given as a mapping or as text. A row may ask for its own number of
+    samples (``num_return_sequences``, an OpenAI request's ``n``): its output rows, checkpoints
+    and verification follow its own count.
+
+    Args:
+        where: how errors name the value's place: ``column 'sampling'`` in a job,
+            ``sampling[3]`` in a ``Generator`` call.
 
     Raises:
-        ValueError: naming the column and the key: unknown key, bad value, bad schema.
+        ValueError: naming ``where`` and the key: unknown key, bad value, bad schema.
     """
-    overrides = parse_mapping(value, column)
+    overrides = parse_mapping(value, where)
     if not overrides:
         return None
     unknown = sorted(set(overrides) - SAMPLING_KEYS - ROW_ONLY_KEYS)
     if unknown:
         raise ValueError(
-            f"column {column!r}: {', '.join(unknown)} not a sampling setting (the settings are "
+            f"{where}: {', '.join(unknown)} not a sampling setting (the settings are "
             f"{', '.join(sorted(SAMPLING_KEYS | ROW_ONLY_KEYS))})"
         )
     seed = overrides.pop("seed", None)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"column {column!r}: seed must be an integer, got {seed!r}")
+        raise ValueError(f"{where}: seed must be an integer, got {seed!r}")
     if isinstance(overrides.get("stop"), str):
         overrides["stop"] = [overrides["stop"]]
     schema = overrides.get("json_schema")
@@ -86,24 +95,18 @@ def row_sampling(job: SamplingConfig, value: Any, column: str) -> RowSampling | 
         wrong_bool = isinstance(v, bool) and bool not in SAMPLING_TYPES[key]
         if wrong_bool or not isinstance(v, SAMPLING_TYPES[key]):
             expected = "/".join(t.__name__ for t in SAMPLING_TYPES[key])
-            raise ValueError(f"column {column!r}: {key} must be {expected}, got {v!r}")
+            raise ValueError(f"{where}: {key} must be {expected}, got {v!r}")
     sampling = dataclasses.replace(job, **overrides)
     sampling = greedy_if_zero(sampling)
     try:
         if sampling.json_schema is not None:
-            key = f"column {column!r} json_schema"
+            key = f"{where} json_schema"
             sampling = dataclasses.replace(
                 sampling, json_schema=schema_text(sampling.json_schema, key)
             )
-        check_sampling(sampling, f"column {column!r}")
+        check_sampling(sampling, where)
     except ConfigError as e:
         raise ValueError(str(e)) from None
-    if sampling.num_return_sequences != job.num_return_sequences:
-        raise ValueError(
-            f"column {column!r}: num_return_sequences={sampling.num_return_sequences} differs "
-            f"from the job's {job.num_return_sequences}; every row of a job has the same number "
-            "of samples (set sampling.num_return_sequences)"
-        )
     return RowSampling(sampling, seed)
 
 
@@ -116,7 +119,7 @@ def template_kwargs(rows: Rows, cfg: DatasetConfig, problems: list[str]) -> list
     found = []
     for i, value in enumerate(rows.columns[column]):
         try:
-            found.append({**cfg.chat_template_kwargs, **parse_mapping(value, column)})
+            found.append({**cfg.chat_template_kwargs, **parse_mapping(value, f"column {column!r}")})
         except ValueError as e:
             problems[i] = problems[i] or f"dataset.chat_template_kwargs_column {e}"
             found.append({})
@@ -137,7 +140,11 @@ def row_samplings(
     found = []
     for i, value in enumerate(rows.columns[column]):
         try:
-            found.append(row_sampling(sampling, value, column) if texts[i] is not None else None)
+            found.append(
+                row_sampling(sampling, value, f"column {column!r}")
+                if texts[i] is not None
+                else None
+            )
         except ValueError as e:
             problems[i], texts[i] = f"dataset.sampling_column {e}", None
             found.append(None)

@@ -20,12 +20,13 @@ from batchgen.engine import devices, vllm_engine
 from batchgen.engine.devices import Model
 from batchgen.errors import BatchgenError, Interrupted, Stopped
 from batchgen.inputs import dataset, models, screen
+from batchgen.inputs.openai_batch import ID_COLUMN, SAMPLING_COLUMN
 from batchgen.inputs.sources import falls_back
 from batchgen.job.admission import admit
 from batchgen.job.session import Plan, Session
 from batchgen.job.shard_inputs import ShardInputs
 from batchgen.job.shard_loop import LoopSettings, ShardLoop
-from batchgen.progress import Progress, describe_sampling
+from batchgen.progress import Progress, describe_row_sampling, describe_sampling
 from batchgen.store import checkpoints, layout, manifest, writer
 from batchgen.store.folder import summarize
 from batchgen.store.naming import default_output_dir
@@ -221,8 +222,18 @@ def banner(p: Prepared, published: set[int]) -> str:
         f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on "
         f"{p.session.model.device} in {p.session.model.dtype} ({p.dtype_why}){extras}, {engine}; "
         f"{size}{where}; output {p.out_dir}\n"
-        f"batchgen: {describe_sampling(p.cfg.sampling)}"
+        f"batchgen: {_sampling_line(p.cfg)}"
     )
+
+
+def _sampling_line(cfg: JobConfig) -> str:
+    """The banner's sampling line: the run's settings, or the rows' own over them."""
+    d = cfg.dataset
+    if not d.sampling_column:
+        return describe_sampling(cfg.sampling)
+    # The openai_batch preset's columns: each row's settings are a request body's.
+    requests = (d.id_column, d.sampling_column) == (ID_COLUMN, SAMPLING_COLUMN)
+    return describe_row_sampling(cfg.sampling, d.sampling_column, requests)
 
 
 def _tidy(p: Prepared, complete: bool) -> None:

@@ -102,7 +102,8 @@ class ShardLoop:
         self.inputs = inputs
         self.session = session
         self.plan = plan
-        self.samples = plan.sampling.num_return_sequences
+        # Samples per row, for verifying finished shards: None where rows may set their own.
+        self.samples = None if plan.dataset.sampling_column else plan.sampling.num_return_sequences
         self.stop = session.stop
         self.meta = meta
         self.settings = settings
@@ -250,7 +251,10 @@ class ShardLoop:
         failed, the pads computed and the seconds spent generating."""
         shard = item.shard
         identity = {"fingerprint": self.meta["fingerprint"], "digest": item.digest}
-        results = checkpoints.load(self.out_dir, shard.index, identity, self.samples)
+        samples = {
+            r.index: (r.sampling or self.plan.sampling).num_return_sequences for r in item.records
+        }
+        results = checkpoints.load(self.out_dir, shard.index, identity, samples)
         todo = [r for r in item.records if r.index not in results]
         self.result.kept_rows = len(results)
         self.progress.update(

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,11 +132,17 @@ def _discard(out_dir: Path, path: Path, why: str) -> None:
     path.unlink(missing_ok=True)
 
 
-def load(out_dir: Path, shard: int, identity: dict, samples: int) -> dict[int, list[Sample]]:
+def load(
+    out_dir: Path, shard: int, identity: dict, samples: int | Mapping[int, int]
+) -> dict[int, list[Sample]]:
     """The rows of ``shard`` that earlier attempts finished under the same identity.
 
     A damaged file is discarded with a warning (module docstring); a file of another identity,
     or missing samples of a row, contributes nothing.
+
+    Args:
+        samples: the samples a row has: one count for every row, or each row index's own (rows
+            with their own ``num_return_sequences``); a row not in the mapping is not reused.
     """
     from batchgen.engine.interface import Sample
 
@@ -150,7 +157,8 @@ def load(out_dir: Path, shard: int, identity: dict, samples: int) -> dict[int, l
         by_row: dict[int, list[Sample]] = {}
         for row in table.to_pylist():
             by_row.setdefault(row["index"], []).append(_sample(Sample, row))
-        found.update({i: s for i, s in by_row.items() if len(s) == samples})
+        wanted = samples.get if isinstance(samples, Mapping) else lambda _: samples
+        found.update({i: s for i, s in by_row.items() if len(s) == wanted(i)})
     return found
 
 
@@ -165,18 +173,19 @@ def _sample(cls: type[Sample], row: dict) -> Sample:
     )
 
 
-def finished_batches(out_dir: Path, samples: int) -> list[dict]:
+def finished_batches(out_dir: Path) -> list[dict]:
     """Every checkpointed batch, whatever its identity: ``mtime``, ``rows``,
     ``completion_tokens``, for progress reports (``batchgen status``)."""
     found = []
     for path in layout.checkpoints_dir(out_dir).glob("*/rows-*.ckpt"):
         try:
-            tokens = pq.read_table(path, columns=["completion_tokens"]).column(0)
+            # Rows are counted by index: rows of one batch may have different sample counts.
+            table = pq.read_table(path, columns=["index", "completion_tokens"])
             found.append(
                 {
                     "mtime": path.stat().st_mtime,
-                    "rows": len(tokens) // max(samples, 1),
-                    "completion_tokens": pc.sum(tokens).as_py() or 0,
+                    "rows": pc.count_distinct(table["index"]).as_py(),
+                    "completion_tokens": pc.sum(table["completion_tokens"]).as_py() or 0,
                 }
             )
         except (OSError, pa.ArrowException):

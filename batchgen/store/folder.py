@@ -128,10 +128,13 @@ class FolderState:
         return sum(covered_rows(f) for f in self.done.values())
 
     @property
-    def samples_per_row(self) -> int:
-        """Samples generated per input row (``sampling.num_return_sequences``; 1 unrecorded)."""
-        sampling = (self.run.get("config") or {}).get("sampling") or {}
-        return sampling.get("num_return_sequences") or 1
+    def samples_per_row(self) -> int | None:
+        """Samples generated per input row (``sampling.num_return_sequences``; 1 unrecorded);
+        None where rows may set their own (``dataset.sampling_column``)."""
+        config = self.run.get("config") or {}
+        if (config.get("dataset") or {}).get("sampling_column"):
+            return None
+        return (config.get("sampling") or {}).get("num_return_sequences") or 1
 
     @property
     def status(self) -> str | None:

@@ -72,10 +72,19 @@ def _rows_problem(
                     f"expected id {want_id!r} sample {j % n}"
                 )
         return None
+    # Without one count for all (rows may have their own), each id's samples are consecutive
+    # rows numbered from 0: compare the runs of ids.
+    runs: list[str] = []
+    for j, (got_id, got_k) in enumerate(zip(ids, sample_index, strict=True)):
+        first = j == 0 or ids[j - 1] != got_id
+        runs += [got_id] if first else []
+        want_k = 0 if first else sample_index[j - 1] + 1
+        if got_k != want_k:
+            return f"row {j} is id {got_id!r} sample {got_k}, expected sample {want_k}"
+    if len(set(runs)) != len(runs):
+        return "an id appears in more than one row"
     if expected_ids is None:
         return None
-    # Without a sample count, each id's samples are consecutive rows: compare the runs of ids.
-    runs = [i for j, i in enumerate(ids) if j == 0 or ids[j - 1] != i]
     if len(runs) != len(expected_ids):
         return f"{len(runs)} ids, expected {len(expected_ids)}"
     for j, (got, want) in enumerate(zip(runs, expected_ids, strict=True)):
@@ -102,7 +111,9 @@ def verify_shard(
         expected_ids: the ids the shard must hold, in row order (the shard's planned rows less
             those the caller knows were skipped or failed); None to skip the id check.
         samples_per_row: samples per id (``sampling.num_return_sequences``), so rows must be
-            each id repeated with ``sample_index`` 0..n-1; None to skip the count check.
+            each id repeated with ``sample_index`` 0..n-1; None where rows may have their own
+            count (``dataset.sampling_column``): each id's rows are numbered 0, 1, ... and
+            they add up to the samples the footer counts.
 
     Returns:
         None when the shard can be trusted, else a one-line reason starting with ``CORRUPT``,
@@ -146,9 +157,13 @@ def verify_shard(
             return f"{CORRUPT}: data unreadable ({_short(e)})"
     if table.num_rows != parquet.metadata.num_rows:
         return f"{CORRUPT}: {table.num_rows} rows decoded, footer says {parquet.metadata.num_rows}"
-    rows = ((meta.get("shard") or {}).get("totals") or {}).get("rows")
+    totals = (meta.get("shard") or {}).get("totals") or {}
+    rows = totals.get("rows")
     if samples_per_row is not None and rows is not None and rows * samples_per_row != len(table):
         return f"{WRONG_ROWS}: {len(table)} rows for {rows} ids x {samples_per_row} samples"
+    samples = totals.get("samples")
+    if samples_per_row is None and samples is not None and samples != len(table):
+        return f"{WRONG_ROWS}: {len(table)} rows, the footer counts {samples} samples"
     problem = _rows_problem(
         table.column("id").to_pylist(),
         table.column("sample_index").to_pylist(),

@@ -126,7 +126,7 @@ def collect(
         expired += c["expired"]
         claimed += not c["expired"]
     rows_done = state.rows_done
-    batches = checkpoints.finished_batches(out_dir, state.samples_per_row)  # shards in progress
+    batches = checkpoints.finished_batches(out_dir)  # shards in progress
     remaining = state.rows_total - rows_done - sum(b["rows"] for b in batches)
     speed = _throughput(done + batches, state, len(workers))
     rate = speed["rows_per_second"]

@@ -173,3 +173,27 @@ def test_a_stop_ends_the_batch_at_the_next_step_keeping_finished_rows(tiny_model
         engine.generate(recs, 0)
     assert len(steps) <= 31  # ended at the next step, not at 40
     assert [(r.index, samples) for r, samples in stopped.value.partial] == [(0, alone)]
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_rows_of_one_batch_stop_at_their_own_limits_as_alone(tiny_models, sample):
+    """Rows that differ only in ``max_new_tokens`` share a batch run to the longest: each stops
+    at its own limit, with the tokens, text and finish reason it gets alone at that limit."""
+    import dataclasses
+
+    sampling = SamplingConfig(max_new_tokens=9, do_sample=sample, temperature=0.9)
+    engine, tok = load(tiny_models["chat"], sampling)
+    limits = [2, 9, 5]
+    recs = [
+        dataclasses.replace(r, sampling=dataclasses.replace(sampling, max_new_tokens=n))
+        for r, n in zip(records(tok), limits, strict=True)
+    ]
+    steps = []
+    engine.on_step = steps.append
+    batched = engine.generate(recs, seed=4)
+    engine.on_step = None
+    for rec, (got,), n in zip(recs, batched, limits, strict=True):
+        alone = engine.engine.generate([rec], 4, rec.sampling)[0][0]
+        assert got == alone
+        assert got.completion_tokens == n and got.finish_reason == "length"
+    assert len(steps) == 9 and steps[2] == 2  # the 2-token row stopped taking decode steps

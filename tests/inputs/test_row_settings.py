@@ -82,13 +82,19 @@ def test_row_sampling_merges_over_the_job():
         ({"do_sample": 1}, "do_sample must be bool"),
         ({"seed": "x"}, "seed must be an integer"),
         ({"json_schema": {"type": 5}}, "not a valid JSON schema"),
-        ({"num_return_sequences": 2, "do_sample": True}, "differs from the job's 1"),
+        ({"num_return_sequences": 2}, r"column 's'\.num_return_sequences: more than one"),
         ("[1]", "expected a mapping"),
     ],
 )
 def test_bad_row_sampling_is_named(value, message):
     with pytest.raises(ValueError, match=message):
-        row_sampling(SamplingConfig(), value, "s")
+        row_sampling(SamplingConfig(), value, "column 's'")
+
+
+def test_a_row_has_its_own_number_of_samples():
+    """An OpenAI Batch file mixes ``n`` values: a row's own count is its own, not refused."""
+    own = row_sampling(SamplingConfig(), {"num_return_sequences": 3, "do_sample": True}, "s")
+    assert own.sampling.num_return_sequences == 3
 
 
 def test_records_carry_their_own_sampling_and_bad_ones_are_bad_rows(smol_tokenizer):

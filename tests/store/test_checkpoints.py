@@ -217,3 +217,14 @@ def test_changed_rows_do_not_reuse_checkpoints(tiny_models, data, make_job, tmp_
     assert rows(out)[3]["prompt"].endswith(
         "a question that was edited<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_rows_with_their_own_sample_counts_come_back_whole(tmp_path):
+    """A row may have its own ``num_return_sequences``: a row is reused when it holds its own
+    count of samples, and progress reports count rows, not samples over one count."""
+    one, three = [Sample("a", "stop", 1)], [Sample(t, "stop", 1) for t in "bcd"]
+    checkpoints.save(tmp_path, 0, IDENTITY, [(0, one), (1, three), (2, three[:2])])
+    found = checkpoints.load(tmp_path, 0, IDENTITY, samples={0: 1, 1: 3, 2: 3})
+    assert found == {0: one, 1: three}  # row 2 lacks a sample: generated again
+    (batch,) = checkpoints.finished_batches(tmp_path)
+    assert batch["rows"] == 3 and batch["completion_tokens"] == 6

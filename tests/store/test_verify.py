@@ -203,3 +203,26 @@ def test_one_flipped_byte_is_caught_where_pages_carry_checksums(tmp_path):
     reason = verify_shard(copy_with(path, bytes(data)), FP, IDS, 2)
     assert reason.startswith("corrupt: data unreadable (")
     assert "CRC" in reason
+
+
+def test_rows_with_their_own_sample_counts(tmp_path):
+    """Without one count for all (``dataset.sampling_column``), each id's rows are numbered
+    from 0 and add up to the samples the footer counts."""
+    counts = {"a": 1, "b": 3, "c": 2}
+    good = [r for i, n in counts.items() for r in rows([i], n)]
+
+    def write(table, name, samples=6):
+        meta = {"fingerprint": FP, "fingerprint_parts": PARTS}
+        meta["shard"] = {"index": 0, "totals": {"rows": 3, "samples": samples}}
+        assert write_shard(tmp_path, name, table, output_schema({}, meta))
+        return tmp_path / name
+
+    assert verify_shard(write(good, "part-00000.parquet"), FP, list(counts), None) is None
+    gap = good[:1] + good[2:]  # b's sample 0 lost
+    assert verify_shard(write(gap, "part-00001.parquet", 5), FP, list(counts), None) == (
+        "wrong rows: row 1 is id 'b' sample 1, expected sample 0"
+    )
+    short = write(good[:-1], "part-00002.parquet")  # c's sample 1 lost, the footer says 6
+    assert verify_shard(short, FP, None, None) == (
+        "wrong rows: 5 rows, the footer counts 6 samples"
+    )
