@@ -27,7 +27,8 @@ TOOLS = ("status", "report", "finalize", "export")
 
 
 def _job(cfg: DictConfig) -> None:
-    """Run one batch generation job; a user error prints one paragraph and exits with 2.
+    """Run one batch generation job; a user error prints one paragraph and exits with 2 (1
+    when a worker that ``runner.devices`` started died).
 
     A ``-m`` sweep's task runs this in a process of its own, where the presets' resolvers are
     registered again before the config is resolved.
@@ -44,7 +45,7 @@ def _job(cfg: DictConfig) -> None:
         sys.exit(e.exit_code)
     except BatchgenError as e:
         print(f"batchgen: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 _hydra_main = hydra.main(version_base="1.3", config_path=paths.CONFIG_DIR, config_name="config")(

@@ -16,3 +16,31 @@ def test_steps_move_the_bar_by_their_share_of_a_row(capsys):
     assert bar.bar.n == 5 and bar.tokens == 7
     bar.close()
     assert "5/10" in capsys.readouterr().err  # whole rows on the bar, never 4.999...
+
+
+def test_a_worker_reports_only_its_own_rows_and_a_pool_bar_adds_them_up(monkeypatch):
+    from batchgen import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    said = []
+    bar = Progress(10, enabled=False, row_tokens=4, report=lambda *counts: said.append(counts))
+    assert said == [(10, 0.0, 0)]  # at once: the pool learns the total
+    bar.step(2)  # half a row, within REPORT_SECONDS of the last report: kept
+    assert len(said) == 1
+    clock[0] = progress.REPORT_SECONDS
+    bar.step(2)
+    assert said[-1] == (10, 1.0, 4)
+    bar.others(3)  # another worker's shard: that worker reports it
+    clock[0] += progress.REPORT_SECONDS
+    bar.update(2, 7)
+    assert said[-1] == (10, 2.0, 7)
+    bar.close()  # a last report, whenever
+    assert said[-1] == (10, 2.0, 7) and len(said) == 4
+
+    pool = Progress(10, enabled=False)
+    pool.show(2.5, 30)
+    pool.show(1.0, 35)  # never backwards
+    assert pool.own == 2.5 and pool.tokens == 35
+    pool.show(12.0, 40)  # a dead worker's rows redone by another: never past the total
+    assert pool.own == 10

@@ -3,12 +3,16 @@
 The handler only sets a flag; the shard loop checks it between batches, abandons the shard in
 progress (nothing half-written is ever published), releases its claims and exits with 128 + the
 signal's number; a handler that was there before (submitit's requeue) is then called. A second
-Ctrl-C interrupts at once, for a user who really means it.
+Ctrl-C interrupts at once, for a user who really means it. A process that runs workers of its
+own (``batchgen.job.pool``) hands each signal on to them (``ForwardStops``), and they stop so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
 import threading
 from types import FrameType
 
@@ -58,3 +62,44 @@ class StopRequested:
     def name(self) -> str:
         """The signal's name, for messages."""
         return signal.Signals(self.signum).name if self.signum else "stop"
+
+
+class ForwardStops:
+    """Hands every stop signal (``STOP_SIGNALS``) this process gets on to each process it was
+    given (``add``) that still runs, while entered; ``signum`` is the first one received.
+
+    Handlers are installed only in the main thread (elsewhere Python refuses them).
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.signum: int | None = None
+        self._sent: set[int] = set()  # pids handed a signal
+        self._previous: dict[int, object] = {}
+
+    def _send(self, proc: subprocess.Popen, signum: int) -> None:
+        if proc.returncode is None:  # not reaped: the pid is still that process's
+            self._sent.add(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+        for proc in self.procs:
+            self._send(proc, signum)
+
+    def add(self, proc: subprocess.Popen) -> None:
+        """Forward to ``proc`` too; a stop that came while it was starting reaches it now."""
+        self.procs.append(proc)
+        if self.signum is not None and proc.pid not in self._sent:
+            self._send(proc, self.signum)
+
+    def __enter__(self) -> ForwardStops:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
