@@ -159,8 +159,13 @@ class Generator:
         sampling: SamplingConfig | Mapping[str, Any] | None = None,
         *,
         ids: Sequence[str] | None = None,
+        seed: int | None = None,
     ) -> list[Completion]:
         """Complete raw text prompts (no chat template), as a base model's job does.
+
+        Sampling is reproducible: a prompt's samples come from (seed, its id, sample index), so
+        two calls with the same prompts, ids and seed return the same samples. Give another
+        ``seed`` (or other ids) for other samples.
 
         Args:
             prompts: one prompt or a list.
@@ -168,6 +173,8 @@ class Generator:
                 or a list of them, one per prompt (each over the defaults; ``seed`` too), or
                 ``"model"``: the model's generation config (a null setting is the model's too).
             ids: one id per prompt (default: the position), which seeds its samples.
+            seed: this call's base seed (default: the Generator's); a per-prompt ``seed`` in
+                ``sampling`` still wins for its prompt.
 
         Returns:
             One ``Completion`` per prompt and sample, in input order, then sample order.
@@ -178,7 +185,7 @@ class Generator:
         """
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         dataset = DatasetConfig(prompt_column=_TEXT, chat_template="off")
-        return self._run({_TEXT: texts}, dataset, sampling, ids)
+        return self._run({_TEXT: texts}, dataset, sampling, ids, seed)
 
     def chat(
         self,
@@ -187,15 +194,17 @@ class Generator:
         *,
         system_prompt: str | None = None,
         ids: Sequence[str] | None = None,
+        seed: int | None = None,
     ) -> list[Completion]:
         """Complete conversations (OpenAI-style ``{"role", "content"}`` lists) through the
-        model's chat template, as an instruct model's job does.
+        model's chat template, as an instruct model's job does (reproducible as ``generate``).
 
         Args:
             conversations: a list of conversations, each a list of messages.
             sampling: ``sampling.*`` settings, or a list of them, one per conversation.
             system_prompt: prepended to conversations that do not start with a system turn.
             ids: one id per conversation (default: the position).
+            seed: this call's base seed (default: the Generator's).
 
         Returns:
             One ``Completion`` per conversation and sample, in input order, then sample order.
@@ -212,9 +221,9 @@ class Generator:
         cfg = DatasetConfig(
             prompt_column=None, messages_column=_MESSAGES, system_prompt=system_prompt
         )
-        return self._run({_MESSAGES: list(conversations)}, cfg, sampling, ids)
+        return self._run({_MESSAGES: list(conversations)}, cfg, sampling, ids, seed)
 
-    def _run(self, columns, dataset: DatasetConfig, sampling, ids) -> list[Completion]:
+    def _run(self, columns, dataset: DatasetConfig, sampling, ids, seed) -> list[Completion]:
         if isinstance(sampling, Sequence) and not isinstance(sampling, str):
             # One mapping per prompt: the job's rows with their own settings, over the defaults.
             own = [dataclasses.asdict(x) if isinstance(x, SamplingConfig) else x for x in sampling]
@@ -236,6 +245,10 @@ class Generator:
         rows = Rows(columns=columns, kept_types={})
         inputs = ShardInputs(None, plan, self.runner, self.tokenizer)
         records = inputs.build(Shard(0, 0, len(rows)), rows).records
+        if seed is not None:  # the call's base seed, under each row's own
+            records = [
+                r if r.seed is not None else dataclasses.replace(r, seed=seed) for r in records
+            ]
         if not records:
             return []
         engine = self.session.runner(plan).engine

@@ -8,6 +8,7 @@ the job receives plain dataclasses (``batchgen.api.run``).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -48,6 +49,16 @@ def _job(cfg: DictConfig) -> None:
         sys.exit(e.exit_code)
 
 
+def _not_a_command(word: str) -> str:
+    """The error for a first argument that is neither a command nor an override."""
+    close = difflib.get_close_matches(word, TOOLS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "."
+    return (
+        f"{word!r} is not a batchgen command (they are {', '.join(TOOLS)}: batchgen COMMAND "
+        f"OUTPUT_DIR; a job takes KEY=VALUE overrides, see batchgen --help){hint}"
+    )
+
+
 _hydra_main = hydra.main(version_base="1.3", config_path=paths.CONFIG_DIR, config_name="config")(
     _job
 )
@@ -55,13 +66,17 @@ _hydra_main = hydra.main(version_base="1.3", config_path=paths.CONFIG_DIR, confi
 
 def main() -> None:
     """``batchgen [--version] [--help] [KEY=VALUE ...]``: check, then hand to Hydra;
-    ``batchgen status|report|finalize|export OUTPUT_DIR``: the tool of that name."""
+    ``batchgen status|report|finalize|export OUTPUT_DIR``: the tool of that name; any other
+    first word is refused in one line, naming the closest command."""
     from batchgen.hydra_compat import args_parser
 
     argv = sys.argv[1:]
     if argv and argv[0] in TOOLS:
         tool = importlib.import_module(f"batchgen.tools.{argv[0]}")
         sys.exit(tool.main(argv[1:]))
+    if argv and "=" not in argv[0] and not argv[0].startswith(("-", "~")):
+        print(f"batchgen: error: {_not_a_command(argv[0])}", file=sys.stderr, flush=True)
+        sys.exit(2)
     try:
         if "--version" in argv:
             from batchgen.version import __version__
@@ -70,7 +85,7 @@ def main() -> None:
             return
         args = args_parser().parse_args(argv)  # a bad flag: argparse's usage, exit 2
         try:
-            check_overrides(args.overrides)
+            check_overrides(args.overrides, not (args.config_dir or args.config_path))
         except ConfigError as e:
             print(f"batchgen: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)

@@ -188,6 +188,11 @@ def _groups() -> set[str]:
     return {p.name for p in Path(paths.CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra"}
 
 
+def presets(group: str) -> list[str]:
+    """The presets of a config group: the names of its ``conf/GROUP/*.yaml`` files."""
+    return sorted(p.stem for p in (Path(paths.CONFIG_DIR) / group).glob("*.yaml"))
+
+
 def did_you_mean(key: str) -> str:
     """`` (did you mean KEY?)`` for the closest setting or group, else an empty string."""
     keys = dotted_keys()
@@ -209,21 +214,58 @@ def _quoting_hint(text: str) -> str:
     return 'KEY="VALUE" inside the shell\'s single quotes'
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Refuse, before Hydra sees them, overrides it cannot parse and keys the schema lacks.
+def _choices(override) -> list[str]:
+    """The presets a group override asks for: one, or each of a ``-m`` sweep's list; none for
+    a deletion, a null, or a sweep Hydra expands itself (``glob``)."""
+    from hydra.core.override_parser.types import ChoiceSweep
 
-    Hydra's own messages for these name no fix (and exit 1); keys under ``hydra``, group
-    choices and ``+``/``++`` additions are left to Hydra and ``to_job_config``.
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return [v for v in value.list if isinstance(v, str)]
+    return [value] if isinstance(value, str) and not override.is_delete() else []
+
+
+def _check_choice(group: str, choice: str) -> None:
+    """Refuse a preset that ``conf/GROUP/`` does not hold (Hydra's message lists its search
+    paths over several lines and exits 1).
 
     Raises:
-        ConfigError: naming the override, and how to quote it or the key meant.
+        ConfigError: naming the override, the closest preset and every preset of the group.
+    """
+    names = presets(group)
+    if choice in names:
+        return
+    close = difflib.get_close_matches(choice, names, n=1, cutoff=0.5)
+    hint = f"; did you mean {group}={close[0]}?" if close else "."
+    raise ConfigError(f"{group}={choice}: not a {group} preset (they are {', '.join(names)}){hint}")
+
+
+def check_overrides(overrides: list[str], own_presets: bool = True) -> None:
+    """Refuse, before Hydra sees them, overrides it cannot parse, keys the schema lacks and
+    presets that do not exist.
+
+    Hydra's own messages for these name no fix (and exit 1); keys under ``hydra`` and
+    ``+``/``++`` additions are left to Hydra and ``to_job_config``.
+
+    Args:
+        own_presets: the presets are batchgen's own files; False when a config directory
+            was added on the command line (``--config-dir``), whose presets Hydra finds.
+
+    Raises:
+        ConfigError: naming the override, and how to quote it, the key or the preset meant.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
     known = set(dotted_keys()) | _groups() | {f.name for f in dataclasses.fields(JobConfig)}
+    own_presets = own_presets and not any(o.startswith("hydra.searchpath") for o in overrides)
     for text in overrides:
+        if "=" not in text and not text.startswith("~"):
+            raise ConfigError(
+                f"{text!r} is not an override: write KEY=VALUE or GROUP=PRESET"
+                f"{did_you_mean(text)} (`python -m batchgen --help` lists every key)."
+            )
         try:
             (override,) = parser.parse_overrides([text])
         except HydraException as e:
@@ -240,8 +282,13 @@ def check_overrides(overrides: list[str]) -> None:
             or key.startswith(("hydra.", "hydra/"))
             or override.is_add()
             or override.is_force_add()
-            or key in known
         ):
+            continue
+        if key in _groups():
+            for choice in _choices(override) if own_presets else []:
+                _check_choice(key, choice)
+            continue
+        if key in known:
             continue
         raise ConfigError(
             f"{key}: not a batchgen setting{did_you_mean(key)} "

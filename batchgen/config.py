@@ -36,6 +36,19 @@ class ModelConfig:
     max_context: int | None = None
     # auto: flash_attention_2 on CUDA when the flash-attn package is installed, else sdpa.
     attn_implementation: str = "auto"
+    # Split the weights over devices with accelerate (a model larger than one device): auto,
+    # balanced, balanced_low_0, sequential, or an explicit {module: device} map ("disk"
+    # included); null: all of it on model.device. Typed Any: a name or a mapping.
+    device_map: Any = None
+    # With device_map: the most memory each device takes ({0: 20GiB, cpu: 60GiB, disk: 1TB}).
+    max_memory: Any = None
+    # Quantize on load: bnb-4bit, bnb-8bit (bitsandbytes) or int8 (torchao, weight-only). A
+    # checkpoint saved quantized loads as its own quantization_config says, without this.
+    quantization: str | None = None
+    # A LoRA adapter (folder or hub id) loaded over the weights with peft.
+    adapter: str | None = None
+    # Merge the adapter into the weights (faster decoding); false keeps its layers apart.
+    merge_adapter: bool = True
 
 
 @dataclass
@@ -86,7 +99,9 @@ class DatasetConfig:
     path: str = "???"
     split: str = "train"
     name: str | None = None
-    # Prompt source, first set wins: messages_column, then template, then prompt_column.
+    # Prompt source, first set wins: messages_column, then template, then prompt_column; beside
+    # messages_column, a row whose messages are null uses the next one where the data has its
+    # columns (batchgen.inputs.sources), so one file may mix chat rows and prompt rows.
     prompt_column: str | None = "prompt"
     messages_column: str | None = None
     template: str | None = None

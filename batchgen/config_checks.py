@@ -8,10 +8,11 @@ model's generation config fills in (``resolve_sampling``). Conversion is ``batch
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from batchgen.config import MODEL_DEFAULTS, JobConfig, SamplingConfig
+from batchgen.config import MODEL_DEFAULTS, JobConfig, ModelConfig, SamplingConfig
 from batchgen.conversion import greedy_if_zero
 from batchgen.errors import ConfigError
 
@@ -29,6 +30,14 @@ MIN_LEASE_SECONDS = 1.0
 MIN_STALL_SECONDS = 1.0
 # Parquet codecs every pyarrow build writes.
 COMPRESSIONS = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
+# accelerate's named splits of the weights over the devices it sees.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# model.quantization -> the optional library that does it (the `quant` extra holds both).
+QUANTIZATIONS = {"bnb-4bit": "bitsandbytes", "bnb-8bit": "bitsandbytes", "int8": "torchao"}
+# A size as accelerate reads one in max_memory (its units; lowercase b: bits).
+_SIZE = re.compile(r"\d+(\.\d+)?\s*[KMG]i?B", re.IGNORECASE)
+# max_memory's devices as accelerate names them: a GPU's index, cpu, disk, mps; cuda:N is N.
+_MEMORY_DEVICE = re.compile(r"(cuda:)?\d+|cpu|disk|mps")
 
 
 def _device_ok(device: str) -> bool:
@@ -56,6 +65,77 @@ def _devices_ok(devices: Any) -> bool:
         and bool(devices)
         and all(_is_int(x) and x >= 0 for x in devices)
         and len(set(devices)) == len(devices)
+    )
+
+
+def _placement_ok(device: Any) -> bool:
+    """A device an explicit ``model.device_map`` may name: a GPU index, a torch device, disk."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device >= 0
+    return isinstance(device, str) and (device == "disk" or _device_ok(device))
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` is importable here (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def check_model(m: ModelConfig) -> None:
+    """The ``model.*`` settings that place, quantize and adapt the weights, and the optional
+    libraries they need (the ``quant`` and ``lora`` extras).
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    dm, mm = m.device_map, m.max_memory
+    _check(
+        dm is None
+        or dm in DEVICE_MAPS
+        or (isinstance(dm, Mapping) and all(_placement_ok(v) for v in dm.values())),
+        "model.device_map",
+        f"must be one of {DEVICE_MAPS} or a {{module: device}} mapping (devices: a GPU index, "
+        f"cpu, cuda:N, mps or disk), got {dm!r}",
+    )
+    _check(
+        dm is None or m.device in ("auto", "cpu", "cuda"),
+        "model.device_map",
+        f"places the weights on its own devices, which model.device={m.device!r} contradicts: "
+        "leave model.device=auto (or cpu/cuda, which picks the dtype)",
+    )
+    _check(mm is None or dm is not None, "model.max_memory", "applies to model.device_map only")
+    _check(
+        mm is None
+        or (
+            isinstance(mm, Mapping)
+            and all(_MEMORY_DEVICE.fullmatch(str(k)) for k in mm)
+            and all(
+                (isinstance(v, int) and v > 0) or (isinstance(v, str) and _SIZE.fullmatch(v))
+                for v in mm.values()
+            )
+        ),
+        "model.max_memory",
+        "must map devices (a GPU index, cpu, disk, mps) to bytes or sizes like 20GiB or 500MB, "
+        f"e.g. {{0: 20GiB, cpu: 60GiB}}; got {mm!r}",
+    )
+    q = m.quantization
+    _check(
+        q is None or q in QUANTIZATIONS,
+        "model.quantization",
+        f"must be one of {tuple(QUANTIZATIONS)} (or null), got {q!r}",
+    )
+    _check(
+        q is None or installed(QUANTIZATIONS[q]),
+        "model.quantization",
+        f"{q} needs {QUANTIZATIONS.get(q)}, which is not installed here: "
+        "pip install 'batchgen[quant]'",
+    )
+    _check(m.adapter is None or bool(m.adapter), "model.adapter", "must not be empty (null: none)")
+    _check(
+        m.adapter is None or installed("peft"),
+        "model.adapter",
+        "a LoRA adapter needs peft, which is not installed here: pip install 'batchgen[lora]'",
     )
 
 
@@ -216,6 +296,7 @@ def validate(cfg: JobConfig) -> None:
         "model.device",
         f"{m.device!r} is no device: use auto, cpu, cuda, cuda:N or mps",
     )
+    check_model(m)
     _check(
         o.dir is None or bool(o.dir),
         "output.dir",

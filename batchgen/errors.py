@@ -61,8 +61,16 @@ class WorkerDied(BatchgenError):
 
 
 class Interrupted(Exception):
-    """A stop was requested (signal, Ctrl-C) between two batches; the runner turns it into
-    ``Stopped`` once the folder is clean. Not a ``BatchgenError``: it never reaches the user."""
+    """A stop was requested (signal, Ctrl-C); the runner turns it into ``Stopped`` once the
+    folder is clean. Not a ``BatchgenError``: it never reaches the user.
+
+    An engine stopped inside a batch raises it with the rows the batch had finished
+    (``partial``: (record, samples) pairs), so they are kept like any finished batch's.
+    """
+
+    def __init__(self, partial: list | None = None):
+        super().__init__("interrupted")
+        self.partial = partial or []
 
 
 class BadRequest(Exception):

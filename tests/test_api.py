@@ -258,3 +258,14 @@ def test_run_of_a_hand_built_config_equals_the_command_line(
     assert cli_run["fingerprint_parts"]["sampling"]["stop"] == ["\n\n"]
     assert cli_run["fingerprint_parts"]["sampling"]["do_sample"] is False
     assert manifest.fingerprint(cli_run["fingerprint_parts"]) == cli_run["fingerprint"]
+
+
+def test_identical_calls_repeat_their_samples_and_a_seed_changes_them(chat_gen):
+    sampling = {"max_new_tokens": 6, "do_sample": True, "temperature": 1.0}
+    texts = ["one prompt", "another prompt"]
+    first = [c.response for c in chat_gen.generate(texts, sampling)]
+    assert [c.response for c in chat_gen.generate(texts, sampling)] == first  # reproducible
+    other = [c.response for c in chat_gen.generate(texts, sampling, seed=1234)]
+    assert other != first
+    assert [c.response for c in chat_gen.generate(texts, sampling, seed=1234)] == other
+    assert [c.response for c in chat_gen.generate(texts, sampling, seed=0)] == first  # the default

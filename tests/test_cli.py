@@ -314,6 +314,9 @@ def test_help_describes_batchgen(work):
         "model: flan-t5-small, qwen2.5-0.5b, qwen2.5-0.5b-instruct, smollm2-135m-instruct" in text
     )
     assert "Examples:" in text and "Quoting:" in text and "--version" in text
+    commands = text[text.index("== Commands") : text.index("== Config groups")]
+    for tool in ("status", "report", "finalize", "export"):
+        assert f"\n{tool} " in commands, commands
     rows = {
         line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("  ")
     }
@@ -335,8 +338,14 @@ def test_help_describes_batchgen(work):
             "dataset.template=Translate to {lang}: {text}",
             "cannot parse the override 'dataset.template=Translate to {lang}: {text}'",
         ),
+        (
+            "sampling=nucleas",
+            "sampling=nucleas: not a sampling preset (they are greedy, model, nucleus); "
+            "did you mean sampling=nucleus?",
+        ),
+        ("statsu", "'statsu' is not a batchgen command (they are status, report, finalize"),
     ],
-    ids=["typo", "unquoted-template"],
+    ids=["typo", "unquoted-template", "preset-typo", "command-typo"],
 )
 def test_command_line_mistakes_are_one_line_exit_2(work, override, expected):
     out = work / "out"
@@ -344,6 +353,8 @@ def test_command_line_mistakes_are_one_line_exit_2(work, override, expected):
     message = error_message(proc)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert expected in message
+    assert "did you mean" in message or "cannot parse" in message
+    assert "Could not find" not in proc.stderr  # not Hydra's search-path listing (exit 1)
     assert_not_loaded(proc, out)
 
 
@@ -430,6 +441,7 @@ def test_rows_per_shard_change_is_refused_while_a_claim_is_live(tmp_path):
     assert manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted) == (
         changed,
         True,
+        [],
     )
     admitted[manifest.fingerprint(parts)] = {"pid": 41, "host": "node7"}  # a live old worker
     with pytest.raises(ResumeError, match="a worker of that run is live .pid 41 on host node7"):
@@ -439,7 +451,11 @@ def test_rows_per_shard_change_is_refused_while_a_claim_is_live(tmp_path):
     assert ClaimStore(tmp_path, "other:1:0", 60).try_claim(0)  # a worker of that attempt, alive
     with pytest.raises(ResumeError, match=r"live claim on shard\(s\) \[0\]"):
         manifest.check_run_file(tmp_path, changed, claims_now, lambda: admitted)
-    assert manifest.check_run_file(tmp_path, parts, claims_now, lambda: admitted) == (parts, False)
+    assert manifest.check_run_file(tmp_path, parts, claims_now, lambda: admitted) == (
+        parts,
+        False,
+        [],
+    )
 
 
 @pytest.fixture

@@ -332,6 +332,9 @@ def test_default_output_dir_follows_the_actual_model_and_data():
     # Greedy is greedy: temperature=0 names the folder of the same settings without it.
     assert compose_output_dir("sampling.temperature=0") == compose_output_dir()
     assert compose_output_dir("output.dir=/scratch/x") == "/scratch/x"
+    # An adapter or a quantization makes another model, with a folder of its own.
+    other = (*mine, "model.adapter=/adapters/my-lora/", "model.quantization=bnb-4bit")
+    assert compose_output_dir(*other) == "outputs/my-llama+my-lora-bnb-4bit/my-greedy"
 
 
 @pytest.mark.parametrize(
@@ -364,6 +367,38 @@ def test_overrides_batchgen_leaves_to_hydra_pass_the_check():
             "seed=3",
         ]
     )
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("sampling=nucleas", "did you mean sampling=nucleus?"),
+        ("model=qwen2.5-instruct", "did you mean model=qwen2.5-0.5b-instruct?"),
+        ("dataset=lokal", "did you mean dataset=local?"),
+        ("sampling=greedy,nucleas", "did you mean sampling=nucleus?"),  # a -m sweep's list
+    ],
+)
+def test_unknown_preset_is_one_line_with_a_suggestion(override, expected):
+    group = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        composition.check_overrides(["seed=1", override])
+    message = str(e.value)
+    assert message.startswith(f"{group}=") and f"not a {group} preset" in message
+    assert expected in message
+    assert ", ".join(presets(group)) in message
+    assert "\n" not in message
+
+
+def test_presets_of_an_added_config_dir_are_left_to_hydra():
+    composition.check_overrides(["sampling=mine", "hydra.searchpath=[file:///conf]"])
+    composition.check_overrides(["sampling=mine"], own_presets=False)
+    composition.check_overrides(["~sampling", "sampling=greedy,nucleus"])
+
+
+def test_a_bare_word_is_not_an_override():
+    with pytest.raises(ConfigError, match=r"^'sede' is not an override: write KEY=VALUE") as e:
+        composition.check_overrides(["sede"])
+    assert "did you mean seed?" in str(e.value)
 
 
 def test_unparsable_override_names_itself_and_the_quoting():

@@ -45,6 +45,14 @@ from batchgen.errors import ConfigError
         (["dataset.prompt_column=null"], "dataset"),
         (["output.rows_per_shard=0"], "output.rows_per_shard"),
         (["output.dir=''"], "output.dir"),
+        (["model.device_map=everywhere"], "model.device_map"),
+        (["model.device_map={model.layers:gpu7}"], "model.device_map"),
+        (["model.device_map=auto", "model.device=cuda:1"], "model.device_map"),
+        (["model.max_memory={cpu:1GB}"], "model.max_memory"),
+        (["model.device_map=auto", "model.max_memory={cpu:lots}"], "model.max_memory"),
+        (["model.device_map=auto", "model.max_memory={tpu:1GB}"], "model.max_memory"),
+        (["model.quantization=fp8"], "model.quantization"),
+        (["model.adapter=''"], "model.adapter"),
     ],
 )
 def test_validate_names_the_key(overrides, key):
@@ -68,6 +76,9 @@ def test_validate_names_the_key(overrides, key):
         ["model.dtype=float16"],
         ["dataset.prompt_column=null", "dataset.messages_column=messages"],
         ["dataset.prompt_column=null", "dataset.template='Q: {question}'"],
+        ["model.device_map=balanced", "model.max_memory={0:20GiB,1:20GiB,cpu:60GB,disk:1000}"],
+        ["model.device_map={model.embed_tokens:0,model.layers:cpu,lm_head:disk}"],
+        ["model.quantization=bnb-4bit", "model.adapter=some/adapter", "model.merge_adapter=false"],
     ],
 )
 def test_validate_accepts_the_neighbouring_good_values(overrides):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -279,6 +280,74 @@ def test_worker_hung_inside_generation_gives_its_shards_up(tiny_models, data, re
     assert rows(out) == reference
     record = json.loads(layout.worker_file(out, 1, 2).read_text())
     assert record["status"] == "stalled"
+
+
+# The command line with every forward pass of the model slowed to 50 ms: one batch of 12 rows
+# and 200 new tokens decodes for about 10 s.
+SLOW_STEPS = """
+import sys, time
+from transformers import LlamaForCausalLM
+real = LlamaForCausalLM.forward
+def forward(self, *args, **kwargs):
+    time.sleep(0.05)
+    return real(self, *args, **kwargs)
+LlamaForCausalLM.forward = forward
+from batchgen.cli import main
+sys.argv[0] = "batchgen"
+main()
+"""
+
+
+def test_ctrl_c_in_a_long_batch_is_answered_at_once_and_stops_within_steps(
+    tiny_models, data, tmp_path
+):
+    out = tmp_path / "out"
+    settings = ["dataset.limit=12", "output.rows_per_shard=12", "runner.batch_size=12"]
+    settings.append("sampling.max_new_tokens=200")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_STEPS, *cli(tiny_models["chat"], data, out)[3:], *settings],
+        env=ENV,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: list[tuple[float, str]] = []
+
+    def read():
+        for line in proc.stderr:
+            lines.append((time.monotonic(), line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not list(out.glob("_batchgen/claims/*.claim")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3.0)  # well inside the batch's decoding
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    ended = time.monotonic()
+    reader.join(timeout=10)
+    said = [(at, line) for at, line in lines if "stopping at the next decoding step" in line]
+    assert said, "".join(x for _, x in lines)
+    assert said[0][0] - sent < 1.0
+    assert said[0][1].strip() == (
+        "batchgen: SIGINT: stopping at the next decoding step; finished rows are kept; "
+        "Ctrl-C again to stop at once"
+    )
+    assert proc.returncode == 130
+    assert ended - sent < 5.0, f"took {ended - sent:.1f} s to stop"  # the batch had ~7 s left
+    assert shards(out) == 0
+    # The rerun finishes the shard, as an uninterrupted run would have.
+    again = subprocess.run(
+        cli(tiny_models["chat"], data, out, *settings), env=ENV, capture_output=True, timeout=300
+    )
+    assert again.returncode == 0
+    reference = tmp_path / "reference"
+    subprocess.run(
+        cli(tiny_models["chat"], data, reference, *settings), env=ENV, check=True, timeout=300
+    )
+    assert rows(out) == rows(reference)
 
 
 def test_sigterm_and_ctrl_c_stop_cleanly_and_resume(tiny_models, data, reference, tmp_path):

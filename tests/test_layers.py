@@ -1,11 +1,11 @@
 """The package's import graph points one way: no module imports from a layer above its own.
 
 Layers, lowest first: the base modules (``errors``, ``config``, ``config_checks``,
-``conversion``, ``paths``, ``progress``, ``version``), then ``inputs``, ``engine``, ``store``,
-``cluster``, ``job``, ``tools``, and on top the entry modules (``cli``, ``composition``, ``api``,
-``launcher``, ``hydra_compat``, ``__init__``, ``__main__``). A module may import its own layer
-(the same subpackage, or another base or top module) and any layer below. Every import counts:
-module level, inside functions, under ``TYPE_CHECKING``, relative, and
+``conversion``, ``noise``, ``paths``, ``progress``, ``version``), then ``inputs``, ``engine``,
+``store``, ``cluster``, ``job``, ``tools``, and on top the entry modules (``cli``,
+``composition``, ``api``, ``launcher``, ``hydra_compat``, ``__init__``, ``__main__``). A module
+may import its own layer (the same subpackage, or another base or top module) and any layer
+below. Every import counts: module level, inside functions, under ``TYPE_CHECKING``, relative, and
 ``importlib.import_module`` / ``__import__`` of a literal (or f-string) ``batchgen.`` name. Every
 module must sit in a layer, so a new top-level module or subpackage has to be placed here. No
 import cycle either, inside a layer or across: the modules form a graph without loops (imports
@@ -21,7 +21,16 @@ from pathlib import Path
 PACKAGE = "batchgen"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
-BASE = ("errors", "config", "config_checks", "conversion", "paths", "progress", "version")
+BASE = (
+    "errors",
+    "config",
+    "config_checks",
+    "conversion",
+    "noise",
+    "paths",
+    "progress",
+    "version",
+)
 SUBPACKAGES = ("inputs", "engine", "store", "cluster", "job", "tools")
 TOP = ("cli", "composition", "api", "launcher", "hydra_compat", "__init__", "__main__")
 # Layer name -> rank; a module may import only ranks <= its own.

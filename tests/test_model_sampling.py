@@ -85,7 +85,8 @@ def test_greedy_model_defaults_equal_model_generate(tiny_models, tmp_path):
 
     values = {"do_sample": False, "repetition_penalty": 1.3, "max_new_tokens": 6}
     model_dir = with_generation_config(tiny_models, tmp_path, values)
-    gen = batchgen.Generator(model_dir, progress=False)
+    # fp32 on both sides: dtype=auto may pick bf16 on this CPU, and the textbook call loads fp32.
+    gen = batchgen.Generator(model_dir, progress=False, dtype="float32")
     texts = ["the quick brown fox", "jumps", "over the lazy dog again and again"]
     ours = [c.response for c in gen.generate(texts, "model")]
     model = AutoModelForCausalLM.from_pretrained(model_dir)

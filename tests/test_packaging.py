@@ -74,8 +74,10 @@ def fresh_venv(root: Path, wheel: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     install = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q"]
+    # Without PYTHONPATH: a checkout on it (and its egg-info) would read as batchgen installed.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [*install, "--no-index", "--no-deps", str(wheel)], capture_output=True, text=True
+        [*install, "--no-index", "--no-deps", str(wheel)], capture_output=True, text=True, env=env
     )
     assert result.returncode == 0, result.stdout + result.stderr
     site = subprocess.run(

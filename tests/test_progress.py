@@ -2,7 +2,51 @@
 
 from __future__ import annotations
 
+import pytest
+
 from batchgen.progress import Progress
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_before_the_first_token_the_bar_says_what_happens(capsys):
+    bar = Progress(total_rows=10, enabled=True, row_tokens=8)
+    assert bar.bar.desc == "starting"
+    bar.phase("loading the model")
+    assert bar.bar.desc == "loading the model"
+    bar.phase("prefilling")
+    bar.step(2)
+    assert bar.bar.desc == "generating"
+    bar.phase("prefilling")  # the next batch's prefill: decoding has begun, the bar says so
+    assert bar.bar.desc == "generating"
+    bar.close()
+
+
+def test_rate_and_eta_count_tokens_from_the_first_one_and_do_not_swing():
+    clock = Clock()
+    bar = Progress(total_rows=100, enabled=False, row_tokens=64, clock=clock)
+    clock.t += 80.0  # loading the model and prefilling: not in the rate
+    lengths = [16 if batch % 2 else 48 for batch in range(10)]  # short and long rows in turn
+    etas = []
+    for per_row in lengths:
+        for _ in range(per_row):  # 10 rows decode one token each per step, 0.1 s a step
+            clock.t += 0.1
+            bar.step(10)
+        bar.update(10, 10 * per_row)
+        etas.append(bar.eta_seconds())
+    assert bar.tokens_per_second() == pytest.approx(100.0)  # 10 tokens per 0.1 s
+    actual = [0.1 * sum(lengths[b + 1 :]) for b in range(len(lengths))]  # seconds really left
+    # The estimate is right within a factor of 2.5 all along (the last batches are few rows,
+    # shorter or longer than the mean): never 10x off.
+    for eta, truth in zip(etas[:-1], actual[:-1], strict=True):
+        assert truth / 2.5 <= eta <= truth * 2.5, (etas, actual)
+    assert etas[-1] == pytest.approx(0.0)
 
 
 def test_steps_move_the_bar_by_their_share_of_a_row(capsys):

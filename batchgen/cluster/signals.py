@@ -1,10 +1,12 @@
 """Graceful stop on SIGTERM, SIGUSR1 (Slurm's warning before a time limit or preemption) and Ctrl-C.
 
-The handler only sets a flag; the shard loop checks it between batches, abandons the shard in
-progress (nothing half-written is ever published), releases its claims and exits with 128 + the
-signal's number; a handler that was there before (submitit's requeue) is then called. A second
-Ctrl-C interrupts at once, for a user who really means it. A process that runs workers of its
-own (``batchgen.job.pool``) hands each signal on to them (``ForwardStops``), and they stop so.
+The handler says at once, in one line, what will happen, and sets a flag: the engine stops at
+its next decoding step, keeping the rows it had finished; the shard loop abandons the shard in
+progress (nothing half-written is ever published; finished rows stay in its checkpoints),
+releases its claims and exits with 128 + the signal's number; a handler that was there before
+(submitit's requeue) is then called. A second Ctrl-C interrupts at once, for a user who really
+means it. A process that runs workers of its own (``batchgen.job.pool``) hands each signal on
+to them (``ForwardStops``), and they stop so.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ class StopRequested:
             raise KeyboardInterrupt
         self.signum = signum
         self.event.set()
+        again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+        # os.write, not print: a signal may arrive while the progress bar is mid-write.
+        os.write(
+            2,
+            f"\nbatchgen: {self.name}: stopping at the next decoding step; finished rows are "
+            f"kept{again}\n".encode(),
+        )
 
     def __enter__(self) -> StopRequested:
         if threading.current_thread() is threading.main_thread():

@@ -95,6 +95,7 @@ class Batcher:
         self.tuner: tuning.Tuner | None = None
         self.budget = Budget(None)
         self.stop = stop or threading.Event()
+        engine.stop = self.stop  # the engine stops inside a batch, at its next step
         self.failing_streak = 0
 
     def _tune(self, sampling: SamplingConfig) -> tuning.Tuner:
@@ -247,7 +248,15 @@ class Batcher:
                 if self.stop.is_set():
                     raise Interrupted
                 finished = []
-                for record, outs in self._measured(batch, sampling):
+                try:
+                    pairs = self._measured(batch, sampling)
+                except Interrupted as stopped:  # inside the batch: keep the rows it finished
+                    kept = [(r.index, outs) for r, outs in stopped.partial]
+                    results.update(kept)
+                    if on_batch is not None and kept:
+                        on_batch(kept)
+                    raise
+                for record, outs in pairs:
                     if isinstance(outs, Skipped):
                         failed.append(outs)
                     else:
@@ -282,6 +291,8 @@ class Batcher:
         outs = None
         try:
             outs = self.engine.generate(batch, self.seed, sampling)
+        except Interrupted:
+            raise
         except Exception as e:  # noqa: BLE001 - any row may be the culprit; isolate it
             if len(batch) == 1:
                 return [(batch[0], self._failed(batch[0], e))]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batchgen.config import RunnerConfig, SamplingConfig
+from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
 from batchgen.engine import tuning, vllm_engine
 from batchgen.engine.continuous import ContinuousEngine
 from batchgen.engine.decode import eos_token_ids
@@ -35,20 +35,22 @@ def choose_engine(
     device: str,
     logprobs: bool = False,
     per_row: bool = False,
+    model: ModelConfig | None = None,
 ) -> str:
     """``static``, ``continuous``, or ``PROBE`` (``runner.engine=auto`` where both apply on a
     ``tuning.PROBE_DEVICES`` device: ``Batcher`` runs the first rows through both).
 
     ``logprobs``: log-probabilities are recorded (output.logprobs or output.top_logprobs), which
     takes a logits processor that continuous batching has no place for. ``per_row``: rows carry
-    their own sampling (``dataset.sampling_column``), batched by setting.
+    their own sampling (``dataset.sampling_column``), batched by setting. ``model``: the
+    ``model.*`` settings, some of which vLLM refuses (``vllm_engine.blockers``).
 
     Raises:
         ConfigError: ``runner.engine=continuous`` or ``vllm`` for a job it cannot serve, or vLLM
             not installed; before any model loads.
     """
     if runner.engine == vllm_engine.KIND:
-        refused = vllm_engine.blockers(sampling, encoder_decoder, device, logprobs)
+        refused = vllm_engine.blockers(sampling, encoder_decoder, device, logprobs, model)
         if refused:
             raise ConfigError(
                 f"runner.engine=vllm cannot serve {', '.join(refused)} as batchgen's engines do; "

@@ -32,6 +32,9 @@ What it must guarantee:
   them (``batchgen.store.checkpoints``) and a resume reuses them as they are.
 - Out of memory: raise the device's error and keep no state from the failed call; the caller
   splits the batch and calls again (outputs do not depend on batch composition).
+- Stop: once ``stop`` is set, stop at the next decoding step (or prefill pass) and raise
+  ``Interrupted`` with the rows that had finished (``Interrupted.partial``); the rest are
+  generated again on resume, as they would have been (per-sample seeds).
 - Progress: ``on_step(tokens)`` after each decoding step with the tokens it produced, and
   ``on_prefill()`` after each prefill pass, where the engine has such steps. An engine whose rows
   finish on their own schedule reports each step as ``on_step(0)`` (work moving) and its tokens
@@ -83,6 +86,8 @@ class Engine(ABC):
     def __init__(self) -> None:
         self.on_step: Callable[[int], None] | None = None
         self.on_prefill: Callable[[], None] | None = None
+        # Set by a stop request: the engine stops at its next step (see the module docstring).
+        self.stop: threading.Event | None = None
         self.padded_tokens = 0
         self.cache_pad_slots = 0
 

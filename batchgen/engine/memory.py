@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from batchgen.config import SamplingConfig
+from batchgen.engine.devices import compute_dtype
 from batchgen.inputs.prompts import PromptRecord
 
 # Clean batches after an out-of-memory before the token budget grows back by GROWTH.
@@ -145,7 +146,7 @@ def model_memory(
     free = free_memory(device)
     if free is None:
         return None
-    dtype_bytes = next(model.parameters()).dtype.itemsize  # the KV cache takes the model's dtype
+    dtype_bytes = compute_dtype(model).itemsize  # the KV cache takes the model's dtype
     try:
         kv = kv_bytes_per_token(model.config, dtype_bytes)
     except ValueError:

@@ -25,6 +25,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from batchgen.engine.devices import input_device
+
 # A prefill chunk closes before its pad slots exceed this share of its slots.
 PAD_TOLERANCE = 0.1
 
@@ -119,7 +121,7 @@ def prefill(
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     if not all(type(layer) is StaticLayer for layer in cache.layers):
         return None
-    device = next(model.parameters()).device
+    device = input_device(model)
     end = longest - 1  # every row's cached prompt ends here; its last token goes at T-1
     shared = shared_prefix(prompts)
     rows = len(prompts) * copies
@@ -146,6 +148,8 @@ def prefill(
         _allocate(cache, parts, rows)
         index = torch.tensor([i * copies + c for i in chunk for c in range(copies)], device=device)
         for layer, (keys, values) in zip(cache.layers, parts, strict=True):
+            # A model split over GPUs keeps each layer's cache on that layer's device.
+            index = index.to(layer.keys.device)
             layer.keys[index, :, end - width : end] = keys[:, :, -width:].repeat_interleave(
                 copies, dim=0
             )  # (b*copies, H, t, D)

@@ -15,15 +15,18 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from batchgen.config import SamplingConfig
 from batchgen.engine.constrained import constraint_processor
 from batchgen.engine.decode import Decoder, eos_token_ids
+from batchgen.engine.devices import input_device
 from batchgen.engine.interface import Engine, Sample
 from batchgen.engine.logprobs import LogprobRecorder
 from batchgen.engine.prefill import prefill, supports_prefill
 from batchgen.engine.sampling import sample_keys, sampling_processors
+from batchgen.errors import Interrupted
 from batchgen.inputs.prompts import PromptRecord
 
 # With runner.compile, KV-cache lengths are rounded up to a multiple of this, so batches of
@@ -57,6 +60,17 @@ class StepCounter(BaseStreamer):
 
     def end(self) -> None:
         """Nothing to flush: counts are reported as they come."""
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends ``generate`` at the next decoding step once ``event`` is set (a stop request)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        stop = self.event.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def generation_config(model, sampling: SamplingConfig, pad_id: int, eos_ids: set[int]):
@@ -143,7 +157,7 @@ class StaticEngine(Engine):
         self.prefill_tokens = prefill_tokens
         self.chunked_prefill = supports_prefill(model)
         self.cache_len = 0  # with compile: the longest cache so far, which later batches reuse
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.logprobs = logprobs
         self.top_logprobs = top_logprobs
         self.configs: dict[str, object] = {}  # one generation config per distinct setting
@@ -201,6 +215,8 @@ class StaticEngine(Engine):
         extra = {"tokenizer": self.tokenizer} if sampling.stop else {}
         if self.on_step is not None:
             extra["streamer"] = StepCounter(len(rows), eos_ids, self.on_step)
+        if self.stop is not None:
+            extra["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(self.stop)])
         with torch.inference_mode():
             extra.update(self._cache(records, attention_mask, sampling))
             out = self.model.generate(
@@ -213,7 +229,17 @@ class StaticEngine(Engine):
             self.decoder.sample(row, sampling, scores, self.logprobs)
             for row, scores in zip(new_tokens.tolist(), recorded, strict=True)
         ]
-        return [samples[i * n : (i + 1) * n] for i in range(real)]
+        per_record = [samples[i * n : (i + 1) * n] for i in range(real)]
+        if self.stop is not None and self.stop.is_set():
+            raise Interrupted(_finished(records[:real], per_record, sampling))
+        return per_record
+
+    def _prefilled(self) -> None:
+        """After each prefill pass: a stop request ends the batch here, nothing finished."""
+        if self.stop is not None and self.stop.is_set():
+            raise Interrupted
+        if self.on_prefill is not None:
+            self.on_prefill()
 
     def _cache(
         self, records: list[PromptRecord], attention_mask: torch.Tensor, sampling: SamplingConfig
@@ -239,7 +265,7 @@ class StaticEngine(Engine):
                 self.decoder.pad_id,
                 length,
                 self.prefill_tokens,
-                self.on_prefill,
+                self._prefilled,
             )
         if filled is None:
             # Pad slots per prompt, as the chunks count them: each of its samples repeats them.
@@ -248,3 +274,16 @@ class StaticEngine(Engine):
             return {"cache_implementation": "static"} if self.compile else {}
         self.padded_tokens += filled.pad_slots
         return {"cache": filled.cache}
+
+
+def _finished(records, per_record, sampling: SamplingConfig) -> list:
+    """The records of a batch a stop ended whose samples were all complete: each ended by
+    itself (an end-of-sequence id or a stop string) or ran to ``max_new_tokens``."""
+    return [
+        (record, samples)
+        for record, samples in zip(records, per_record, strict=True)
+        if all(
+            s.finish_reason == "stop" or s.completion_tokens >= sampling.max_new_tokens
+            for s in samples
+        )
+    ]

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from batchgen.config import RunnerConfig, SamplingConfig
+from batchgen.config import ModelConfig, RunnerConfig, SamplingConfig
 from batchgen.engine.decode import Decoder
 from batchgen.engine.interface import Engine, Sample
 from batchgen.engine.logprobs import RowLogprobs
@@ -39,9 +39,12 @@ ENVIRONMENT = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in this process: see the docstring
     "VLLM_CONFIGURE_LOGGING": "0",  # its loggers are routed by ``route_logs``
 }
-# The share of the memory vLLM may take: of the GPU's (gpu_memory_utilization), or of the RAM
-# available once batchgen runs, for its KV cache on the CPU.
+# The share of the GPU's memory vLLM may take (gpu_memory_utilization).
 MEMORY_SHARE = 0.8
+# On the CPU, its KV cache takes this share of the RAM available, at most CPU_KV_CAP: the RAM is
+# the whole machine's, shared with the data, the other workers and everything else running.
+CPU_KV_SHARE = 0.25
+CPU_KV_CAP = 8 * 2**30
 
 
 def installed() -> bool:
@@ -72,14 +75,27 @@ def import_vllm():
 
 
 def blockers(
-    sampling: SamplingConfig, encoder_decoder: bool, device: str, logprobs: bool
+    sampling: SamplingConfig,
+    encoder_decoder: bool,
+    device: str,
+    logprobs: bool,
+    model: ModelConfig | None = None,
 ) -> list[str]:
-    """The settings vLLM cannot honour as batchgen's engines do (empty: it serves the job)."""
+    """The settings vLLM cannot honour as batchgen's engines do (empty: it serves the job).
+
+    ``model.quantization``, ``model.adapter`` and ``model.device_map`` are refused: vLLM
+    quantizes, adapts (LoRA requests) and splits (tensor parallel) its own ways, which batchgen
+    does not drive; a checkpoint saved quantized needs none of them, vLLM reads its config.
+    """
+    m = model or ModelConfig()
     return [
         why
         for applies, why in (
             (encoder_decoder, "an encoder-decoder model"),
             (device.startswith("mps"), "model.device=mps"),
+            (m.quantization is not None, "model.quantization"),
+            (m.adapter is not None, "model.adapter"),
+            (m.device_map is not None, "model.device_map"),
             # vLLM reports log-probabilities before any penalty; batchgen's engines after it.
             (
                 logprobs and sampling.repetition_penalty not in (None, 1.0),
@@ -136,7 +152,7 @@ def llm_options(
     if device.startswith("cuda"):
         options["gpu_memory_utilization"] = MEMORY_SHARE
     elif (ram := available_ram()) is not None:
-        options["kv_cache_memory_bytes"] = int(ram * MEMORY_SHARE)
+        options["kv_cache_memory_bytes"] = min(int(ram * CPU_KV_SHARE), CPU_KV_CAP)
     return {k: v for k, v in options.items() if v is not None}
 
 

@@ -7,8 +7,6 @@ dataset reads no rows into Python, so start-up and memory follow the shard, not 
 
 from __future__ import annotations
 
-import json
-import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,8 @@ import pyarrow as pa
 from batchgen import paths
 from batchgen.config import DatasetConfig
 from batchgen.errors import DataError
-from batchgen.inputs import hub, openai_batch
+from batchgen.inputs import hub, jsonl, openai_batch
+from batchgen.inputs.sources import falls_back, needed_columns, plain_fields, template_fields
 
 # Local file suffix -> datasets builder.
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -76,6 +75,14 @@ class Table:
         """Rows ``[start, stop)`` in Python."""
         return Rows(self.dataset[start:stop], self.kept_types, start)
 
+    def lines(self, rows: list[int]) -> dict[int, int] | None:
+        """The line of each of ``rows`` in a jsonl file (its non-blank lines); None for
+        another kind of source."""
+        path = Path(self.location)
+        if path.suffix.lower() != ".jsonl" or not path.is_file():
+            return None
+        return jsonl.line_numbers(path, rows)
+
 
 @dataclass
 class Stream:
@@ -109,29 +116,6 @@ def _batches(files: list[str]) -> Iterator[pa.RecordBatch]:
             yield from pa.ipc.open_stream(f)
 
 
-def template_fields(template: str) -> list[str]:
-    """Names of the ``{column}`` fields in a prompt template."""
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
-def needed_columns(cfg: DatasetConfig) -> list[str]:
-    """Every input column the config refers to, in a stable order without repeats."""
-    cols: list[str] = []
-    if cfg.messages_column:
-        cols.append(cfg.messages_column)
-    elif cfg.template:
-        cols.extend(template_fields(cfg.template))
-    elif cfg.prompt_column:
-        cols.append(cfg.prompt_column)
-    if cfg.id_column:
-        cols.append(cfg.id_column)
-    for column in (cfg.chat_template_kwargs_column, cfg.sampling_column):
-        if column:
-            cols.append(column)
-    cols.extend(cfg.keep_columns)
-    return list(dict.fromkeys(cols))
-
-
 def is_local(location: str) -> bool:
     """Whether ``dataset.path`` names a local file or folder (``pkg:`` included) rather than a
     hub dataset: it exists here, or is spelled as a path (absolute, relative with ``./``, ``~``,
@@ -141,7 +125,31 @@ def is_local(location: str) -> bool:
     return Path(location).suffix.lower() in BUILDERS or Path(location).exists()
 
 
-def _load(cfg: DatasetConfig, location: str):
+def _load_jsonl(path: Path, skip_bad_lines: bool):
+    """A local jsonl file through ``datasets``' json reader; where that fails on blank or
+    malformed lines, through a clean copy (``inputs.jsonl``).
+
+    Raises:
+        DataError: malformed lines and not ``skip_bad_lines``, naming the file and lines.
+    """
+    import datasets
+
+    try:
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception:
+        found = jsonl.scan(path)
+        if not (found.blank or found.bad):
+            raise  # not a line's fault: the caller names the cause
+        if found.bad and not skip_bad_lines:
+            raise DataError(
+                f"dataset.path={str(path)!r}: {jsonl.bad_lines_message(found)}. Fix the "
+                "line, or set runner.on_bad_row=skip to record each as a bad row."
+            ) from None
+    copy = jsonl.clean_copy(path, found)
+    return datasets.load_dataset("json", data_files=str(copy), split="train")
+
+
+def _load(cfg: DatasetConfig, location: str, skip_bad_lines: bool = False):
     import datasets
 
     datasets.disable_progress_bars()
@@ -161,6 +169,8 @@ def _load(cfg: DatasetConfig, location: str):
                 raise DataError(f"dataset.path={location!r} is an empty file: it has no rows.")
             if builder == "json" and openai_batch.is_request_file(path):
                 return openai_batch.load(path, streaming=cfg.streaming)
+            if path.suffix.lower() == ".jsonl" and not cfg.streaming:
+                return _load_jsonl(path, skip_bad_lines)
             return datasets.load_dataset(builder, data_files=str(path), split="train", **stream)
         if path.is_dir():
             return datasets.load_dataset(str(path), name=cfg.name, split=cfg.split, **stream)
@@ -196,40 +206,31 @@ def _local_problem(path: Path, error: Exception) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
         if f.suffix.lower() == ".jsonl":
-            problem = _jsonl_problem(f)
-            if problem:
-                return f"{f.name}: {problem}"
+            found = jsonl.scan(f)
+            if found.bad:
+                return f"{f.name}: {jsonl.bad_lines_message(found)}"
+            if found.blank and f != path:
+                return (
+                    f"{f.name}: line {found.first_blank} is blank, which a folder's files may "
+                    "not have; remove it, or name the file itself in dataset.path"
+                )
     cause = _root_cause(error)
     return f"cannot be read ({type(cause).__name__}: {str(cause).strip()[:300]})"
 
 
-def _jsonl_problem(path: Path) -> str | None:
-    """The first line of a jsonl file that is not UTF-8 or not one JSON object, if any."""
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                value = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                return f"line {number} is not valid UTF-8 (byte {raw[e.start]:#04x} at {e.start})"
-            except ValueError as e:
-                return f"line {number} is not valid JSON ({e})"
-            if not isinstance(value, dict):
-                return f"line {number} is a JSON {type(value).__name__}, not an object"
-    return None
-
-
-def open_dataset(cfg: DatasetConfig) -> Table | Stream:
+def open_dataset(cfg: DatasetConfig, skip_bad_lines: bool = False) -> Table | Stream:
     """Open the configured dataset, check the columns it names, keep only those.
 
-    Reads no rows: a ``Table`` stays memory mapped, a ``Stream`` is read when iterated.
+    Reads no rows: a ``Table`` stays memory mapped, a ``Stream`` is read when iterated. Blank
+    lines of a jsonl file are no rows; its malformed lines are bad rows with
+    ``skip_bad_lines`` (``runner.on_bad_row=skip``, see ``inputs.jsonl``), else refused.
 
     Raises:
-        DataError: the path does not exist, the dataset is empty, or a named column is missing.
+        DataError: the path does not exist, the dataset is empty, a named column is missing,
+            or a jsonl line is malformed (naming the file and line).
     """
     location = paths.resolve(cfg.path, "dataset.path")
-    ds = _load(cfg, location)
+    ds = _load(cfg, location, skip_bad_lines)
     if isinstance(ds, dict):  # a folder without the requested split name
         raise DataError(f"dataset.split={cfg.split!r}: not found in {location!r}.")
     columns = list(ds.column_names or ds.features or [])
@@ -241,7 +242,11 @@ def open_dataset(cfg: DatasetConfig) -> Table | Stream:
             f"{', '.join(keys)}: column(s) {missing} not in {location!r}; "
             f"available columns: {columns}."
         )
-    ds = ds.select_columns(wanted)
+    # A row without messages uses its plain prompt where the data has that source's columns;
+    # a malformed jsonl line's row carries what is wrong with it (inputs.jsonl).
+    optional = plain_fields(cfg) if falls_back(cfg, columns) else []
+    optional += [c for c in (jsonl.PROBLEM_COLUMN,) if c in columns]
+    ds = ds.select_columns(list(dict.fromkeys(wanted + optional)))
     if cfg.streaming:
         return Stream(ds, _arrow_types(ds.features, cfg.keep_columns), location, cfg.limit)
     if len(ds) == 0:

@@ -113,7 +113,7 @@ def byte_lengths(block: pa.Array) -> np.ndarray:
 
     The JSON of a string is never shorter than the string's UTF-8 bytes, and a message's JSON
     (``{"role":"","content":""}`` and more) is longer than its role and content bytes by more
-    than ``screen.MESSAGE_SLACK``: a bound for a prompt string or a message list.
+    than ``block_rules.MESSAGE_SLACK``: a bound for a prompt string or a message list.
     """
     return pc.fill_null(pc.binary_length(texts(block)), 0).to_numpy(zero_copy_only=False)
 

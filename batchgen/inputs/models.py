@@ -1,5 +1,5 @@
-"""Find and convert models; load their config, tokenizer (with a sound pad token) and
-generation defaults.
+"""Find and convert models and their adapters; load their config, tokenizer (with a sound pad
+token) and generation defaults; the content digest of an adapter.
 
 Everything here runs before the weights load, so that every cheap check does too: the weights
 load later, once the data is known good (``batchgen.engine.devices.load_model``).
@@ -7,11 +7,12 @@ load later, once the data is known good (``batchgen.engine.devices.load_model``)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,18 @@ from batchgen.errors import ModelError
 
 # Config attributes that hold a decoder's context length, in the order models use them.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+# The files of a peft adapter's folder that peft loads: what its digest covers (not a README).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass
 class ModelSource:
-    """Where weights and tokenizer load from, once ``pkg:`` and GGUF files are resolved."""
+    """Where weights and tokenizer load from, once ``pkg:`` and GGUF files are resolved; and
+    the local folder of ``model.adapter`` (a hub adapter fetched into the hub cache)."""
 
     location: str
     gguf_file: str | None = None
+    adapter: str | None = None
 
 
 def cache_root() -> Path:
@@ -69,7 +74,74 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
                 "model.name_or_path to a local folder, or set HF_HUB_OFFLINE=1 to load a hub "
                 "model from the local cache (~/.cache/huggingface, $HF_HOME)."
             )
-    return ModelSource(str(Path(location).expanduser()) if looks_local else location, cfg.gguf_file)
+    return ModelSource(
+        str(Path(location).expanduser()) if looks_local else location,
+        cfg.gguf_file,
+        resolve_adapter(cfg.adapter),
+    )
+
+
+def resolve_adapter(adapter: str | None) -> str | None:
+    """The local folder of ``model.adapter``: a folder as given, or a hub adapter's files
+    fetched into the hub cache (the cache alone while the hub is unreachable).
+
+    Raises:
+        ModelError: no such folder, a folder without ``adapter_config.json``, or a hub id
+            that cannot be fetched.
+    """
+    if adapter is None:
+        return None
+    try:
+        location = paths.resolve(adapter, "model.adapter")
+    except Exception as e:
+        raise ModelError(str(e)) from e
+    folder = Path(location).expanduser()
+    if not folder.is_dir():
+        if location.startswith((".", "/", "~")):
+            raise ModelError(f"model.adapter={adapter!r}: no such folder {location!r}.")
+        from huggingface_hub import snapshot_download
+
+        from batchgen.inputs.hub import hub_unreachable
+
+        why = hub_unreachable(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        try:
+            folder = Path(
+                snapshot_download(
+                    location, allow_patterns=list(ADAPTER_FILES), local_files_only=bool(why)
+                )
+            )
+        except Exception as e:  # offline and not cached, no such repository, no access
+            raise ModelError(
+                f"model.adapter={adapter!r} is no local folder, so it names a hub adapter, "
+                f"which could not be fetched{f' (the hub is unreachable: {why})' if why else ''}:"
+                f" {e}"
+            ) from e
+    if not (folder / ADAPTER_FILES[0]).is_file():
+        raise ModelError(
+            f"model.adapter={adapter!r}: {str(folder)!r} holds no {ADAPTER_FILES[0]} (a peft "
+            "adapter's folder, as its save_pretrained writes it)."
+        )
+    return str(folder)
+
+
+def adapter_digest(folder: str) -> str:
+    """The digest of the adapter in ``folder``: the bytes of the files peft loads
+    (``ADAPTER_FILES``), not their path, so a moved or re-fetched copy is the same adapter.
+    Hashed once per process while the files are unchanged (size and modification time)."""
+    files = tuple(
+        (name, stat.st_size, stat.st_mtime_ns)
+        for name in ADAPTER_FILES
+        if (path := Path(folder) / name).is_file() and (stat := path.stat())
+    )
+    return _files_digest(folder, files)
+
+
+@functools.lru_cache(maxsize=16)
+def _files_digest(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _size, _mtime in files:
+        h.update(f"{name}\0{_file_digest(Path(folder) / name)}\0".encode())
+    return h.hexdigest()[:16]
 
 
 def _file_digest(path: Path) -> str:
@@ -91,8 +163,9 @@ def convert_gguf(source: ModelSource) -> ModelSource:
         return source
     gguf = Path(source.location) / source.gguf_file
     target = cache_root() / "converted" / f"{gguf.stem}-{_file_digest(gguf)}"
+    converted = replace(source, location=str(target), gguf_file=None)
     if (target / "config.json").is_file():
-        return ModelSource(str(target))
+        return converted
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"batchgen: converting {gguf.name} once into {target} (later runs load in ~1 s)")
@@ -114,7 +187,7 @@ def convert_gguf(source: ModelSource) -> ModelSource:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():
             raise
-    return ModelSource(str(target))
+    return converted
 
 
 # transformers' own values where a generation config sets none (GenerationConfig's documented

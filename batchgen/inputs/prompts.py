@@ -1,4 +1,9 @@
-"""Turn dataset rows into prompt records: the exact text and token ids the model will see."""
+"""Turn dataset rows into prompt records: the exact text and token ids the model will see.
+
+Invariant: a row is rendered here and nowhere else, so a prompt is the same text in a job, a
+resume's digest and ``Generator``; a row without a usable prompt comes back as a ``Skipped``
+naming why, for the row policies (``batchgen.inputs.policies``) to refuse or pass on.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from typing import Any
 from batchgen.config import DatasetConfig, SamplingConfig
 from batchgen.errors import ConfigError, DataError
 from batchgen.inputs.blank import is_blank
-from batchgen.inputs.dataset import Rows, template_fields
+from batchgen.inputs.dataset import Rows
+from batchgen.inputs.jsonl import PROBLEM_COLUMN
 from batchgen.inputs.row_settings import row_samplings, template_kwargs
+from batchgen.inputs.sources import falls_back, plain_fields
 
 
 @dataclass
@@ -65,12 +72,21 @@ def duplicate_ids_error(id_column: str, repeated: list[str]) -> DataError:
     )
 
 
-def _row_ids(rows: Rows, cfg: DatasetConfig) -> list[str]:
+def _row_ids(rows: Rows, cfg: DatasetConfig, broken: list[str | None]) -> list[str]:
+    """Each row's id; a malformed jsonl line's (``broken``), whose own cannot be read, is its
+    row index, as when ``dataset.id_column`` is unset."""
     if not cfg.id_column:
         return [str(rows.start + i) for i in range(len(rows))]
-    ids = [str(v) for v in rows.columns[cfg.id_column]]
+    ids = [
+        str(rows.start + i) if broken[i] else str(v)
+        for i, v in enumerate(rows.columns[cfg.id_column])
+    ]
     seen: set[str] = set()
-    dupes = [i for i in ids if i in seen or seen.add(i)]
+    dupes = [
+        row_id
+        for i, row_id in enumerate(ids)
+        if not broken[i] and (row_id in seen or seen.add(row_id))
+    ]
     if dupes:
         raise duplicate_ids_error(cfg.id_column, dupes)
     return ids
@@ -104,12 +120,15 @@ def _text_problem(value: Any) -> str | None:
     return "empty" if is_blank(value) else None
 
 
-def _user_turns(rows: Rows, cfg: DatasetConfig, n: int) -> tuple[list[str | None], list[str]]:
-    """Each row's user text, or None with a reason for a row that has none."""
+def _user_turns(
+    rows: Rows, cfg: DatasetConfig, which: list[int]
+) -> tuple[list[str | None], list[str]]:
+    """The plain prompt of each row of ``which``, or None with a reason for a row that has
+    none."""
     texts: list[str | None] = []
     problems: list[str] = []
-    fields = template_fields(cfg.template) if cfg.template else [cfg.prompt_column]
-    for i in range(n):
+    fields = plain_fields(cfg)
+    for i in which:
         values = {k: rows.columns[k][i] for k in fields}
         if cfg.template:  # any value formats; only a missing one leaves a hole in the prompt
             bad = {k: "missing (null)" for k, v in values.items() if v is None}
@@ -125,49 +144,79 @@ def _user_turns(rows: Rows, cfg: DatasetConfig, n: int) -> tuple[list[str | None
     return texts, problems
 
 
+def message_rows(rows: Rows, cfg: DatasetConfig) -> list[bool]:
+    """Whether each row's prompt is its messages, else its plain prompt (``inputs.sources``)."""
+    if not cfg.messages_column:
+        return [False] * len(rows)
+    column = rows.columns[cfg.messages_column]
+    if not falls_back(cfg, rows.columns):
+        return [True] * len(column)
+    return [v is not None for v in column]
+
+
+def _with_broken(
+    texts: list[str | None], problems: list[str], broken: list[str | None]
+) -> tuple[list[str | None], list[str]]:
+    """(texts, problems) with a malformed line's row bad for its own reason (its prompt would
+    read as missing)."""
+    return (
+        [None if b else t for b, t in zip(broken, texts, strict=True)],
+        [b or p for b, p in zip(broken, problems, strict=True)],
+    )
+
+
 def render_texts(
     rows: Rows, cfg: DatasetConfig, tokenizer, chat: bool
 ) -> tuple[list[str], list[str | None], list[str]]:
-    """Render every row to the text the model sees (no tokenizing).
+    """Render every row to the text the model sees (no tokenizing): its messages through the
+    chat template, or its plain prompt (through the template with ``chat``, else raw).
 
     Returns:
         (ids, texts, problems): per row of ``rows``, in order, its id, its prompt string (None
         for a bad row) and why it is bad ("" for a good row).
     """
-    ids = _row_ids(rows, cfg)
-    n = len(ids)
-    if cfg.messages_column:
-        column = rows.columns[cfg.messages_column]
-        problems = [
-            f"dataset.messages_column {cfg.messages_column!r}: {why}"
-            if (why := messages_problem(v))
-            else ""
-            for v in column
-        ]
-        conversations = [
-            None if problems[i] else [{"role": m["role"], "content": m["content"]} for m in v]
-            for i, v in enumerate(column)
-        ]
-    else:
-        user, problems = _user_turns(rows, cfg, n)
-        if not chat:
-            return ids, user, problems
-        conversations = [None if t is None else [{"role": "user", "content": t}] for t in user]
+    # A malformed jsonl line's row holds only what is wrong with it (``inputs.jsonl``).
+    broken = rows.columns.get(PROBLEM_COLUMN) or [None] * len(rows)
+    ids = _row_ids(rows, cfg, broken)
+    on_messages = message_rows(rows, cfg)
+    problems = [""] * len(ids)
+    # Per row: the conversation the chat template renders, or the raw text of a plain prompt.
+    turns: list[list[dict] | str | None] = [None] * len(ids)
+    for i in (i for i, m in enumerate(on_messages) if m):
+        value = rows.columns[cfg.messages_column][i]
+        why = messages_problem(value)
+        if why:
+            problems[i] = f"dataset.messages_column {cfg.messages_column!r}: {why}"
+        else:
+            turns[i] = [{"role": m["role"], "content": m["content"]} for m in value]
+    plain = [i for i, m in enumerate(on_messages) if not m]
+    null = f"dataset.messages_column {cfg.messages_column!r}: missing (null), and "
+    for i, text, why in zip(plain, *_user_turns(rows, cfg, plain), strict=True):
+        problems[i] = why and (null + why if cfg.messages_column else why)
+        turns[i] = None if why else [{"role": "user", "content": text}] if chat else text
     if cfg.system_prompt:
         system = {"role": "system", "content": cfg.system_prompt}
-        conversations = [
-            c if c is None or c[0]["role"] == "system" else [system, *c] for c in conversations
+        turns = [
+            t if not isinstance(t, list) or t[0]["role"] == "system" else [system, *t]
+            for t in turns
         ]
-    kwargs = template_kwargs(rows, cfg, problems)
+    templated = [isinstance(t, list) for t in turns]
+    kwargs: list[dict] = [{}] * len(ids)
+    if any(templated):  # a row's template arguments matter only where the template renders it
+        checked = list(problems)
+        kwargs = template_kwargs(rows, cfg, checked)
+        problems = [c if t else p for c, p, t in zip(checked, problems, templated, strict=True)]
     texts = [
         None
-        if c is None or problems[i]
+        if t is None or problems[i]
         else tokenizer.apply_chat_template(
-            c, tokenize=False, add_generation_prompt=True, **kwargs[i]
+            t, tokenize=False, add_generation_prompt=True, **kwargs[i]
         )
-        for i, c in enumerate(conversations)
+        if templated[i]
+        else t
+        for i, t in enumerate(turns)
     ]
-    return ids, texts, problems
+    return ids, *_with_broken(texts, problems, broken)
 
 
 def build_records(
@@ -196,124 +245,25 @@ def build_records(
     own = row_samplings(rows, cfg, sampling, texts, problems)
     at = rows.start
     good = [i for i, t in enumerate(texts) if t is not None]
-    rendered_by_template = chat or bool(cfg.messages_column)
-    # (A fast tokenizer fails on an empty list: every row may be bad.)
-    encoded = (
-        tokenizer([texts[i] for i in good], add_special_tokens=not rendered_by_template)
-        if good
-        else {"input_ids": []}
-    )
+    on_messages = message_rows(rows, cfg)
+    tokens: dict[int, list[int]] = {}
+    for by_template in (True, False):
+        which = [i for i in good if (chat or on_messages[i]) == by_template]
+        if which:  # (a fast tokenizer fails on an empty list)
+            found = tokenizer([texts[i] for i in which], add_special_tokens=not by_template)
+            tokens.update(zip(which, found["input_ids"], strict=True))
     kept = {c: rows.columns[c] for c in cfg.keep_columns}
     records = [
         PromptRecord(
             at + i,
             ids[i],
             texts[i],
-            list(tokens),
+            list(tokens[i]),
             {c: v[i] for c, v in kept.items()},
             own[i].sampling if own[i] else None,
             own[i].seed if own[i] else None,
         )
-        for i, tokens in zip(good, encoded["input_ids"], strict=True)
+        for i in good
     ]
     bad = [Skipped(at + i, ids[i], problems[i]) for i, t in enumerate(texts) if t is None]
     return records, bad
-
-
-def bad_rows_error(listed: list[Skipped], total: int, lines: bool = False) -> DataError:
-    """The error that refuses a job over rows without a usable prompt, naming the first of
-    ``total``.
-
-    Args:
-        lines: the rows are a jsonl file's lines, one each: name the line too.
-    """
-
-    def where(row: int) -> str:
-        return f"row {row}, line {row + 1}" if lines else f"row {row}"
-
-    named = "; ".join(f"id {b.id!r} ({where(b.index)}): {b.reason}" for b in listed[:10])
-    more = f" (and {total - 10} more)" if total > 10 else ""
-    return DataError(
-        f"{total} row(s) have no usable prompt: {named}{more}. Fix the data, or set "
-        "runner.on_bad_row=skip to leave them out (they are listed in _batchgen/workers/*.errors)."
-    )
-
-
-def apply_bad_row_policy(bad: list[Skipped], policy: str) -> list[Skipped]:
-    """``error``: refuse the job, listing the rows; ``skip``: pass them on.
-
-    Raises:
-        DataError: with ``error`` when there are bad rows.
-    """
-    if bad and policy != "skip":
-        raise bad_rows_error(bad, len(bad))
-    return bad
-
-
-def check_room(max_prompt_tokens: int | None) -> None:
-    """Refuse a job whose ``max_new_tokens`` leaves no room for a prompt in the context.
-
-    Raises:
-        ConfigError: naming ``sampling.max_new_tokens``.
-    """
-    if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise ConfigError(
-            f"sampling.max_new_tokens leaves no room for a prompt in the model's context "
-            f"({max_prompt_tokens} tokens left); lower it or raise model.max_context."
-        )
-
-
-def apply_length_policy(
-    records: list[PromptRecord],
-    max_prompt_tokens: int | None,
-    policy: str,
-    tokenizer,
-    job_new_tokens: int = 0,
-) -> tuple[list[PromptRecord], list[Skipped]]:
-    """Enforce the context limit on a shard's prompts before they are generated.
-
-    Args:
-        records: rendered prompts.
-        max_prompt_tokens: context length minus the job's ``max_new_tokens``; None when
-            unbounded. A row with its own ``max_new_tokens`` (``record.sampling``) gets the
-            room its own setting leaves.
-        policy: ``error`` (refuse the job), ``truncate_left`` (keep the prompt's end, where the
-            generation prompt is) or ``skip`` (leave the row out and report it).
-        job_new_tokens: the job's ``max_new_tokens``, which ``max_prompt_tokens`` subtracted.
-
-    Returns:
-        (records to generate, skipped rows)
-
-    Raises:
-        DataError: with ``error``, listing the offending ids.
-    """
-    if max_prompt_tokens is None:
-        return records, []
-
-    def room(r: PromptRecord) -> int:
-        own = r.sampling.max_new_tokens if r.sampling else job_new_tokens
-        return max_prompt_tokens + job_new_tokens - own
-
-    long = [r for r in records if len(r.token_ids) > room(r)]
-    if not long:
-        return records, []
-    if policy == "error":
-        worst = max(len(r.token_ids) for r in long)
-        raise DataError(
-            f"{len(long)} prompt(s) exceed the {max_prompt_tokens} tokens left for a prompt "
-            f"(context minus sampling.max_new_tokens; longest {worst}), ids "
-            f"{[r.id for r in long[:10]]}{' ...' if len(long) > 10 else ''}. Set "
-            "runner.on_long_prompt=truncate_left or skip, or lower sampling.max_new_tokens."
-        )
-    if policy == "skip":
-        skipped = [Skipped(r.index, r.id, f"prompt longer than {room(r)} tokens") for r in long]
-        long_ids = {r.index for r in long}
-        return [r for r in records if r.index not in long_ids], skipped
-    for r in long:
-        if room(r) < 1:
-            raise DataError(
-                f"row {r.id!r}: its max_new_tokens leaves no room for a prompt in the context."
-            )
-        r.token_ids = r.token_ids[-room(r) :]
-        r.text = tokenizer.decode(r.token_ids, skip_special_tokens=False)
-    return records, []

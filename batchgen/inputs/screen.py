@@ -1,14 +1,15 @@
 """Whole-dataset checks that Arrow answers in seconds, before the model loads.
 
 Invariant: nothing here turns the table's rows into Python objects; every pass is Arrow compute
-over blocks of a column, so a 10M-row dataset is screened in seconds and in bounded memory. A
-column of mixed types, stored as JSON text, is judged from that text (``inputs.jsontext``).
+over blocks of a column (``inputs.block_rules`` judges a block), so a 10M-row dataset is
+screened in seconds and in bounded memory.
 What needs rendering or the tokenizer row by row happens per shard
 (``batchgen.job.shard_inputs``), where the same policies apply again and are authoritative.
 Checked here:
 
 - rows without a usable prompt (null, blank as ``inputs.blank`` defines it, not a string,
-  malformed messages), refused up front under ``runner.on_bad_row=error``;
+  malformed messages, a malformed jsonl line's), refused up front under
+  ``runner.on_bad_row=error``;
 - duplicate ids in ``dataset.id_column``;
 - prompts that may be too long. A prompt's token count is at most its UTF-8 byte count (each
   token of a byte-level or byte-fallback tokenizer covers at least one byte) plus the tokens
@@ -27,8 +28,10 @@ import pyarrow.compute as pc
 
 from batchgen.config import DatasetConfig, JobConfig
 from batchgen.errors import DataError
-from batchgen.inputs import blank, jsontext, prompts
-from batchgen.inputs.dataset import Table, template_fields
+from batchgen.inputs import block_rules, jsontext, policies, prompts
+from batchgen.inputs.dataset import Table
+from batchgen.inputs.jsonl import PROBLEM_COLUMN
+from batchgen.inputs.sources import falls_back, plain_fields, template_fields
 
 # Rows per Arrow block: bounds the transient memory of one pass.
 BLOCK_ROWS = 1 << 16
@@ -36,103 +39,47 @@ BLOCK_ROWS = 1 << 16
 EXACT_LIMIT = 20_000
 # Tokens a tokenizer may add around a text beyond its bytes (a SentencePiece dummy prefix).
 TOKEN_SLACK = 2
-# Template tokens per chat message beyond its role and content bytes (ChatML uses 5).
-MESSAGE_SLACK = 16
 
 
 def _blocks(table: Table, name: str) -> Iterator[tuple[int, pa.Array]]:
     return table.scan(name, BLOCK_ROWS)
 
 
-def _as_text(values: pa.Array) -> pa.Array:
-    """``values`` as an Arrow string column: strings as ``blank.string_column`` gives them,
-    other values cast to their text.
-
-    Raises:
-        pa.ArrowNotImplementedError: values of a nested type, which have no cast to text.
-    """
-    text = blank.string_column(values)
-    return pc.cast(values, pa.string()) if text is None else text
+def _flags(table: Table, name: str, check) -> np.ndarray:
+    """Per row, ``check``'s verdict on its value of column ``name``."""
+    flags = np.zeros(len(table), dtype=bool)
+    for offset, block in _blocks(table, name):
+        flags[offset : offset + len(block)] = check(block)
+    return flags
 
 
-def _bad_text(block: pa.Array) -> np.ndarray:
-    """Null or blank strings; every row when the column holds no strings."""
-    if jsontext.is_json(block.type):
-        return jsontext.bad_text(block)
-    text = blank.string_column(block)
-    if text is None:
-        return np.ones(len(block), dtype=bool)
-    return blank.blank_or_null(text)
-
-
-def _null(block: pa.Array) -> np.ndarray:
-    if jsontext.is_json(block.type):
-        return jsontext.nulls(block)
-    return pc.is_null(block).to_numpy(zero_copy_only=False)
-
-
-def _message_items(items: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per message: (unusable, a bound on its role and content bytes plus ``MESSAGE_SLACK``),
-    or None when the type holds no {role, content} pair of strings."""
-    if jsontext.is_json(items.type):
-        return jsontext.bad_message_items(items), jsontext.byte_lengths(items)
-    if not pa.types.is_struct(items.type):
-        return None
-    broken = pc.is_null(items).to_numpy(zero_copy_only=False).copy()
-    size = np.full(len(items), MESSAGE_SLACK, dtype=np.int64)
-    for key in ("role", "content"):
-        if items.type.get_field_index(key) < 0:
-            return None
-        value = pc.struct_field(items, key)
-        if jsontext.is_json(value.type):
-            broken |= ~jsontext.strings(value)
-            size += jsontext.byte_lengths(value)
-            continue
-        text = blank.string_column(value)
-        if text is None:
-            return None
-        broken |= pc.is_null(text).to_numpy(zero_copy_only=False)
-        size += pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
-    return broken, size
-
-
-def _messages(block: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per row: (no usable messages, a bound on their bytes as ``_message_items`` counts them),
-    or None when no row can hold usable messages."""
-    if jsontext.is_json(block.type):
-        return jsontext.bad_messages(block), jsontext.byte_lengths(block)
-    if not (pa.types.is_list(block.type) or pa.types.is_large_list(block.type)):
-        return None
-    items = _message_items(pc.list_flatten(block))
-    if items is None:
-        return None
-    broken, size = items
-    parents = pc.list_parent_indices(block).to_numpy(zero_copy_only=False)
-    lengths = pc.list_value_length(block)
-    bad = pc.fill_null(pc.equal(lengths, 0), True).to_numpy(zero_copy_only=False).copy()
-    bad[parents[broken]] = True
-    total = np.bincount(parents, weights=size, minlength=len(block)).astype(np.int64)
-    return bad, total
-
-
-def _bad_messages(block: pa.Array) -> np.ndarray:
-    found = _messages(block)
-    return np.ones(len(block), dtype=bool) if found is None else found[0]
+def _message_rows(table: Table, cfg: DatasetConfig) -> np.ndarray:
+    """Per row, whether its prompt is its messages (``prompts.message_rows``, in Arrow)."""
+    if not cfg.messages_column:
+        return np.zeros(len(table), dtype=bool)
+    if not falls_back(cfg, table.dataset.column_names):
+        return np.ones(len(table), dtype=bool)
+    return ~_flags(table, cfg.messages_column, block_rules.null)
 
 
 def bad_row_indices(table: Table, cfg: DatasetConfig) -> np.ndarray:
     """Indices of the rows that have no usable prompt, in row order."""
-    if cfg.messages_column:
-        checks = [(cfg.messages_column, _bad_messages)]
-    elif cfg.template:
-        checks = [(f, _null) for f in template_fields(cfg.template)]
-    else:
-        checks = [(cfg.prompt_column, _bad_text)]
-    bad = np.zeros(len(table), dtype=bool)
-    for name, check in checks:
-        for offset, block in _blocks(table, name):
-            bad[offset : offset + len(block)] |= check(block)
+    on_messages = _message_rows(table, cfg)
+    bad = _broken(table)
+    if on_messages.any():
+        bad |= on_messages & _flags(table, cfg.messages_column, block_rules.bad_messages)
+    if not on_messages.all():
+        check = block_rules.null if cfg.template else block_rules.bad_text
+        for name in plain_fields(cfg):
+            bad |= ~on_messages & _flags(table, name, check)
     return np.flatnonzero(bad)
+
+
+def _broken(table: Table) -> np.ndarray:
+    """Rows of malformed jsonl lines (``inputs.jsonl``): bad whatever their prompt."""
+    if PROBLEM_COLUMN not in table.dataset.column_names:
+        return np.zeros(len(table), dtype=bool)
+    return ~_flags(table, PROBLEM_COLUMN, block_rules.null)
 
 
 def refuse_bad_rows(table: Table, cfg: DatasetConfig, tokenizer, chat: bool) -> None:
@@ -148,7 +95,7 @@ def refuse_bad_rows(table: Table, cfg: DatasetConfig, tokenizer, chat: bool) -> 
     for i in bad[:10].tolist():
         ids, texts, problems = prompts.render_texts(table.rows(i, i + 1), cfg, tokenizer, chat)
         listed.append(prompts.Skipped(i, ids[0], problems[0] or "no usable prompt"))
-    raise prompts.bad_rows_error(listed, len(bad), lines=table.location.endswith(".jsonl"))
+    raise policies.bad_rows_error(listed, len(bad), table.lines([b.index for b in listed]))
 
 
 def check_encoding(table: Table) -> None:
@@ -164,7 +111,8 @@ def check_encoding(table: Table) -> None:
                 block.validate(full=True)
             except pa.ArrowInvalid as e:
                 row = offset + _first_invalid(block)
-                line = f" (line {row + 1})" if table.location.endswith(".jsonl") else ""
+                lines = table.lines([row])
+                line = f" (line {lines[row]})" if lines else ""
                 raise DataError(
                     f"dataset.path={table.location!r}: column {name!r} of row {row}{line} is "
                     f"not valid UTF-8 text ({e}). Fix or drop that row."
@@ -193,8 +141,11 @@ def check_unique_ids(table: Table, id_column: str | None) -> None:
     # Equal JSON texts are equal ids: ``datasets`` writes a value as one text (the string "12"
     # and the number 12 alike as ``12``, which ``prompts`` reads back as the same id).
     column = pa.chunked_array([jsontext.texts(b) for b in blocks] if mixed else blocks)
+    broken = _broken(table)
+    if broken.any():  # a malformed line's id is its row index (prompts._row_ids), not the column's
+        column = pc.filter(column, pa.array(~broken))
     try:
-        column = _as_text(column)
+        column = block_rules.as_text(column)
     except pa.ArrowNotImplementedError:
         return  # ids of a nested type: each shard checks its own (prompts.row_ids)
     distinct = pc.count_distinct(column, mode="all").as_py()
@@ -207,38 +158,34 @@ def check_unique_ids(table: Table, id_column: str | None) -> None:
     raise prompts.duplicate_ids_error(id_column, shown)
 
 
-def _byte_lengths(table: Table, cfg: DatasetConfig) -> np.ndarray:
-    """Per row, the UTF-8 bytes of what is rendered into the prompt, beyond the template."""
+def _byte_lengths(table: Table, cfg: DatasetConfig, on_messages: np.ndarray) -> np.ndarray:
+    """Per row, the UTF-8 bytes of what is rendered into the prompt, beyond the template: its
+    messages where ``on_messages``, else its plain prompt."""
     total = np.zeros(len(table), dtype=np.int64)
-    if cfg.messages_column:
+    if on_messages.any():
         for offset, block in _blocks(table, cfg.messages_column):
-            found = _messages(block)
-            if found is None:
-                return total  # rows that bad_row_indices refuses or skips
-            total[offset : offset + len(block)] += found[1]
-        return total
-    fields = template_fields(cfg.template) if cfg.template else [cfg.prompt_column]
-    for name in fields:
-        for offset, block in _blocks(table, name):
-            total[offset : offset + len(block)] += _text_bytes(block, bool(cfg.template))
+            found = block_rules.messages(block)
+            if found is not None:  # None: no usable messages, rows that are refused or skipped
+                rows = slice(offset, offset + len(block))
+                total[rows] += np.where(on_messages[rows], found[1], 0)
+    if not on_messages.all():
+        for name in plain_fields(cfg):
+            for offset, block in _blocks(table, name):
+                rows = slice(offset, offset + len(block))
+                size = block_rules.text_bytes(block, bool(cfg.template))
+                total[rows] += np.where(on_messages[rows], 0, size)
     return total
 
 
-def _text_bytes(block: pa.Array, formatted: bool) -> np.ndarray:
-    """Per row, a bound on the UTF-8 bytes of the value's text in the prompt (``formatted``:
-    ``str`` of a template field's value; else a prompt string, the only usable value)."""
-    if jsontext.is_json(block.type):
-        return jsontext.format_bytes(block) if formatted else jsontext.byte_lengths(block)
-    return pc.fill_null(pc.binary_length(_as_text(block)), 0).to_numpy(zero_copy_only=False)
-
-
-def _template_tokens(cfg: DatasetConfig, tokenizer, chat: bool) -> int:
-    """Tokens of a prompt whose rendered fields are all empty: the template's own share."""
+def _template_tokens(cfg: DatasetConfig, tokenizer, chat: bool, messages: bool, plain: bool) -> int:
+    """Tokens of a prompt whose rendered fields are all empty: the template's own share, the
+    most of what ``messages`` rows and ``plain`` rows (whichever occur) add."""
     literal = 0
-    if cfg.template and not cfg.messages_column:
+    if cfg.template and plain:
         empty = dict.fromkeys(template_fields(cfg.template), "")
         literal = len(cfg.template.format_map(empty).encode())
-    if chat or cfg.messages_column:
+    wrapper = 0
+    if chat or messages:
         turns = [{"role": "user", "content": ""}]
         if cfg.system_prompt:
             turns.insert(0, {"role": "system", "content": cfg.system_prompt})
@@ -246,8 +193,8 @@ def _template_tokens(cfg: DatasetConfig, tokenizer, chat: bool) -> int:
             turns, tokenize=False, add_generation_prompt=True, **cfg.chat_template_kwargs
         )
         wrapper = len(tokenizer(text, add_special_tokens=False).input_ids)
-    else:
-        wrapper = len(tokenizer("").input_ids)
+    if plain and not chat:
+        wrapper = max(wrapper, len(tokenizer("").input_ids))
     return wrapper + literal + TOKEN_SLACK
 
 
@@ -255,11 +202,14 @@ def maybe_long(table: Table, cfg: DatasetConfig, tokenizer, chat: bool, room: in
     """Indices of rows whose prompt is not provably within ``room`` tokens."""
     if cfg.chat_template_kwargs_column:  # each row may render the template its own way
         return np.arange(len(table))
+    on_messages = _message_rows(table, cfg)
     try:
-        overhead = _template_tokens(cfg, tokenizer, chat)
+        overhead = _template_tokens(
+            cfg, tokenizer, chat, bool(on_messages.any()), not on_messages.all()
+        )
     except Exception:  # noqa: BLE001 - a template that refuses empty turns: prove nothing
         return np.arange(len(table))
-    return np.flatnonzero(_byte_lengths(table, cfg) + overhead > room)
+    return np.flatnonzero(_byte_lengths(table, cfg, on_messages) + overhead > room)
 
 
 def refuse_long_prompts(table: Table, cfg: DatasetConfig, tokenizer, chat: bool, room: int) -> int:
@@ -270,7 +220,7 @@ def refuse_long_prompts(table: Table, cfg: DatasetConfig, tokenizer, chat: bool,
         shards check them when reached.
 
     Raises:
-        DataError: a prompt is too long (``prompts.apply_length_policy`` words it).
+        DataError: a prompt is too long (``policies.apply_length_policy`` words it).
     """
     candidates = maybe_long(table, cfg, tokenizer, chat, room)
     if len(candidates) > EXACT_LIMIT:
@@ -279,7 +229,7 @@ def refuse_long_prompts(table: Table, cfg: DatasetConfig, tokenizer, chat: bool,
     for i in candidates.tolist():
         found, _ = prompts.build_records(table.rows(i, i + 1), cfg, tokenizer, chat)
         records += found
-    prompts.apply_length_policy(records, room, "error", tokenizer)
+    policies.apply_length_policy(records, room, "error", tokenizer)
     return 0
 
 
@@ -295,7 +245,7 @@ def screen_table(cfg: JobConfig, table: Table, tokenizer, chat: bool, room: int 
     if r.on_bad_row == "error":
         refuse_bad_rows(table, d, tokenizer, chat)
     # A row with its own max_new_tokens (dataset.sampling_column) has its own room: its shard
-    # checks it (prompts.apply_length_policy).
+    # checks it (policies.apply_length_policy).
     if room is not None and r.on_long_prompt == "error" and not d.sampling_column:
         unchecked = refuse_long_prompts(table, d, tokenizer, chat, room)
         if unchecked:

@@ -21,34 +21,30 @@ from batchgen.store.records import run_file_guard, write_run_file
 
 def admit(cfg: JobConfig, out_dir: Path, lock: RunLock, parts: dict) -> dict:
     """Join the run recorded in ``out_dir`` or record this one, atomically with other workers;
-    return the fingerprint parts to generate under: the recorded ones when only the spelling of
-    a local source differs (``manifest.respelled``, said in one line), else ``parts``.
+    return the fingerprint parts to generate under: the recorded ones where they describe this
+    run though they differ (``manifest.same_run``: each difference said in one line), else
+    ``parts``.
 
     Raises:
         ResumeError: the folder holds another config's run (``manifest.check_run_file``).
     """
-    fingerprint = manifest.fingerprint(parts)
     identity = {
-        "fingerprint": fingerprint,
+        "fingerprint": manifest.fingerprint(parts),
         "fingerprint_parts": parts,
         "config": cfg.to_dict(),
         "versions": manifest.versions(),
     }
     with run_file_guard(out_dir):
-        parts, write = manifest.check_run_file(
+        parts, write, said = manifest.check_run_file(
             out_dir,
             parts,
             lambda: claims.live_indices(out_dir, cfg.runner.lease_seconds),
             lambda: live_fingerprints(out_dir, cfg.runner.lease_seconds, lock.path),
+            dtype_auto=cfg.model.dtype == "auto",
         )
         if write:
             write_run_file(out_dir, identity)
         lock.attach(manifest.fingerprint(parts))
-    if manifest.fingerprint(parts) != fingerprint:
-        print(
-            f"batchgen: dataset.path={cfg.dataset.path!r} names the data this folder's run "
-            f"recorded as {parts['data']['source']!r}: resuming it (each finished shard's rows "
-            "are checked when reached).",
-            flush=True,
-        )
+    for line in said:
+        print(f"batchgen: {line}.", flush=True)
     return parts

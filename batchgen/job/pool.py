@@ -14,6 +14,7 @@ command still ends non-zero, naming it.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import selectors
@@ -56,7 +57,7 @@ class Worker:
     where: str  # its devices, for messages
     proc: subprocess.Popen
     log: Path
-    counts: tuple[int | None, float, int] | None = None  # reported (total, own rows, tokens)
+    counts: dict | None = None  # its last report (``Progress.counts``)
     ended: str | None = None  # how it ended, once it has
     said: str = ""  # its last message (batchgen's last paragraph on its stderr), if it died
     ok: bool = True
@@ -171,8 +172,7 @@ def _watch(workers: list[Worker], forward: ForwardStops, runner: RunnerConfig) -
                 continue
             for line in _lines(w, fd, data):
                 if fd != w.proc.stdout.fileno():
-                    total, rows, tokens = line.split()
-                    w.counts = (None if total == "-" else int(total), float(rows), int(tokens))
+                    w.counts = json.loads(line)
                 else:
                     _say(bar, line, sys.stdout)
         if not events and all(w.ended is not None for w in workers):
@@ -183,11 +183,13 @@ def _watch(workers: list[Worker], forward: ForwardStops, runner: RunnerConfig) -
                 if not w.ok:
                     _say(bar, f"batchgen: {w.name()} {w.ended}{_takeover(workers, runner)}")
         counted = [w.counts for w in workers if w.counts is not None]
-        if bar is None and counted:
-            total = counted[0][0]
+        # Once every worker has reported its share (or ended), their shares are the total.
+        if bar is None and counted and all(w.counts or w.ended for w in workers):
+            shares = [c["share"] for c in counted]
+            total = None if None in shares else sum(shares)
             bar = Progress(total, runner.progress and total != 0)
         if bar is not None:
-            bar.show(sum(c[1] for c in counted), sum(c[2] for c in counted))
+            bar.show(counted)
     sel.close()
     for w in workers:
         for fd in w.pending:

@@ -10,6 +10,7 @@ without the pool having stopped it) it stops as on SIGTERM: between batches, cla
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -22,11 +23,11 @@ from batchgen.errors import BatchgenError, Stopped
 from batchgen.job.worker import Console, run_worker
 
 
-def _report_to(fd: int) -> Callable[[int | None, float, int], None]:
-    """Counts as one line each, ``TOTAL ROWS TOKENS`` (``-`` for an unknown total)."""
+def _report_to(fd: int) -> Callable[[dict], None]:
+    """Counts (``Progress.counts``) as one JSON line each."""
 
-    def report(total: int | None, rows: float, tokens: int) -> None:
-        line = f"{'-' if total is None else total} {rows:.3f} {tokens}\n"
+    def report(counts: dict) -> None:
+        line = json.dumps(counts) + "\n"
         # One short line, written whole; the pool gone, the stdin watch stops this worker.
         with contextlib.suppress(OSError):
             os.write(fd, line.encode())

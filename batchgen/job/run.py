@@ -45,7 +45,7 @@ def _shard_count(cfg: JobConfig) -> int | None:
     Raises:
         DataError: as ``dataset.open_dataset`` does.
     """
-    data = dataset.open_dataset(cfg.dataset)
+    data = dataset.open_dataset(cfg.dataset, skip_bad_lines=cfg.runner.on_bad_row == "skip")
     if isinstance(data, dataset.Stream):
         return None
     return math.ceil(len(data) / cfg.output.rows_per_shard)

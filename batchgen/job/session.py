@@ -25,7 +25,7 @@ from batchgen.engine.choice import build_engine, choose_engine
 from batchgen.engine.constrained import check_constraint
 from batchgen.engine.devices import Model
 from batchgen.engine.interface import Sample
-from batchgen.inputs import models, prompts
+from batchgen.inputs import models, policies, prompts
 from batchgen.inputs.prompts import PromptRecord, Skipped
 from batchgen.store.rows import OutputSpec, output_spec
 
@@ -109,7 +109,7 @@ class Session:
         chat = prompts.uses_chat_template(dataset, tokenizer)
         room = self.context - sampling.max_new_tokens if self.context else None
         if not dataset.sampling_column:  # a row with its own max_new_tokens has its own room
-            prompts.check_room(room)
+            policies.check_room(room)
         output = output_spec(replace(self.cfg, dataset=dataset, sampling=sampling), tokenizer, chat)
         engine_kind = choose_engine(
             self.cfg.runner,
@@ -118,6 +118,7 @@ class Session:
             self.model.device,
             logprobs=bool(output.logprobs or output.top_logprobs),
             per_row=bool(dataset.sampling_column),
+            model=self.model.settings,
         )
         return Plan(dataset, sampling, chat, room, output, engine_kind)
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from batchgen.config import RunnerConfig
 from batchgen.errors import ResumeError
-from batchgen.inputs import prompts
+from batchgen.inputs import policies, prompts
 from batchgen.inputs.dataset import Rows, Table
 from batchgen.inputs.prompts import PromptRecord, Skipped
 from batchgen.job.session import Plan
@@ -93,8 +93,8 @@ class ShardInputs:
         records, bad = prompts.build_records(
             rows, self.cfg, self.tokenizer, self.chat, rendered, self.sampling
         )
-        bad = prompts.apply_bad_row_policy(bad, self.runner.on_bad_row)
-        records, too_long = prompts.apply_length_policy(
+        bad = policies.apply_bad_row_policy(bad, self.runner.on_bad_row)
+        records, too_long = policies.apply_length_policy(
             records,
             self.room,
             self.runner.on_long_prompt,

@@ -78,7 +78,7 @@ class ShardLoop:
         plan: the job's settings as resolved for the model.
         meta: the run metadata every shard's footer carries.
         settings: ``kept_types``, ``compression``, ``lease_seconds`` and ``steal``.
-        progress: the bar.
+        progress: the bar, over the rows of this worker's share (and the shards it steals).
         published: shards published before this run started (not counted on the bar).
         watchdog: watches each shard in hand; the loop adds its own give-up steps (stop the
             claims' heartbeat, release them).
@@ -168,9 +168,9 @@ class ShardLoop:
         if self.stop.is_set():
             raise Interrupted
 
-    def _published(self, shard: Shard) -> bool:
+    def _published(self, shard: Shard, own: bool) -> bool:
         done = (self.out_dir / shard.name).exists()
-        if done and shard.index not in self.counted:  # another worker's: show it on the bar
+        if done and own and shard.index not in self.counted:  # ours, made by a stealer
             self.counted.add(shard.index)
             self.progress.others(shard.stop - shard.start)
         return done
@@ -180,19 +180,21 @@ class ShardLoop:
         self._check_stop()
         first = shard.index not in self.seen
         self.seen.add(shard.index)
-        if self._published(shard) and (not (own and first) or self._trusted(shard, rows)):
+        if self._published(shard, own) and (not (own and first) or self._trusted(shard, rows)):
             return True
         if not self.store.try_claim(shard.index):
             return False
         try:
             with self.watchdog.watch(shard.name):
-                if self._published(shard):  # finished by someone between our look and our claim
+                if self._published(shard, own):  # finished by someone between look and claim
                     return True
+                if not own:  # a stolen shard joins the bar, which counts this worker's share
+                    self.progress.grow(shard.stop - shard.start)
                 started = time.perf_counter()
                 work = self.inputs.build(shard, rows)
                 self.result.tokenize_seconds += time.perf_counter() - started
                 self._generate_and_publish(work)
-                return self._published(shard)
+                return self._published(shard, own)
         finally:
             self._release(shard)
 
@@ -264,10 +266,11 @@ class ShardLoop:
             self.watchdog.beat()
 
         if self.session.batcher is None:
+            self.progress.phase("loading the model")
             with self.watchdog.paused():  # loading the model is no stall
                 engine = self.session.runner(self.plan).engine
             engine.on_step = self._stepped
-            engine.on_prefill = self.watchdog.beat
+            engine.on_prefill = self._prefilled
         engine = self.session.runner(self.plan).engine
         padded_before = engine.padded_tokens
         started = time.perf_counter()
@@ -275,6 +278,10 @@ class ShardLoop:
         seconds = time.perf_counter() - started
         padded = engine.padded_tokens - padded_before
         return {**results, **fresh}, failed, padded, seconds
+
+    def _prefilled(self) -> None:
+        self.watchdog.beat()
+        self.progress.phase("prefilling")
 
     def _stepped(self, tokens: int) -> None:
         self.watchdog.beat()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from batchgen.cluster import claims
 from batchgen.cluster.lock import RunLock, describe_holder
-from batchgen.cluster.ranks import WorkerInfo, resolve_worker
+from batchgen.cluster.ranks import WorkerInfo, assign_shards, resolve_worker
 from batchgen.cluster.signals import StopRequested
 from batchgen.cluster.watchdog import Watchdog
 from batchgen.config import JobConfig
@@ -26,6 +26,7 @@ from batchgen.engine import devices, vllm_engine
 from batchgen.engine.devices import Model
 from batchgen.errors import BatchgenError, Interrupted, Stopped
 from batchgen.inputs import dataset, models, screen
+from batchgen.inputs.sources import falls_back
 from batchgen.job.admission import admit
 from batchgen.job.session import Plan, Session
 from batchgen.job.shard_inputs import ShardInputs
@@ -56,6 +57,7 @@ class Prepared:
     inputs: ShardInputs
     shards: list[Shard] | None  # None for a stream: its length is known at its end
     parts: dict
+    dtype_why: str  # for the banner
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -67,7 +69,7 @@ class Console:
 
     banner: bool = True
     summary: bool = True
-    report: Callable[[int | None, float, int], None] | None = None
+    report: Callable[[dict], None] | None = None
 
 
 def prepare(cfg: JobConfig) -> Prepared:
@@ -88,7 +90,7 @@ def prepare(cfg: JobConfig) -> Prepared:
     worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
     device, dtype = devices.resolve_device_dtype(cfg.model, worker.local_rank)
     source = models.resolve_source(cfg.model)
-    table = dataset.open_dataset(cfg.dataset)
+    table = dataset.open_dataset(cfg.dataset, skip_bad_lines=cfg.runner.on_bad_row == "skip")
     streaming = isinstance(table, dataset.Stream)
     out_dir = writer.writable_dir(Path(cfg.output.dir))
     lock = RunLock(
@@ -107,12 +109,24 @@ def prepare(cfg: JobConfig) -> Prepared:
         plan = session.plan()
         cfg = replace(cfg, sampling=plan.sampling)
         num_rows = cfg.dataset.limit if streaming else len(table)
+        mixed = falls_back(cfg.dataset, table.dataset.column_names or [])
         parts = manifest.fingerprint_parts(
-            cfg, plan.chat, dtype, num_rows, plan.output, plan.engine_kind
+            cfg,
+            plan.chat,
+            dtype,
+            num_rows,
+            plan.output,
+            plan.engine_kind,
+            session.model.source.adapter,
+            mixed,
         )
         if not streaming:
             screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)
         parts = admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
+        why = devices.dtype_reason(cfg.model, device, dtype)
+        if parts["model"]["dtype"] != dtype:  # auto: the folder's run keeps its own dtype
+            session.model.dtype = parts["model"]["dtype"]
+            why = "auto: the dtype this folder's run was begun in"
         inputs = ShardInputs(
             None if streaming else table, plan, cfg.runner, session.model.tokenizer
         )
@@ -127,6 +141,7 @@ def prepare(cfg: JobConfig) -> Prepared:
             inputs=inputs,
             shards=None if streaming else plan_shards(len(table), cfg.output.rows_per_shard),
             parts=parts,
+            dtype_why=why,
             phases={"prepare": time.perf_counter() - started},
         )
     except BaseException:
@@ -198,9 +213,16 @@ def banner(p: Prepared, published: set[int]) -> str:
     engine = f"{p.plan.engine_kind} engine"
     if p.plan.engine_kind != vllm_engine.KIND and vllm_engine.installed():
         engine += " (vllm is installed here: runner.engine=vllm)"
+    unmerged = "" if m.merge_adapter else " unmerged"
+    weights = [
+        m.quantization,
+        f"adapter {m.adapter}{unmerged}" if m.adapter else None,
+        f"device_map {m.device_map}" if m.device_map is not None else None,
+    ]
+    extras = "".join(f", {w}" for w in weights if w)
     return (
         f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on "
-        f"{p.session.model.device} ({p.session.model.dtype}), {engine}; "
+        f"{p.session.model.device} in {p.session.model.dtype} ({p.dtype_why}){extras}, {engine}; "
         f"{size}{where}; output {p.out_dir}\n"
         f"batchgen: {describe_sampling(p.cfg.sampling)}"
     )
@@ -233,10 +255,11 @@ def generate(p: Prepared, console: Console) -> WorkerSummary:
     if console.banner:
         print(banner(p, published), flush=True)
     todo = None
-    if p.shards is not None:
-        todo = sum(s.stop - s.start for s in p.shards if s.index not in published)
+    if p.shards is not None:  # this worker's share: it steals others' shards only when idle
+        mine = set(assign_shards([s.index for s in p.shards], w.rank, w.world_size))
+        todo = sum(s.stop - s.start for s in p.shards if s.index in mine - published)
     enabled = p.cfg.runner.progress and todo != 0
-    progress = Progress(todo, enabled, p.plan.row_tokens, console.report)
+    progress = Progress(todo, enabled, p.plan.row_tokens, report=console.report)
     stop_signal = None
     with StopRequested() as stop:
         p.session.stop = stop.event

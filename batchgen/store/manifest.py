@@ -10,9 +10,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from batchgen.config import JobConfig, SamplingConfig
+from batchgen.config import JobConfig, ModelConfig, SamplingConfig
 from batchgen.errors import ResumeError
 from batchgen.inputs.dataset import is_local
+from batchgen.inputs.models import adapter_digest
 from batchgen.store import layout
 from batchgen.store.records import read_run_file
 from batchgen.store.rows import OutputSpec
@@ -25,6 +26,8 @@ def fingerprint_parts(
     num_rows: int | None,
     output: OutputSpec | None = None,
     engine: str | None = None,
+    adapter: str | None = None,
+    mixed: bool = False,
 ) -> dict:
     """Every setting that changes what is generated, grouped by where it comes from.
 
@@ -33,7 +36,11 @@ def fingerprint_parts(
     whole dataset to tell whether it changed. ``num_rows`` is None for a stream. ``output``
     (the optional columns) enters only when it writes any, so older folders still resume.
     ``engine`` (``choose_engine``'s answer) enters where it changes the outputs
-    (``ENGINE_BOUND``).
+    (``ENGINE_BOUND``). ``adapter`` is ``model.adapter``'s local folder (``ModelSource.adapter``):
+    its content digest enters, not its path (``model_parts``).
+    ``mixed``: rows without messages use their plain prompt
+    (``inputs.sources.falls_back``), which the data decides, not a setting; it enters only when
+    true, so a folder of messages alone still resumes.
     """
     m, d = cfg.model, cfg.dataset
     return {
@@ -44,6 +51,7 @@ def fingerprint_parts(
             "dtype": dtype,
             "pad_token": m.pad_token,
             "max_context": m.max_context,
+            **model_parts(m, adapter),
         },
         "sampling": sampling_parts(cfg.sampling),
         "prompts": {
@@ -57,6 +65,7 @@ def fingerprint_parts(
             "on_long_prompt": cfg.runner.on_long_prompt,
             "on_bad_row": cfg.runner.on_bad_row,
             **_unless_default({k: getattr(d, k) for k in LATER_PROMPTS}, LATER_PROMPTS),
+            **({"messages_else_plain": True} if mixed else {}),
         },
         "data": {
             "source": d.path,
@@ -99,6 +108,22 @@ LATER_PROMPTS = {
     "chat_template_kwargs_column": None,
     "sampling_column": None,
 }
+
+
+# Where the weights sit (model.device_map, model.max_memory) is left out: a split over CPU and
+# disk generated exactly the plain load's greedy tokens (tests/engine/test_devices.py), and on
+# GPUs the same kernels run on each layer wherever it sits.
+
+
+def model_parts(m: ModelConfig, adapter: str | None) -> dict[str, Any]:
+    """The later model settings that change the weights, each only when set: the quantization,
+    and the adapter's content digest (``models.adapter_digest`` of its folder ``adapter``) with
+    whether it is merged: merged weights round once, in the model's dtype, and in bfloat16 their
+    greedy tokens differed from the unmerged adapter's in 24 of 24 measured prompts."""
+    parts: dict[str, Any] = {"quantization": m.quantization} if m.quantization else {}
+    if m.adapter is not None:
+        parts.update(adapter=adapter_digest(adapter), merge_adapter=m.merge_adapter)
+    return parts
 
 
 def _unless_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -155,20 +180,42 @@ def refuse(out_dir: Path, where: str, old_parts: dict, new_parts: dict) -> Resum
     )
 
 
-def respelled(old: dict, new: dict) -> bool:
-    """Whether recorded parts ``old`` describe the run of ``new`` but for the spelling of a local
-    data source: one file named relative, then absolute (as a Slurm task started elsewhere
-    needs), or moved. A local source's identity is its rows (their count here, their digest per
-    shard, checked when a finished shard is resumed), not the string that named it."""
+def same_run(old: dict, new: dict, dtype_auto: bool = False) -> list[str] | None:
+    """How recorded parts ``old`` describe the run of ``new`` although they differ, or None when
+    they describe another run (or do not differ). Two differences leave one run:
+
+    - the spelling of a local data source: one file named relative, then absolute (as a Slurm
+      task started elsewhere needs), or moved. A local source's identity is its rows (their
+      count here, their digest per shard, checked when a finished shard is resumed), not the
+      string that named it;
+    - the dtype ``model.dtype=auto`` resolved to (``dtype_auto``), which a new batchgen or
+      another machine may resolve otherwise: the folder's dtype is kept.
+
+    Returns:
+        One line per difference let through, saying what is kept.
+    """
     a, b = old.get("data"), new.get("data")
-    if not isinstance(a, dict) or not isinstance(b, dict):
-        return False
+    ma, mb = old.get("model"), new.get("model")
+    if not all(isinstance(x, dict) for x in (a, b, ma, mb)):
+        return None
+    candidate, said = dict(old), []
     before, now = a.get("source"), b.get("source")
-    if not (
-        isinstance(before, str) and isinstance(now, str) and is_local(before) and is_local(now)
-    ):
-        return False
-    return fingerprint({**old, "data": {**a, "source": now}}) == fingerprint(new)
+    local = all(isinstance(x, str) and is_local(x) for x in (before, now))
+    if before != now and local:
+        candidate["data"] = {**a, "source": now}
+        said.append(
+            f"dataset.path={now!r} names the data this folder's run recorded as {before!r}: "
+            "resuming it (each finished shard's rows are checked when reached)"
+        )
+    if dtype_auto and ma.get("dtype") != mb.get("dtype"):
+        candidate["model"] = {**ma, "dtype": mb.get("dtype")}
+        said.append(
+            f"model.dtype=auto: this folder's run was begun in {ma.get('dtype')}; resuming it in "
+            f"{ma.get('dtype')} (model.dtype={mb.get('dtype')} starts another folder)"
+        )
+    if not said or fingerprint(candidate) != fingerprint(new):
+        return None
+    return said
 
 
 def _only_rows_per_shard_differs(old: dict, new: dict) -> bool:
@@ -186,7 +233,8 @@ def check_run_file(
     parts: dict,
     live_claims: Callable[[], list[int]],
     live_fingerprints: Callable[[], dict[str, dict]],
-) -> bool:
+    dtype_auto: bool = False,
+) -> tuple[dict, bool, list[str]]:
     """Admit a worker with these fingerprint parts to the run in ``out_dir``, or refuse it.
 
     Call it under ``records.run_file_guard``, and record the answer (write ``run.json`` when
@@ -210,12 +258,13 @@ def check_run_file(
             only when the rows-per-shard exception is in question, since it reads every claim.
         live_fingerprints: fingerprint -> a holder's lock record, of the other live workers
             admitted to this folder (``lock.live_fingerprints``); called only then, too.
+        dtype_auto: ``model.dtype`` is ``auto`` (``same_run``).
 
     Returns:
         (the fingerprint parts this worker generates under, whether ``run.json`` is to be written
-        with them): the recorded parts when they differ from ``parts`` only in the spelling of a
-        local source (``respelled``), so the folder stays one run; else ``parts``, to be written
-        when there is no record yet or it is replaced.
+        with them, what ``same_run`` let through): the recorded parts when they differ from
+        ``parts`` only as ``same_run`` allows, so the folder stays one run; else ``parts``, to be
+        written when there is no record yet or it is replaced.
 
     Raises:
         ResumeError: naming what differs.
@@ -225,14 +274,15 @@ def check_run_file(
 
     run_file = layout.run_file(out_dir)
     if not run_file.is_file():
-        return parts, True
+        return parts, True, []
     recorded = read_run_file(out_dir)
     ours = fingerprint(parts)
     if recorded.get("fingerprint") == ours:
-        return parts, False
+        return parts, False, []
     old = recorded.get("fingerprint_parts", {})
-    if respelled(old, parts):
-        return old, False
+    said = same_run(old, parts, dtype_auto)
+    if said:
+        return old, False, said
     error = refuse(out_dir, str(run_file.relative_to(out_dir)), old, parts)
     if not _only_rows_per_shard_differs(old, parts) or finished_shards(out_dir):
         raise error
@@ -251,7 +301,7 @@ def check_run_file(
             f"{who.get('pid')} on host {who.get('host')}): output.rows_per_shard can change "
             "once it has stopped."
         )
-    return parts, True
+    return parts, True, []
 
 
 def versions() -> dict[str, str]:

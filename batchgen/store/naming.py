@@ -62,6 +62,12 @@ def sampling_label(sampling: SamplingConfig) -> str:
 
 
 def default_output_dir(model: ModelConfig, dataset: DatasetConfig, sampling: SamplingConfig) -> str:
-    """``outputs/MODEL/DATASET-SAMPLING`` for these settings, as given (before conversion)."""
+    """``outputs/MODEL/DATASET-SAMPLING`` for these settings, as given (before conversion).
+
+    MODEL names an adapter and a quantization too (``my-llama+my-lora-bnb-4bit``): they make
+    another model, whose rows the plain model's folder would refuse.
+    """
     name = label(model.gguf_file) if model.gguf_file else label(model.name_or_path)
+    name += f"+{label(model.adapter)}" if model.adapter else ""
+    name += f"-{model.quantization}" if model.quantization else ""
     return f"outputs/{name}/{label(dataset.path)}-{sampling_label(sampling)}"

@@ -28,8 +28,10 @@ from batchgen.store import checkpoints, folder, layout
 EXIT_COMPLETE, EXIT_INCOMPLETE, EXIT_NOT_OUTPUT = 0, 1, 2
 
 
-def _throughput(done: list[dict], state: folder.FolderState) -> dict[str, Any]:
-    """Rows/s and tokens/s, from the times of two or more finished shards or batches."""
+def _throughput(done: list[dict], state: folder.FolderState, workers: int) -> dict[str, Any]:
+    """Rows/s and tokens/s: from the times of two or more finished shards or batches; else from
+    the generation time finished shards record, times the ``workers`` running side by side;
+    else from the worker records of finished runs."""
     timed = sorted(done, key=lambda s: s["mtime"])
     span = timed[-1]["mtime"] - timed[0]["mtime"] if len(timed) > 1 else 0.0
     if span > 0:
@@ -39,6 +41,16 @@ def _throughput(done: list[dict], state: folder.FolderState) -> dict[str, Any]:
             "rows_per_second": sum(s["rows"] for s in later) / span,
             "completion_tokens_per_second": sum(s["completion_tokens"] for s in later) / span,
             "source": "shard and batch times",
+        }
+    seconds = sum(s.get("generate_seconds") or 0.0 for s in done)
+    if seconds > 0:
+        side_by_side = max(workers, 1)
+        return {
+            "rows_per_second": side_by_side * sum(s["rows"] for s in done) / seconds,
+            "completion_tokens_per_second": side_by_side
+            * sum(s["completion_tokens"] for s in done)
+            / seconds,
+            "source": "finished shards' generation time",
         }
     if state.throughput is not None:
         return {**asdict(state.throughput), "source": "worker records"}
@@ -96,6 +108,7 @@ def collect(
             "rows": folder.covered_rows(footer),
             "completion_tokens": footer.shard["totals"]["completion_tokens"],
             "mtime": state.mtimes[index],
+            "generate_seconds": (footer.shard.get("timing") or {}).get("generate_seconds"),
         }
         for index, footer in state.done.items()
     ]
@@ -115,7 +128,7 @@ def collect(
     rows_done = state.rows_done
     batches = checkpoints.finished_batches(out_dir, state.samples_per_row)  # shards in progress
     remaining = state.rows_total - rows_done - sum(b["rows"] for b in batches)
-    speed = _throughput(done + batches, state)
+    speed = _throughput(done + batches, state, len(workers))
     rate = speed["rows_per_second"]
     return {
         "output_dir": str(out_dir),
@@ -136,18 +149,26 @@ def collect(
         "foreign": state.foreign,
         "throughput": speed,
         "eta_seconds": remaining / rate if rate else (0.0 if remaining == 0 else None),
-        "records": [
-            {
-                "rank": r.rank,
-                "world_size": r.world_size,
-                "status": r.status,
-                "host": r.host,
-                "device": r.device,
-                "engine": r.engine,
-            }
-            for r in state.records
-        ],
+        "records": _records(state),
     }
+
+
+def _records(state: folder.FolderState) -> list[dict[str, Any]]:
+    """Each worker record; those of another world size than the latest record's are of an
+    earlier attempt (``earlier``): restarted with other workers, they describe no live one."""
+    latest = max(state.records, key=lambda r: r.updated_at or 0.0, default=None)
+    return [
+        {
+            "rank": r.rank,
+            "world_size": r.world_size,
+            "status": r.status,
+            "host": r.host,
+            "device": r.device,
+            "engine": r.engine,
+            "earlier": latest is not None and r.world_size != latest.world_size,
+        }
+        for r in state.records
+    ]
 
 
 def _duration(seconds: float) -> str:
@@ -168,11 +189,14 @@ def format_status(report: dict[str, Any]) -> str:
         f"  shards      {sh['done']}/{sh['total']} done, {sh['claimed']} claimed, "
         f"{sh['expired']} expired claims, {sh['pending']} pending",
     ]
-    if report["records"]:
-        statuses = Counter(r["status"] for r in report["records"])
+    current = [r for r in report["records"] if not r["earlier"]]
+    if current:
+        statuses = Counter(r["status"] for r in current)
+        earlier = len(report["records"]) - len(current)
         lines.append(
-            f"  records     {len(report['records'])} worker record(s): "
+            f"  records     {len(current)} worker record(s): "
             + ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
+            + (f" ({earlier} more of an earlier attempt with other workers)" if earlier else "")
         )
     for i, w in enumerate(report["workers"]):
         live = f"{len(w['shards'])} claimed {w['shards']}" if w["shards"] else "0 claimed"

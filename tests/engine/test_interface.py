@@ -33,9 +33,9 @@ def test_the_interface_is_abstract_and_both_engines_implement_it():
         params = list(inspect.signature(cls.generate).parameters)
         assert params == ["self", "records", "seed", "sampling"]
     assert (StaticEngine.kind, ContinuousEngine.kind) == ("static", "continuous")
-    assert not StaticEngine.serves_shards and ContinuousEngine.serves_shards
     params = list(inspect.signature(ContinuousEngine.generate_all).parameters)
-    assert params == ["self", "records", "seed", "sampling", "on_row"]
+    assert params == ["self", "records", "seed", "sampling", "on_finished", "stop"]
+    assert list(inspect.signature(Engine.serves).parameters) == ["self", "sampling", "per_row"]
 
 
 def users(package: Path = PACKAGE) -> dict[str, set[str]]:

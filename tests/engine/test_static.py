@@ -111,7 +111,8 @@ def test_encoder_decoder_uses_seq2seq_and_no_slicing(tiny_models):
     "device,dtype,expected",
     [("cpu", "auto", ("cpu", "float32")), ("cpu", "bfloat16", ("cpu", "bfloat16"))],
 )
-def test_device_dtype_resolution(device, dtype, expected):
+def test_device_dtype_resolution(device, dtype, expected, monkeypatch):
+    monkeypatch.setattr(devices, "native_bf16", lambda: None)  # a CPU without native bf16
     assert devices.resolve_device_dtype(ModelConfig(device=device, dtype=dtype)) == expected
 
 
@@ -142,3 +143,33 @@ def test_compiled_shapes_give_the_same_samples(tiny_models):
     assert decode_bucket(len(texts)) == 6
     assert compiled.generate(records(tok, texts), 3, sampling) == expected
     assert compiled.cache_len % 256 == 0  # cache lengths in buckets too
+
+
+def test_a_stop_ends_the_batch_at_the_next_step_keeping_finished_rows(tiny_models):
+    """A stop request mid-batch: generate ends at the next decoding step, and the rows that had
+    ended by themselves (here a stop string) come back complete, the rest not at all."""
+    import threading
+
+    from batchgen.errors import Interrupted
+
+    free, tok = load(tiny_models["chat"], SamplingConfig(max_new_tokens=40))
+    recs = records(tok)
+    texts = [s.text for (s,) in free.generate(recs, 0)]
+    # A word row 0 writes early and the others never do: row 0 ends there by itself.
+    word = next(w for w in texts[0].split()[:4] if all(w not in t for t in texts[1:]))
+    sampling = SamplingConfig(max_new_tokens=40, stop=[word])
+    engine, _ = load(tiny_models["chat"], sampling)
+    alone = engine.generate(recs[:1], 0)[0]
+    engine.stop = threading.Event()
+    steps = []
+
+    def on_step(tokens):
+        steps.append(tokens)
+        if len(steps) == 30:  # row 0 has stopped; the others run on
+            engine.stop.set()
+
+    engine.on_step = on_step
+    with pytest.raises(Interrupted) as stopped:
+        engine.generate(recs, 0)
+    assert len(steps) <= 31  # ended at the next step, not at 40
+    assert [(r.index, samples) for r, samples in stopped.value.partial] == [(0, alone)]

@@ -80,8 +80,6 @@ class FakeEngine:
     tokens/s of ``generate_all``.
     """
 
-    kind = "static"
-    serves_shards = True
     encoder_decoder = False
     logprobs = False
     top_logprobs = 0
@@ -89,6 +87,7 @@ class FakeEngine:
     padded_tokens = 0
 
     def __init__(self, rate, device="cpu", oom_over=None, continuous=None, config=SMOL):
+        self.kind = "static" if continuous is None else "continuous"
         self.rate = rate
         self.device = torch.device(device)
         self.model = FakeModel(config)
@@ -115,14 +114,17 @@ class FakeEngine:
         n = sampling.max_new_tokens
         return [[Sample(f"{r.id}", "length", n)] for r in records]
 
-    def generate_all(self, records, seed, sampling, on_row=None):
+    def serves(self, sampling, per_row):
+        return self.continuous is not None and not sampling.do_sample and not per_row
+
+    def generate_all(self, records, seed, sampling, on_finished=None, stop=None):
         self.continuous_calls.append(len(records))
         n = 64
         self.now += len(records) * n / self.continuous
-        for _ in records:
-            if on_row is not None:
-                on_row(n)
-        return [[Sample(f"{r.id}", "length", n)] for r in records]
+        outs = [[Sample(f"{r.id}", "length", n)] for r in records]
+        if on_finished is not None:
+            on_finished(list(zip(records, outs, strict=True)))
+        return outs
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from batchgen.engine import batching
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-COMMON = ["dataset.id_column=id", "runner.progress=false"]
+# fp32: greedy tokens of two engines are compared, which bf16's rounding could tip at a tie.
+COMMON = ["dataset.id_column=id", "runner.progress=false", "model.dtype=float32"]
 # Greedy log-probabilities of the two engines, fp32 on this CPU: measured within 7e-5 over
 # 882 tokens of 32 prompts (chosen and top-2 values alike).
 LOGPROB_TOLERANCE = 1e-3
@@ -184,6 +185,26 @@ def test_what_vllm_cannot_honour_is_refused_before_the_model_loads(
         "engines do; use runner.engine=static or auto."
     ]
     assert not (out / "_batchgen" / "run.json").exists()  # refused before anything was recorded
+
+
+def test_quantization_adapters_and_device_maps_are_refused_with_vllm_before_loading(
+    tiny_models, prompts_file, make_job, tmp_path
+):
+    import batchgen
+    from batchgen.errors import ConfigError
+
+    out, adapter = tmp_path / "out", tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    cfg = make_job(tiny_models["chat"], prompts_file, out, runner__engine="vllm")
+    cfg.model.quantization, cfg.model.adapter, cfg.model.device_map = "int8", str(adapter), "auto"
+    with pytest.raises(ConfigError) as refused:
+        batchgen.run(cfg)
+    assert str(refused.value) == (
+        "runner.engine=vllm cannot serve model.quantization, model.adapter, model.device_map as "
+        "batchgen's engines do; use runner.engine=static or auto."
+    )
+    assert not (out / "_batchgen" / "run.json").exists()
 
 
 def test_without_vllm_the_error_says_how_to_get_it(tmp_path):

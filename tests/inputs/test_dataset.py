@@ -11,6 +11,7 @@ import pytest
 from batchgen.config import DatasetConfig
 from batchgen.errors import DataError
 from batchgen.inputs.dataset import Stream, Table, open_dataset
+from batchgen.inputs.jsonl import PROBLEM_COLUMN
 
 ROWS = [{"q": f"question {i}", "n": i} for i in range(5)]
 
@@ -143,3 +144,40 @@ def test_stream_reads_blocks_in_order_up_to_the_limit(tmp_path):
     start, block = list(limited.blocks(5))[-1]
     assert (start, block.num_rows) == (5, 2)
     assert limited.rows(start, block).columns["n"] == [5, 6]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHGEN_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("second", ['"b"', "5"], ids=["strings", "mixed-types"])
+def test_a_blank_line_is_no_row_and_never_breaks_loading(tmp_path, cache, second):
+    # Among values of mixed types, datasets' reader failed on a blank line with "Expected
+    # object or value" and no line number.
+    path = tmp_path / "d.jsonl"
+    path.write_text(f'{{"q": "a"}}\n\n   \n{{"q": {second}}}\n\n')
+    table = open_dataset(DatasetConfig(path=str(path), prompt_column="q"))
+    assert table.rows(0, len(table)).columns["q"] == ["a", json.loads(second)]
+    assert table.lines([0, 1]) == {0: 1, 1: 4}
+
+
+def test_a_malformed_line_is_refused_naming_file_and_line(tmp_path, cache):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"q": "a"}\n\n{"q": "b\n{"q": "c"}\n')
+    with pytest.raises(DataError) as e:
+        open_dataset(DatasetConfig(path=str(path), prompt_column="q"))
+    message = str(e.value)
+    assert message.startswith(f"dataset.path={str(path)!r}: line 3 is not valid JSON (")
+    assert "runner.on_bad_row=skip" in message and "\n" not in message
+    assert not (tmp_path / "cache").exists()  # refused before anything is written
+
+
+def test_under_skip_a_malformed_line_keeps_its_row(tmp_path, cache):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"q": "a", "n": 1}\n\n[1]\n{"q": "c", "n": 3}\n')
+    table = open_dataset(DatasetConfig(path=str(path), prompt_column="q"), skip_bad_lines=True)
+    rows = table.rows(0, len(table)).columns
+    assert rows["q"] == ["a", None, "c"]
+    assert rows[PROBLEM_COLUMN] == [None, "line 3 is a JSON list, not an object", None]
+    assert table.location == str(path)  # named as given, though read from the copy

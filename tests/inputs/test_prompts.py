@@ -7,13 +7,8 @@ import pytest
 from batchgen.config import DatasetConfig
 from batchgen.errors import ConfigError, DataError
 from batchgen.inputs.dataset import Rows
-from batchgen.inputs.prompts import (
-    apply_bad_row_policy,
-    apply_length_policy,
-    build_records,
-    check_room,
-    uses_chat_template,
-)
+from batchgen.inputs.policies import apply_bad_row_policy
+from batchgen.inputs.prompts import build_records, uses_chat_template
 
 
 def rows(**columns) -> Rows:
@@ -131,40 +126,54 @@ def test_duplicate_ids_refused(smol_tokenizer):
         build_records(data, DatasetConfig(prompt_column="p", id_column="uid"), smol_tokenizer, True)
 
 
-def _long_records(tok):
-    data = rows(p=["short", "word " * 50, "tiny", "more words " * 40])
-    return build_records(data, DatasetConfig(prompt_column="p"), tok, chat=False)[0]
-
-
-def test_long_prompt_error_lists_ids(smol_tokenizer):
-    with pytest.raises(DataError, match=r"2 prompt\(s\) exceed the 20 tokens.*\['1', '3'\]"):
-        apply_length_policy(_long_records(smol_tokenizer), 20, "error", smol_tokenizer)
-
-
-def test_long_prompt_skip_reports_rows(smol_tokenizer):
-    kept, skipped = apply_length_policy(_long_records(smol_tokenizer), 20, "skip", smol_tokenizer)
-    assert [r.id for r in kept] == ["0", "2"]
-    assert [(s.index, s.id) for s in skipped] == [(1, "1"), (3, "3")]
-    assert "20 tokens" in skipped[0].reason
-
-
-def test_long_prompt_truncate_left_keeps_the_end(smol_tokenizer):
-    recs = _long_records(smol_tokenizer)
-    original = list(recs[3].token_ids)
-    kept, skipped = apply_length_policy(recs, 20, "truncate_left", smol_tokenizer)
-    assert skipped == [] and len(kept) == 4
-    assert kept[3].token_ids == original[-20:]
-    assert kept[3].text == smol_tokenizer.decode(original[-20:])
-    assert kept[0].text == "short"
-
-
-def test_no_room_for_prompt(smol_tokenizer):
-    with pytest.raises(ConfigError, match="max_new_tokens"):
-        check_room(0)
-
-
 def test_every_row_bad_gives_no_records(smol_tokenizer):
     recs, bad_rows = build_records(
         rows(p=[None, ""]), DatasetConfig(prompt_column="p"), smol_tokenizer, True
     )
     assert recs == [] and [b.id for b in bad_rows] == ["0", "1"]
+
+
+MIXED = [
+    {"m": [{"role": "user", "content": "from messages"}], "p": None},
+    {"m": None, "p": "from the prompt"},
+    {"m": [{"role": "user", "content": "both set"}], "p": "unused"},
+    {"m": None, "p": None},
+    {"m": [], "p": "not used: the messages are there, and bad"},
+]
+
+
+def test_a_row_uses_its_messages_else_its_prompt(smol_tokenizer):
+    data = rows(m=[r["m"] for r in MIXED], p=[r["p"] for r in MIXED])
+    cfg = DatasetConfig(messages_column="m", prompt_column="p", system_prompt="Be brief.")
+    recs, bad = build_records(data, cfg, smol_tokenizer, chat=True)
+    alike = DatasetConfig(prompt_column="p", system_prompt="Be brief.")
+    as_prompt = build_records(rows(p=["from the prompt"]), alike, smol_tokenizer, True)[0]
+    assert [r.index for r in recs] == [0, 1, 2]
+    assert "from messages" in recs[0].text and "both set" in recs[2].text
+    assert (recs[1].text, recs[1].token_ids) == (as_prompt[0].text, as_prompt[0].token_ids)
+    assert all(r.text.startswith("<|im_start|>system\nBe brief.") for r in recs)
+    assert [(b.index, b.reason[:44]) for b in bad] == [
+        (3, "dataset.messages_column 'm': missing (null),"),
+        (4, "dataset.messages_column 'm': expected a non-"),
+    ]
+    assert bad[0].reason.endswith("and dataset.prompt_column 'p': missing (null)")
+
+
+def test_without_a_chat_template_plain_rows_stay_raw(smol_tokenizer):
+    data = rows(m=[MIXED[0]["m"], None], p=[None, "raw text"])
+    cfg = DatasetConfig(messages_column="m", prompt_column="p", chat_template="off")
+    recs, bad = build_records(data, cfg, smol_tokenizer, chat=False)
+    assert bad == [] and recs[1].text == "raw text"
+    assert recs[1].token_ids == smol_tokenizer("raw text").input_ids  # its special tokens
+    assert recs[0].text.startswith("<|im_start|>")
+    assert recs[0].token_ids == smol_tokenizer(recs[0].text, add_special_tokens=False).input_ids
+
+
+def test_without_the_prompt_column_every_row_is_its_messages(smol_tokenizer):
+    data = rows(m=[MIXED[0]["m"], None])
+    recs, bad = build_records(
+        data, DatasetConfig(messages_column="m", prompt_column="p"), smol_tokenizer, True
+    )
+    assert [r.index for r in recs] == [0] and bad[0].reason.startswith(
+        "dataset.messages_column 'm': expected a non-empty list"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import datasets
 import numpy as np
@@ -287,3 +288,72 @@ def test_screening_a_wide_table_reads_no_rows_into_python(tmp_path, monkeypatch)
     cfg = DatasetConfig(path=str(path), prompt_column="p")
     assert screen.bad_row_indices(table, cfg).size == 0
     screen.check_unique_ids(table, "p")
+
+
+def test_bad_rows_are_named_by_their_line_past_blank_lines(tmp_path, smol_tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"p": "fine"}\n\n\n{"p": ""}\n')
+    cfg = DatasetConfig(path=str(path), prompt_column="p")
+    with pytest.raises(DataError, match=r"id '1' \(row 1, line 4\): dataset.prompt_column 'p'"):
+        screen.refuse_bad_rows(open_dataset(cfg), cfg, smol_tokenizer, False)
+
+
+def test_malformed_lines_are_bad_rows_with_their_line(tmp_path, smol_tokenizer, monkeypatch):
+    monkeypatch.setenv("BATCHGEN_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"p": "fine", "u": "a"}\n{oops\n\n"text"\n{"p": "ok", "u": "b"}\n')
+    cfg = DatasetConfig(path=str(path), prompt_column="p", id_column="u")
+    table = open_dataset(cfg, skip_bad_lines=True)
+    assert screen.bad_row_indices(table, cfg).tolist() == [1, 2]
+    assert python_bad(table, cfg, smol_tokenizer, False) == [1, 2]
+    screen.check_unique_ids(table, "u")  # the two malformed rows' own ids cannot be read
+    ids, _, problems = render_texts(table.rows(0, len(table)), cfg, smol_tokenizer, False)
+    assert ids == ["a", "1", "2", "b"]
+    assert problems[1].startswith("line 2 is not valid JSON (")
+    assert problems[2] == "line 4 is a JSON str, not an object"
+    with pytest.raises(DataError, match=r"id '2' \(row 2, line 4\): line 4 is a JSON str"):
+        screen.refuse_bad_rows(table, cfg, smol_tokenizer, False)
+
+
+def random_messages(rng, n):
+    """Message lists, usable or not, about a third null (those rows use their prompt)."""
+    user = {"role": "user", "content": "hi"}
+    pool = [None, None, [user], [user, {"role": "assistant", "content": "yo"}], [], [{"role": "u"}]]
+    return [rng.choice(pool) for _ in range(n)]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "parquet", "memory"])
+def test_mixed_messages_and_prompt_rows_match_the_python_rules(
+    tmp_path, monkeypatch, smol_tokenizer, layout
+):
+    monkeypatch.setattr(screen, "BLOCK_ROWS", 700)  # rows cross block boundaries
+    rng = random.Random(f"mixed {layout}")
+    messages = random_messages(rng, 2000)
+    prompts = random_prompts(rng, 2000, strings_only=layout != "jsonl")
+    rows = [{"m": m, "p": p} for m, p in zip(messages, prompts, strict=True)]
+    spec = {"prompt_column": "p", "messages_column": "m"}
+    if layout == "jsonl":
+        table, cfg = jsonl_of(tmp_path, rows, **spec)
+    elif layout == "parquet":
+        table, cfg = table_of(tmp_path, rows, **spec)
+    else:
+        table, cfg = memory_of({"m": pa.array(messages), "p": pa.array(prompts)}, **spec)
+    found = screen.bad_row_indices(table, cfg).tolist()
+    assert found == python_bad(table, cfg, smol_tokenizer, False)
+    plain = {i for i, m in enumerate(messages) if m is None}
+    assert plain - set(found) and set(found) - plain  # both kinds of row are judged
+    # Without the prompt column in the data, a null message list is a bad row, as before.
+    assert set(plain) <= set(screen.bad_row_indices(table, replace(cfg, prompt_column="q")))
+
+
+def test_length_bound_for_mixed_messages_and_prompt_rows(tmp_path, smol_tokenizer):
+    user = [{"role": "user", "content": "word " * 40}]
+    rows = [{"m": user, "p": None}, {"m": None, "p": "漢字 " * 30}, {"m": None, "p": "hi"}]
+    for chat in (True, False):
+        table, cfg = jsonl_of(
+            tmp_path, rows, messages_column="m", prompt_column="p", chat_template="auto"
+        )
+        records, _ = build_records(table.rows(0, len(table)), cfg, smol_tokenizer, chat)
+        for room in range(10, 120, 5):
+            flagged = set(screen.maybe_long(table, cfg, smol_tokenizer, chat, room).tolist())
+            assert {r.index for r in records if len(r.token_ids) > room} <= flagged

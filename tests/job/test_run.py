@@ -14,7 +14,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen.errors import ResumeError
+from batchgen.errors import DataError, ResumeError
 from batchgen.job.run import run
 from batchgen.store import layout
 
@@ -94,6 +94,68 @@ def test_long_prompts_skipped_are_reported(tiny_models, prompts_file, make_job, 
         for s in json.loads(pq.read_schema(p).metadata[b"batchgen"])["shard"]["skipped"]
     ]
     assert sorted(skipped + sorted(ids)) == sorted(f"row-{i}" for i in range(12))
+
+
+def _break_line(prompts_file, number: int) -> list[str]:
+    """Cut line ``number`` of the prompts short and put blank lines around it; its old text."""
+    lines = prompts_file.read_text().splitlines()
+    broken = list(lines)
+    broken[number - 1] = lines[number - 1][:-10]
+    prompts_file.write_text("\n".join(broken[: number - 1] + ["", *broken[number - 1 :]]) + "\n\n")
+    return lines
+
+
+def test_a_malformed_line_is_a_bad_row_under_skip(
+    tiny_models, prompts_file, make_job, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("BATCHGEN_CACHE", str(tmp_path / "cache"))
+    lines = _break_line(prompts_file, 6)  # row 5, now on line 7 after the blank line
+    out = tmp_path / "out"
+    cfg = make_job(tiny_models["chat"], prompts_file, out, dataset__id_column=None)
+    with pytest.raises(
+        DataError, match=r"^dataset.path='.*prompts.jsonl': line 7 is not valid JSON"
+    ):
+        run(cfg)
+    assert not (out / "_batchgen" / "run.json").exists()  # refused before the model loaded
+    summary = run(
+        make_job(
+            tiny_models["chat"],
+            prompts_file,
+            out,
+            dataset__id_column=None,
+            runner__on_bad_row="skip",
+        )
+    )
+    assert summary["totals"]["rows"] == 11 and summary["totals"]["skipped"] == 1
+    # The other rows keep their index, so their ids: fixing the line later shifts nothing.
+    assert [r["id"] for r in read(out)] == [str(i) for i in range(12) if i != 5]
+    errors = [
+        json.loads(line) for line in layout.worker_errors_file(out, 0, 1).read_text().splitlines()
+    ]
+    assert [(e["id"], e["reason"][:26]) for e in errors] == [("5", "line 7 is not valid JSON (")]
+    prompts_file.write_text("\n".join(lines) + "\n")
+    fixed = tmp_path / "fixed"
+    run(make_job(tiny_models["chat"], prompts_file, fixed, dataset__id_column=None))
+    assert [r["id"] for r in read(fixed)] == [str(i) for i in range(12)]
+
+
+def test_prompt_rows_and_messages_rows_in_one_file(tiny_models, make_job, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [
+        {"uid": "a", "prompt": "Name a color."},
+        {"uid": "b", "messages": [{"role": "user", "content": "Name a color."}]},
+        {"uid": "c", "messages": [{"role": "user", "content": "Hi"}], "prompt": "unused"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cfg = make_job(tiny_models["chat"], path, out, dataset__messages_column="messages")
+    summary = run(cfg)
+    written = read(out)
+    assert summary["totals"]["rows"] == 3 and [r["id"] for r in written] == ["a", "b", "c"]
+    assert written[0]["prompt"] == written[1]["prompt"]  # a prompt is a user turn
+    assert "Hi" in written[2]["prompt"] and "unused" not in written[2]["prompt"]
+    parts = json.loads((out / "_batchgen" / "run.json").read_text())["fingerprint_parts"]
+    assert parts["prompts"]["messages_else_plain"] is True
 
 
 def test_encoder_decoder_job(tiny_models, prompts_file, make_job, tmp_path):
@@ -194,7 +256,8 @@ def test_banner_before_the_model_and_already_complete_after(
     run(make_job(tiny_models["chat"], prompts_file, out))
     first = capsys.readouterr().out
     banner = first.splitlines()[0]
-    assert banner.startswith(f"batchgen: {tiny_models['chat']} on cpu (float32), static engine")
+    assert banner.startswith(f"batchgen: {tiny_models['chat']} on cpu in ")
+    assert ", static engine" in banner
     assert f"12 rows in 3 shards (0 finished); output {out}" in banner
     assert "already complete" not in first
     summary = run(make_job(tiny_models["chat"], prompts_file, out))

@@ -187,3 +187,22 @@ def test_a_local_source_is_its_rows_not_its_spelling(
     rewrite_row(moved, 3, "a row that changed")
     with pytest.raises(ResumeError, match=r"row 3 \(id 'row-3'\) changed"):
         run(make_job(tiny_models["chat"], moved, out))
+
+
+def test_each_workers_bar_counts_its_own_share(
+    tiny_models, prompts_file, make_job, tmp_path, capsys
+):
+    """12 rows in shards of 5, 5 and 2: rank 0 of 2 has shards 0 and 2 (7 rows), rank 1 shard 1
+    (5 rows); with stealing, a shard taken over joins the taker's bar."""
+    out = tmp_path / "out"
+    common = {"runner__world_size": 2, "runner__progress": True}
+    run(
+        make_job(
+            tiny_models["chat"], prompts_file, out, runner__rank=0, runner__steal=False, **common
+        )
+    )
+    assert "7/7" in capsys.readouterr().err
+    (out / "part-00000.parquet").unlink()
+    run(make_job(tiny_models["chat"], prompts_file, out, runner__rank=1, **common))
+    bar = capsys.readouterr().err
+    assert "5/5" not in bar and "10/10" in bar  # its shard, then rank 0's, stolen

@@ -46,7 +46,7 @@ def worker(out, rank, world_size, status, summary=None, fingerprint="fp1"):
     write_worker_file(out, meta, rank, world_size, status, typed)
 
 
-def shard(out, index, mtime, tokens_per_row=4, fingerprint="fp1", skipped=0):
+def shard(out, index, mtime, tokens_per_row=4, fingerprint="fp1", skipped=0, seconds=None):
     start, stop = index * PER_SHARD, min((index + 1) * PER_SHARD, ROWS)
     n = stop - start - skipped
     rows = [
@@ -73,6 +73,8 @@ def shard(out, index, mtime, tokens_per_row=4, fingerprint="fp1", skipped=0):
         "fingerprint": fingerprint,
         "shard": {"index": index, "start": start, "stop": stop, "totals": totals},
     }
+    if seconds is not None:
+        meta["shard"]["timing"] = {"finished_at": mtime, "generate_seconds": seconds}
     name = f"part-{index:05d}.parquet"
     assert write_shard(out, name, rows, output_schema({}, meta))
     os.utime(out / name, (mtime, mtime))
@@ -182,6 +184,18 @@ def test_complete_run_exits_zero_with_rate_from_the_worker_record(tmp_path, caps
     assert "every shard is done" in capsys.readouterr().out
 
 
+def test_one_finished_shard_gives_an_eta_from_its_generation_time(tmp_path):
+    out = tmp_path / "out"
+    run_json(out)
+    shard(out, 0, T0, seconds=8.0)  # 5 rows in 8 s
+    ClaimStore(out, "nodeA:11:0", clock=Clock()).try_claim(1)  # one worker at work
+    report = collect(out, clock=Clock())
+    assert report["throughput"]["source"] == "finished shards' generation time"
+    assert report["throughput"]["rows_per_second"] == pytest.approx(5 / 8)
+    assert report["eta_seconds"] == pytest.approx(report["rows"]["remaining"] * 8 / 5)
+    assert "unknown" not in format_status(report)
+
+
 def test_shards_of_another_fingerprint_do_not_count(tmp_path):
     out = tmp_path / "out"
     run_json(out)
@@ -285,6 +299,28 @@ def test_each_workers_record_counts_and_their_rates_add_up(tmp_path, capsys):
         "source": "worker records",
     }
     assert "records     2 worker record(s): 1 complete, 1 incomplete" in format_status(report)
+
+
+def test_records_of_an_earlier_attempt_are_set_apart_from_the_live_workers(tmp_path):
+    import time as clock
+
+    out = tmp_path / "out"
+    run_json(out, status=None)
+    shard(out, 0, T0)
+    worker(out, 0, 1, "interrupted")  # one worker, stopped; then restarted as two
+    clock.sleep(0.01)
+    worker(out, 0, 2, "running")
+    worker(out, 1, 2, "running")
+    report = collect(out)
+    assert [(r["world_size"], r["earlier"]) for r in report["records"]] == [
+        (1, True),
+        (2, False),
+        (2, False),
+    ]
+    assert (
+        "records     2 worker record(s): 2 running (1 more of an earlier attempt with other "
+        "workers)" in format_status(report)
+    )
 
 
 def test_a_running_worker_makes_the_run_running(half_done):
