@@ -285,6 +285,12 @@ def validate(cfg: JobConfig) -> None:
         f"must be auto, a number of workers (1 or more) or a list of distinct CUDA device ids "
         f"such as [0,1], got {r.devices!r}",
     )
+    _check(
+        m.device_map is None or r.devices in ("auto", 1),
+        "runner.devices",
+        f"{r.devices!r} starts one worker per device, but model.device_map spreads one model "
+        "over the devices: leave runner.devices at auto (one worker) or drop model.device_map",
+    )
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
     _check(
         o.compression in COMPRESSIONS,

@@ -22,6 +22,17 @@ from types import FrameType
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
+def acknowledge(signum: int) -> None:
+    """Say at once, in one line on stderr, what a stop signal does."""
+    again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+    # os.write, not print: a signal may arrive while the progress bar is mid-write.
+    os.write(
+        2,
+        f"\nbatchgen: {signal.Signals(signum).name}: stopping at the next decoding step; "
+        f"finished rows are kept{again}\n".encode(),
+    )
+
+
 class StopRequested:
     """Installs the handlers on enter and restores the previous ones on exit."""
 
@@ -35,13 +46,7 @@ class StopRequested:
             raise KeyboardInterrupt
         self.signum = signum
         self.event.set()
-        again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
-        # os.write, not print: a signal may arrive while the progress bar is mid-write.
-        os.write(
-            2,
-            f"\nbatchgen: {self.name}: stopping at the next decoding step; finished rows are "
-            f"kept{again}\n".encode(),
-        )
+        acknowledge(signum)
 
     def __enter__(self) -> StopRequested:
         if threading.current_thread() is threading.main_thread():
@@ -93,6 +98,8 @@ class ForwardStops:
                 os.kill(proc.pid, signum)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:  # the workers' own lines go to their logs
+            acknowledge(signum)
         self.signum = self.signum or signum
         for proc in self.procs:
             self._send(proc, signum)

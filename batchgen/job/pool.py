@@ -300,7 +300,7 @@ def run_pool(cfg: JobConfig, placement: Placement, started: float) -> WorkerSumm
         done = f"{summary.shards_done}/{summary.shards_total or '?'}"
         raise Stopped(
             f"stopped by {signal.Signals(forward.signum).name}: {done} shards are complete and "
-            "intact, and the finished batches of the shards in progress kept. Rerun the same "
+            "intact, and the finished rows of the shards in progress kept. Rerun the same "
             "command to resume." + (f" Before that, {lost}." if lost else ""),
             128 + forward.signum,
         )

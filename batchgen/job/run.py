@@ -63,7 +63,8 @@ def run(cfg: JobConfig) -> WorkerSummary:
     cfg = finish_config(cfg)
     validate(cfg)
     r = cfg.runner
-    launched = resolve_worker(r.rank, r.world_size).source != SINGLE
+    # A device map spreads one model over every device: one worker, owning them all.
+    launched = resolve_worker(r.rank, r.world_size).source != SINGLE or bool(cfg.model.device_map)
     placement = plan_workers(r.devices, cfg.model.device, r.threads, launched)
     if len(placement.slots) > 1:
         most = _shard_count(cfg)

@@ -141,9 +141,13 @@ def test_ctrl_c_stops_both_workers_and_the_folder_resumes(tiny_models, data, ref
     proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the command
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    last = [x for x in stderr.splitlines() if x.startswith("batchgen:")]
-    assert len(last) == 1 and last[0].startswith("batchgen: stopped by SIGINT: "), stderr
-    assert "Rerun the same command to resume" in last[0] and "Traceback" not in stderr
+    said = [x for x in stderr.splitlines() if x.startswith("batchgen:")]
+    assert said[0] == (  # at once, once (the workers' own lines go to their logs)
+        "batchgen: SIGINT: stopping at the next decoding step; finished rows are kept; "
+        "Ctrl-C again to stop at once"
+    ), stderr
+    assert len(said) == 2 and said[1].startswith("batchgen: stopped by SIGINT: "), stderr
+    assert "Rerun the same command to resume" in said[1] and "Traceback" not in stderr
     assert stdout.count("batchgen summary") == 1
     assert not any(running(pid) for pid in pids)
     for rank in (0, 1):

@@ -49,12 +49,14 @@ def test_a_worker_runs_what_it_is_handed_and_stops_when_its_pool_is_gone(
     proc.stdin.write(pickle.dumps(job))
     proc.stdin.flush()
     with os.fdopen(read) as counts:
-        total, done, tokens = counts.readline().split()
-        assert (total, float(done), int(tokens)) == ("12", 0.0, 0)  # every unfinished row
+        first = json.loads(counts.readline())
+        # Its share: rank 1 of 2's half of the 12 one-row shards, none done yet.
+        assert (first["share"], first["own"], first["tokens"]) == (6, 0.0, 0)
+        said = first
         deadline = time.monotonic() + 120
-        while float(done) < 1 and time.monotonic() < deadline:
-            _, done, tokens = counts.readline().split()
-        assert int(tokens) > 0
+        while said["own"] < 1 and time.monotonic() < deadline:
+            said = json.loads(counts.readline())
+        assert said["tokens"] > 0 and said["share"] == 6
         proc.stdin.close()  # the pool is gone
         proc.wait(timeout=120)
     stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
