@@ -4,9 +4,10 @@ Invariant: to its user a pool is one job: one banner, one progress bar, one clos
 the folder (``read_folder``), one exit status. Each worker is an ordinary worker, rank i of N
 over the folder's claims, pinned to its slot (``CUDA_VISIBLE_DEVICES``, its CPU threads) and
 handed the config this process finished, pickled on its stdin, so nothing is converted twice
-(``batchgen.job.pool_worker``). A worker's stderr goes to its log, its counts come back on a
-pipe of their own, and only rank 0 prints its banner. Every stop signal the command gets is
-forwarded to each worker, which stops between batches as any worker does. A worker that dies
+(``batchgen.job.pool_procs``, ``batchgen.job.pool_worker``). A worker's stderr goes to its log,
+its counts come back on a pipe of their own, and only rank 0 prints its banner. Every stop
+signal the command gets is acknowledged once and forwarded to each worker, which stops at its
+next decoding step, finished rows kept, as any worker does. A worker that dies
 is named at once (rank, devices, pid, signal or exit status, its last message) and the others
 take its shards (its claims are judged gone at once on this host, ``cluster.liveness``); the
 command still ends non-zero, naming it.
@@ -16,20 +17,17 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import selectors
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batchgen.cluster.signals import ForwardStops
-from batchgen.cluster.watchdog import STALL_EXIT_CODE
 from batchgen.config import JobConfig, RunnerConfig
-from batchgen.engine.placement import Placement, Slot
-from batchgen.errors import BatchgenError, Stopped, WorkerDied, last_message
+from batchgen.engine.placement import Placement
+from batchgen.errors import BatchgenError, Stopped, WorkerDied
+from batchgen.job.pool_procs import Worker, judge, start
 from batchgen.progress import Progress
 from batchgen.store import layout
 from batchgen.store.folder import read_folder
@@ -44,86 +42,6 @@ from batchgen.store.writer import writable_dir
 
 # Seconds between looks at the workers (ended?) and redraws of the bar.
 POLL_SECONDS = 0.5
-# What a worker exits with when a second Ctrl-C interrupted it at once (as the command line).
-INTERRUPTED_EXIT = 130
-
-
-@dataclass
-class Worker:
-    """One worker process of the pool, as the pool sees it."""
-
-    rank: int
-    world_size: int
-    where: str  # its devices, for messages
-    proc: subprocess.Popen
-    log: Path
-    counts: dict | None = None  # its last report (``Progress.counts``)
-    ended: str | None = None  # how it ended, once it has
-    said: str = ""  # its last message (batchgen's last paragraph on its stderr), if it died
-    ok: bool = True
-    pending: dict[int, bytes] = field(default_factory=dict)  # an unfinished line per pipe
-
-    def name(self) -> str:
-        """``worker 1 of 2 (cuda:1, pid 4242)``."""
-        return f"worker {self.rank} of {self.world_size} ({self.where}, pid {self.proc.pid})"
-
-
-def _start(cfg: JobConfig, slot: Slot, kind: str, rank: int, world: int, out: Path) -> Worker:
-    """Start worker ``rank``: the finished config on its stdin, pinned to ``slot``."""
-    runner = replace(
-        cfg.runner, rank=rank, world_size=world, devices=1, progress=False, threads=slot.threads
-    )
-    model = replace(cfg.model, device="cuda") if slot.indices else cfg.model
-    env = dict(os.environ)
-    if slot.names:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.names)
-    read, write = os.pipe()
-    log = layout.worker_log(out, rank, world)
-    args = [sys.executable, "-m", "batchgen.job.pool_worker", str(write)]
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            args + (["--banner"] if rank == 0 else []),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env,
-            pass_fds=(write,),
-            start_new_session=True,  # Ctrl-C reaches it through the pool, once
-        )
-    os.close(write)
-    try:
-        proc.stdin.write(pickle.dumps(replace(cfg, runner=runner, model=model)))
-        proc.stdin.flush()  # kept open: a worker whose stdin closes stops (the pool died)
-    except BrokenPipeError:
-        pass  # it died starting up: judged by its exit status, named from its log
-    worker = Worker(rank, world, slot.describe(kind), proc, log)
-    worker.pending[read] = b""
-    return worker
-
-
-def _ending(w: Worker, signum: int | None) -> None:
-    """Judge how ``w`` ended: fine, stopped by the forwarded signal, or died (and how)."""
-    code = w.proc.returncode
-    if code == 0:
-        w.ended = "finished"
-        return
-    if signum is not None and code in (128 + signum, -signum, INTERRUPTED_EXIT):
-        w.ended = f"stopped by {signal.Signals(signum).name}"
-        return
-    w.ok = False
-    if code < 0:  # killed: whatever it printed last says nothing of why
-        w.ended = f"killed by {signal.Signals(-code).name}"
-        return
-    w.ended = "stalled (exit status 3)" if code == STALL_EXIT_CODE else f"exited with status {code}"
-    try:
-        text = w.log.read_text(errors="replace")
-    except OSError:
-        text = ""
-    w.said = last_message(text).removeprefix("batchgen: ").removeprefix("error: ")
-    if not w.said:  # a traceback: its last line
-        w.said = next((x.strip() for x in reversed(text.splitlines()) if x.strip()), "")
-    if w.said:
-        w.ended += ": " + w.said.splitlines()[0]
 
 
 def _lines(w: Worker, fd: int, data: bytes) -> list[str]:
@@ -179,7 +97,7 @@ def _watch(workers: list[Worker], forward: ForwardStops, runner: RunnerConfig) -
             break
         for w in workers:
             if w.ended is None and w.proc.poll() is not None:
-                _ending(w, forward.signum)
+                judge(w, forward.signum)
                 if not w.ok:
                     _say(bar, f"batchgen: {w.name()} {w.ended}{_takeover(workers, runner)}")
         counted = [w.counts for w in workers if w.counts is not None]
@@ -286,7 +204,7 @@ def run_pool(cfg: JobConfig, placement: Placement, started: float) -> WorkerSumm
     with ForwardStops() as forward:
         for rank, slot in enumerate(placement.slots):
             if forward.signum is None:  # a stop before every worker started: start no more
-                workers.append(_start(cfg, slot, placement.kind, rank, world, out))
+                workers.append(start(cfg, slot, placement.kind, rank, world, out))
                 forward.add(workers[-1].proc)
         _watch(workers, forward, cfg.runner)
     died = [w for w in workers if not w.ok]

@@ -1,5 +1,5 @@
-"""One worker's job, in call order: check, open the data, screen it, resume check, generate,
-summarize.
+"""One worker's job, in call order: prepare (every check before the weights load,
+``batchgen.job.prepare``), generate, summarize.
 
 Invariant: a worker runs the config as it was finished (``batchgen.job.run.finish_config``)
 and converts nothing again, whether it is the job's one worker or one of a pool's
@@ -12,53 +12,27 @@ import errno
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from batchgen.cluster import claims
-from batchgen.cluster.lock import RunLock, describe_holder
-from batchgen.cluster.ranks import WorkerInfo, assign_shards, resolve_worker
+from batchgen.cluster.ranks import assign_shards
 from batchgen.cluster.signals import StopRequested
 from batchgen.cluster.watchdog import Watchdog
 from batchgen.config import JobConfig
-from batchgen.config_checks import validate
-from batchgen.engine import devices, vllm_engine
-from batchgen.engine.devices import Model
+from batchgen.engine import vllm_engine
 from batchgen.errors import BatchgenError, Interrupted, Stopped
-from batchgen.inputs import dataset, models, screen
-from batchgen.inputs.sources import falls_back
-from batchgen.job.admission import admit
-from batchgen.job.session import Plan, Session
-from batchgen.job.shard_inputs import ShardInputs
+from batchgen.job.prepare import Prepared, prepare
 from batchgen.job.shard_loop import LoopSettings, ShardLoop
 from batchgen.progress import Progress, describe_sampling
 from batchgen.store import checkpoints, layout, manifest, writer
 from batchgen.store.folder import summarize
 from batchgen.store.records import write_worker_file
-from batchgen.store.shards import Shard, plan_shards
 from batchgen.store.summary import WorkerSummary, format_summary
 from batchgen.store.writer import finished_shards
 
 # Errors writing the output folder that the user fixes outside batchgen (space, permissions).
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
-
-
-@dataclass
-class Prepared:
-    """Everything known before the model weights load."""
-
-    cfg: JobConfig  # converted, its sampling resolved for the model
-    worker: WorkerInfo
-    out_dir: Path
-    lock: RunLock
-    session: Session
-    plan: Plan
-    data: dataset.Table | dataset.Stream
-    inputs: ShardInputs
-    shards: list[Shard] | None  # None for a stream: its length is known at its end
-    parts: dict
-    dtype_why: str  # for the banner
-    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,83 +44,6 @@ class Console:
     banner: bool = True
     summary: bool = True
     report: Callable[[dict], None] | None = None
-
-
-def prepare(cfg: JobConfig) -> Prepared:
-    """Run every check that does not need the model weights, cheapest first; take the lock.
-
-    Reads no rows into Python beyond what the whole-table checks need (``batchgen.inputs.screen``
-    works in Arrow): shards are read, rendered and tokenized as the loop reaches them.
-
-    Args:
-        cfg: the config as ``finish_config`` finished it.
-
-    Raises:
-        BatchgenError: a bad setting, path, column, row or resume conflict, with the culprit named.
-    """
-    started = time.perf_counter()
-    validate(cfg)
-    writer.check_kept_columns(cfg.dataset.keep_columns)
-    worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
-    device, dtype = devices.resolve_device_dtype(cfg.model, worker.local_rank)
-    source = models.resolve_source(cfg.model)
-    table = dataset.open_dataset(cfg.dataset, skip_bad_lines=cfg.runner.on_bad_row == "skip")
-    streaming = isinstance(table, dataset.Stream)
-    out_dir = writer.writable_dir(Path(cfg.output.dir))
-    lock = RunLock(
-        out_dir, layout.worker_lock_name(worker.rank, worker.world_size), cfg.runner.lease_seconds
-    )
-    earlier = lock.acquire()
-    if earlier is not None:  # a killed or frozen run leaves no other trace the user would see
-        print(
-            f"batchgen: took over the run lock of an earlier run on this folder that died or "
-            f"went silent past runner.lease_seconds ({describe_holder(earlier)})",
-            flush=True,
-        )
-    try:
-        log = layout.worker_engine_log(out_dir, worker.rank, worker.world_size)
-        session = Session(cfg, Model.open(cfg.model, source, device, dtype), log_file=log)
-        plan = session.plan()
-        cfg = replace(cfg, sampling=plan.sampling)
-        num_rows = cfg.dataset.limit if streaming else len(table)
-        mixed = falls_back(cfg.dataset, table.dataset.column_names or [])
-        parts = manifest.fingerprint_parts(
-            cfg,
-            plan.chat,
-            dtype,
-            num_rows,
-            plan.output,
-            plan.engine_kind,
-            session.model.source.adapter,
-            mixed,
-        )
-        if not streaming:
-            screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)
-        parts = admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
-        why = devices.dtype_reason(cfg.model, device, dtype)
-        if parts["model"]["dtype"] != dtype:  # auto: the folder's run keeps its own dtype
-            session.model.dtype = parts["model"]["dtype"]
-            why = "auto: the dtype this folder's run was begun in"
-        inputs = ShardInputs(
-            None if streaming else table, plan, cfg.runner, session.model.tokenizer
-        )
-        return Prepared(
-            cfg=cfg,
-            worker=worker,
-            out_dir=out_dir,
-            lock=lock,
-            session=session,
-            plan=plan,
-            data=table,
-            inputs=inputs,
-            shards=None if streaming else plan_shards(len(table), cfg.output.rows_per_shard),
-            parts=parts,
-            dtype_why=why,
-            phases={"prepare": time.perf_counter() - started},
-        )
-    except BaseException:
-        lock.release()
-        raise
 
 
 def _run_metadata(p: Prepared) -> dict:

@@ -109,8 +109,12 @@ def test_two_workers_write_what_one_writes_and_one_summary(
     tiny_models, data, reference, tmp_path, capfd
 ):
     out = tmp_path / "out"
-    job = run([*cli(tiny_models["chat"], data, out, "runner.devices=2")[3:]])
+    job = run(
+        [*cli(tiny_models["chat"], data, out, "runner.devices=2", "runner.progress=true")[3:]]
+    )
     said = capfd.readouterr()
+    # One bar, the pool's, over both workers' rows (theirs stay off the screen).
+    assert "24/24" in said.err and "/12" not in said.err, said.err
     assert rows(out) == reference
     assert ranks(out) == {0, 1}  # both worked
     assert said.out.count("batchgen summary") == 1, said.out
