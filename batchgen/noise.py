@@ -16,6 +16,8 @@ QUIET = (
     # torchao's kernels for CUDA-only formats (mxfp8, sm90a cutlass) cannot load on other builds;
     # its int8 weight-only path needs neither.
     ("torchao", "Failed to load "),
+    # torchao's int8 matmul for Triton, which CPU builds of torch lack; weight-only int8 needs none.
+    ("torchao.kernel.intmm", "Warning: Detected no triton"),
     # torchao registers enums that this torch supports natively: a deprecation for torchao.
     ("torch.utils._pytree", "%s is an Enum subclass"),
     # bitsandbytes' 8-bit matmul repeats on every forward pass that it multiplies in float16.

@@ -1,10 +1,10 @@
 """Where the static engine's time goes on the CPU: torch's profiler over one generation.
 
 The embedded model decodes the benchmark's chat prompts (``scripts/bench.py``) once as a warm-up,
-then once under ``torch.profiler``; the table groups the operators' own CPU time by what they do
-(matrix products, attention, norms and activations, sampling and logits processors, copies and
-cache updates) and what the operators leave of the wall time (Python, ``generate``'s loop, the
-host's own work between kernels).
+times the prefill alone (one new token), then generates once under ``torch.profiler``. The table
+groups the operators' own CPU time by what they do (matrix products, attention, norms and
+activations, sampling and logits processors, copies and cache updates) and what the operators
+leave of the wall time (Python, ``generate``'s loop, the host's own work between kernels).
 
     python scripts/profile_cpu.py --dtype bfloat16 --prompts 32 --max-new-tokens 32
 """
@@ -48,11 +48,20 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--attn", default="auto", help="model.attn_implementation")
     args = parser.parse_args(argv)
-    gen = Generator(progress=False, dtype=args.dtype, runner={"batch_size": args.batch_size})
+    gen = Generator(
+        progress=False,
+        dtype=args.dtype,
+        attn_implementation=args.attn,
+        runner={"batch_size": args.batch_size},
+    )
     chats = [[{"role": "user", "content": t}] for t in make_prompts(args.prompts)]
     sampling = {"max_new_tokens": args.max_new_tokens, "ignore_eos": True}
     gen.chat(chats, sampling)  # warm-up
+    started = time.perf_counter()
+    gen.chat(chats, {**sampling, "max_new_tokens": 1})  # the prefill, and one token
+    prefill = time.perf_counter() - started
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         started = time.perf_counter()
         out = gen.chat(chats, sampling)
@@ -64,14 +73,19 @@ def main(argv=None) -> int:
             totals[group(event.key)] += event.self_cpu_time_total / 1e6
     ops = sum(totals.values())
     print(
-        f"{args.dtype}, {args.prompts} prompts x {args.max_new_tokens} tokens, "
-        f"threads {torch.get_num_threads()}: {tokens / wall:.1f} tok/s, wall {wall:.1f} s"
+        f"{args.dtype}, attention {args.attn}, {args.prompts} prompts x "
+        f"{args.max_new_tokens} tokens, threads {torch.get_num_threads()}: "
+        f"{tokens / wall:.1f} tok/s, wall {wall:.1f} s"
     )
     print("| where | seconds | share of wall |\n| --- | ---: | ---: |")
     for label, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {label} | {seconds:.2f} | {seconds / wall:.0%} |")
     rest = max(wall - ops, 0.0)
     print(f"| outside operators (Python, generate's loop) | {rest:.2f} | {rest / wall:.0%} |")
+    print(
+        f"| of the wall: prefill and the first token (timed apart) | {prefill:.2f} | "
+        f"{prefill / wall:.0%} |"
+    )
     print()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return 0
