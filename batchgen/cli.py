@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import signal
 import sys
 
 import hydra
@@ -25,6 +26,14 @@ INTERRUPTED = (
 )
 # ``batchgen TOOL OUTPUT_DIR``: commands over an output folder (batchgen/tools/), not Hydra jobs.
 TOOLS = ("status", "report", "finalize", "export")
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``, a Ctrl-C from now on ignored: a second one that lands while the
+    interpreter shuts down (torch's exit hooks) would print a traceback, and the job has stopped
+    already."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def _job(cfg: DictConfig) -> None:
@@ -43,7 +52,7 @@ def _job(cfg: DictConfig) -> None:
         run(job)
     except Stopped as e:
         print(f"batchgen: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
     except BatchgenError as e:
         print(f"batchgen: error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
@@ -95,4 +104,4 @@ def main() -> None:
             _hydra_main()
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr, flush=True)
-        sys.exit(130)
+        _exit(130)

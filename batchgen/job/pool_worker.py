@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         run_worker(cfg, started, console)
     except Stopped as e:
         print(f"batchgen: {e}", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopped: no traceback from exit hooks
         sys.exit(e.exit_code)
     except BatchgenError as e:
         print(f"batchgen: error: {e}", file=sys.stderr, flush=True)
