@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import signal
 import sys
 
 import hydra
@@ -27,8 +28,17 @@ INTERRUPTED = (
 TOOLS = ("status", "report", "finalize", "export")
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``, a Ctrl-C from now on ignored: a second one that lands while the
+    interpreter shuts down (torch's exit hooks) would print a traceback, and the job has stopped
+    already."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 def _job(cfg: DictConfig) -> None:
-    """Run one batch generation job; a user error prints one paragraph and exits with 2.
+    """Run one batch generation job; a user error prints one paragraph and exits with 2 (1
+    when a worker that ``runner.devices`` started died).
 
     A ``-m`` sweep's task runs this in a process of its own, where the presets' resolvers are
     registered again before the config is resolved.
@@ -42,10 +52,10 @@ def _job(cfg: DictConfig) -> None:
         run(job)
     except Stopped as e:
         print(f"batchgen: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
     except BatchgenError as e:
         print(f"batchgen: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 def _not_a_command(word: str) -> str:
@@ -94,4 +104,4 @@ def main() -> None:
             _hydra_main()
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr, flush=True)
-        sys.exit(130)
+        _exit(130)

@@ -163,6 +163,11 @@ class RunnerConfig:
     steal: bool = True
     # CPU threads for torch; None: Slurm's SLURM_CPUS_PER_TASK when set, else torch's default.
     threads: int | None = None
+    # Workers this command starts on this machine, each on devices of its own: auto (every
+    # visible CUDA device, unless a launcher gave this process its rank; one on the CPU), a
+    # number, or a list of CUDA device ids (batchgen.engine.placement, batchgen.job.pool).
+    # Typed Any: OmegaConf has no int-or-str-or-list union; validate checks it.
+    devices: Any = "auto"
 
 
 @dataclass

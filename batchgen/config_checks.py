@@ -52,6 +52,22 @@ def _device_ok(device: str) -> bool:
     return True
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _devices_ok(devices: Any) -> bool:
+    """``runner.devices``: auto, a count of at least 1, or distinct non-negative device ids."""
+    if devices == "auto" or (_is_int(devices) and devices >= 1):
+        return True
+    return (
+        isinstance(devices, list)
+        and bool(devices)
+        and all(_is_int(x) and x >= 0 for x in devices)
+        and len(set(devices)) == len(devices)
+    )
+
+
 def _placement_ok(device: Any) -> bool:
     """A device an explicit ``model.device_map`` may name: a GPU index, a torch device, disk."""
     if isinstance(device, int) and not isinstance(device, bool):
@@ -222,7 +238,7 @@ def validate(cfg: JobConfig) -> None:
     _check(d.limit is None or d.limit >= 1, "dataset.limit", "must be at least 1 when set")
     b = r.batch_size
     _check(
-        b == "auto" or (isinstance(b, int) and not isinstance(b, bool)),
+        b == "auto" or _is_int(b),
         "runner.batch_size",
         f"must be a number of rows or auto, got {b!r}",
     )
@@ -263,6 +279,18 @@ def validate(cfg: JobConfig) -> None:
         "once a second, and a healthy decoding step can take that long (null turns it off)",
     )
     _check(r.threads is None or r.threads >= 1, "runner.threads", "must be at least 1 when set")
+    _check(
+        _devices_ok(r.devices),
+        "runner.devices",
+        f"must be auto, a number of workers (1 or more) or a list of distinct CUDA device ids "
+        f"such as [0,1], got {r.devices!r}",
+    )
+    _check(
+        m.device_map is None or r.devices in ("auto", 1),
+        "runner.devices",
+        f"{r.devices!r} starts one worker per device, but model.device_map spreads one model "
+        "over the devices: leave runner.devices at auto (one worker) or drop model.device_map",
+    )
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
     _check(
         o.compression in COMPRESSIONS,

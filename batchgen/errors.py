@@ -1,8 +1,20 @@
-"""Errors a user can act on: each names the culprit (key, column, file) in one paragraph."""
+"""Errors a user can act on: each names the culprit (key, column, file) in one paragraph, and
+how such a paragraph is read back from a finished process's stderr (``last_message``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# What Slurm's own tools write to a task's stderr once its process has ended ("srun: error: node:
+# task 0: Exited with exit code 2"): the end of batchgen's last message, not part of it.
+_SLURM_TOOLS = ("srun:", "slurmstepd:")
 
 
 class BatchgenError(Exception):
-    """Base class: the entry point prints the message alone and exits non-zero."""
+    """Base class: the entry point prints the message alone and exits with ``exit_code``."""
+
+    # A setting, path, column, row or folder to fix: the command line's usage-error status.
+    exit_code = 2
 
 
 class ConfigError(BatchgenError):
@@ -33,6 +45,21 @@ class Stopped(BatchgenError):
         self.exit_code = exit_code
 
 
+class WorkerDied(BatchgenError):
+    """A worker that this command started died (``runner.devices``); the message names it.
+
+    Attributes:
+        summary: the job's closing summary, printed before this was raised (a
+            ``WorkerSummary``): the other workers may have finished the output all the same.
+    """
+
+    exit_code = 1  # no setting is wrong: a process failed
+
+    def __init__(self, message: str, summary: Any = None):
+        super().__init__(message)
+        self.summary = summary
+
+
 class Interrupted(Exception):
     """A stop was requested (signal, Ctrl-C); the runner turns it into ``Stopped`` once the
     folder is clean. Not a ``BatchgenError``: it never reaches the user.
@@ -58,3 +85,25 @@ class BadRequest(Exception):
 class Unfinished(Exception):
     """``batchgen export``: the run has shards still to generate, and no ``--partial`` was
     asked for (the command prints it and exits 1)."""
+
+
+def last_message(stderr: str) -> str:
+    """batchgen's last message in a process's stderr: its last line that starts with
+    ``batchgen:`` and the lines after it, up to a blank line, a line of Slurm's tools, or the end.
+
+    A job prints its final word (``batchgen: error: ...``, or why it stopped) last, as one
+    paragraph, and exits; a refused resume's paragraph lists what differs on the lines below.
+
+    Returns:
+        The message, each line stripped of trailing space; empty when there is none.
+    """
+    lines = [x.rstrip() for x in stderr.splitlines()]
+    starts = [i for i, x in enumerate(lines) if x.lstrip().startswith("batchgen:")]
+    if not starts:
+        return ""
+    message = [lines[starts[-1]].strip()]
+    for x in lines[starts[-1] + 1 :]:
+        if not x.strip() or x.startswith(_SLURM_TOOLS):
+            break
+        message.append(x)
+    return "\n".join(message)

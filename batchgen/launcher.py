@@ -3,7 +3,8 @@
 Invariant: once every task of a ``-m`` sweep has ended, the submitting command prints one
 summary (each task's fate, then the output folder's state) and exits 0 when every shard is
 published, 1 when not, never with a traceback. A task cancelled or failed while the others took
-over its shards is no failure of the job: the output is what was asked for.
+over its shards is no failure of the job: the output is what was asked for. A local sweep's
+tasks each get a CUDA device of their own, in turn (``placement.pin``), as Slurm's do.
 
 The exit status. Hydra's multirun ignores what ``launch`` returns, except that its sweeper reads
 ``return_value`` of each ``JobReturn``, which re-raises a failed job's error; an exception out of
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import subprocess
 import time
 from collections import Counter
@@ -43,14 +45,13 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import OmegaConf
 
 from batchgen import hydra_compat
+from batchgen.engine.placement import pin, visible_cuda
+from batchgen.errors import last_message
 
 # The separator submitit puts around a failed task's traceback in FailedJobError.
 _TRACE_RULE = "----------------------"
 # Slurm states of a task that has not ended (a requeued task is PENDING again, then RUNNING).
 _LIVE = ("PENDING", "RUNNING", "REQUEUE", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED")
-# What Slurm's own tools write to a task's stderr once its process has ended ("srun: error: node:
-# task 0: Exited with exit code 2"): the end of batchgen's last message, not part of it.
-_SLURM_TOOLS = ("srun:", "slurmstepd:")
 # A detail's further lines sit under the task line's job id.
 _MORE = " " * 7
 
@@ -85,29 +86,6 @@ class TaskReport:
             text += f", requeued {self.requeues} time{'s' if self.requeues > 1 else ''}"
         first, *more = self.detail.splitlines() or [""]
         return "\n".join([text + (f": {first}" if first else ""), *(_MORE + x for x in more)])
-
-
-def last_message(stderr: str) -> str:
-    """batchgen's last message in a task's stderr: its last line that starts with ``batchgen:``
-    and the lines after it, up to a blank line, a line of Slurm's tools, or the end.
-
-    A job prints its final word (``batchgen: error: ...``, or why it stopped) last, as one
-    paragraph, and exits; a refused resume's paragraph lists what differs on the lines below.
-    Its stdout is not read: the ``batchgen:`` lines there say what a worker started on.
-
-    Returns:
-        The message, each line stripped of trailing space; empty when there is none.
-    """
-    lines = [x.rstrip() for x in stderr.splitlines()]
-    starts = [i for i, x in enumerate(lines) if x.lstrip().startswith("batchgen:")]
-    if not starts:
-        return ""
-    message = [lines[starts[-1]].strip()]
-    for x in lines[starts[-1] + 1 :]:
-        if not x.strip() or x.startswith(_SLURM_TOOLS):
-            break
-        message.append(x)
-    return "\n".join(message)
 
 
 def failure_of(ret: JobReturn) -> Any:
@@ -233,6 +211,10 @@ class _OutputJudged:
     # Seconds to wait for the result file of a task that ended without one (submitit: 15 s, for
     # slow shared file systems); None keeps submitit's default.
     _result_wait_s: float | None = None
+    # The CUDA devices the submitting process sees, as CUDA_VISIBLE_DEVICES names them, for a
+    # local sweep: submitit gives every local task the same ones (CUDA_VISIBLE_DEVICES=0, or
+    # none), so each task takes one of these in turn instead. Slurm gives each its own.
+    _devices: tuple[str, ...] = ()
 
     def _wait(self, job: Any) -> None:
         """Until the task has ended. On Slurm its result file is not proof: when the requeue's
@@ -276,13 +258,24 @@ class _OutputJudged:
                 f"batchgen: error: submitting the sweep to {self.cluster}: {first}"
             ) from None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+    def __call__(
+        self,
+        sweep_overrides: list[str],
+        job_dir_key: str,
+        job_num: int,
+        job_id: str,
+        singleton_state: dict,
+    ) -> JobReturn:
         """Run one task in its own process (submitit unpickles the launcher there): the
-        presets' resolvers are registered while Hydra resolves the task's config."""
+        presets' resolvers are registered while Hydra resolves the task's config. A local
+        task is pinned to a CUDA device of its own first (``_devices``), before anything in
+        its process starts CUDA."""
         from batchgen.composition import hydra_registered
 
+        if self._devices:
+            os.environ["CUDA_VISIBLE_DEVICES"] = pin(self._devices, job_num)
         with hydra_registered():
-            return super().__call__(*args, **kwargs)
+            return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         """Submit the sweep, wait for every task, print one summary; exit 1 if output is missing.
@@ -295,6 +288,8 @@ class _OutputJudged:
         """
         job_overrides = [list(o) for o in job_overrides]
         out_dirs = self._output_dirs(job_overrides)
+        if self.cluster == "local":  # recorded before the launcher is pickled for the tasks
+            self._devices = tuple(visible_cuda())
         jobs = self._submit(job_overrides, initial_job_idx)
         tasks = []
         for num, job in enumerate(jobs, initial_job_idx):

@@ -1,14 +1,25 @@
-"""Progress bar (rows, tokens/s, ETA) and the decoding settings in one line."""
+"""Progress bar (rows, tokens/s, ETA) and the decoding settings in one line.
+
+Invariant: a bar counts each row once. A worker's bar counts its share of the job (its own
+shards, and those it steals); its own rows (generated, skipped, or found in its checkpoints) are
+what it reports to a pool (``report``), while rows of its share that a stealer published
+(``others``) move its bar only, so a pool that adds up its workers' reports (``show``) counts
+every row once, over the sum of their shares.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 
 from tqdm import tqdm
 
 from batchgen.config import SamplingConfig
+
+# Seconds between two reports of a worker's counts to its pool.
+REPORT_SECONDS = 0.5
 
 
 class Progress:
@@ -27,6 +38,9 @@ class Progress:
         enabled: draw the bar at all.
         row_tokens: the most tokens one row can produce (``max_new_tokens`` x samples).
         clock: seconds, monotonic; a fake one in tests.
+        report: called with ``counts()`` at the start, at most every ``REPORT_SECONDS`` after,
+            and at ``close``: a pool's worker tells its pool (``batchgen.job.pool``) how far
+            it got.
     """
 
     WINDOW = 60.0
@@ -37,9 +51,11 @@ class Progress:
         enabled: bool = True,
         row_tokens: int = 1,
         clock=time.monotonic,
+        report: Callable[[dict], None] | None = None,
     ):
         self.clock = clock
         self.total = total_rows
+        self.share = total_rows  # this worker's share at the start, before any shard is stolen
         self.tokens = 0
         self.row_tokens = max(row_tokens, 1)
         self.partial = 0.0  # rows advanced by steps of batches not finished yet
@@ -48,6 +64,10 @@ class Progress:
         self.rows_done = 0  # rows finished here (not skipped ones, not other workers')
         self.done_tokens = 0  # their tokens
         self.marks: deque[tuple[float, int]] = deque()  # (time, tokens so far), last WINDOW s
+        self.own = 0.0  # rows of this worker's own work, steps included (not others')
+        self.what = "starting"  # the phase before the first token
+        self.report = report
+        self.reported = 0.0  # when report was last called
         # Steps move the bar by fractions of a row: show whole rows. The ETA is ours (postfix).
         shape = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}{postfix}]"
         self.bar = tqdm(
@@ -59,6 +79,7 @@ class Progress:
             dynamic_ncols=True,
             bar_format=shape if total_rows is not None else None,
         )
+        self._report(force=True)
 
     def grow(self, rows: int) -> None:
         """Add ``rows`` to do (a shard taken over from another worker)."""
@@ -70,19 +91,24 @@ class Progress:
     def phase(self, what: str) -> None:
         """Say what the job is doing before it decodes (``loading the model``, ``prefilling``)."""
         if not self.marks:
+            self.what = what
             self.bar.set_description_str(what)
+            self._report(force=True)
 
     def step(self, tokens: int) -> None:
         """Count ``tokens`` decoded in one step of the batch in progress."""
         if not self.marks:
-            self.bar.set_description_str("generating")
+            self.what = "generating"
+            self.bar.set_description_str(self.what)
         self.tokens += tokens
         self.step_tokens += tokens
         advance = tokens / self.row_tokens
         self.partial += advance
         self.position += advance
+        self.own += advance
         self._mark()
         self.bar.update(advance)
+        self._report()
 
     def update(self, rows: int, completion_tokens: int) -> None:
         """Count ``rows`` finished input rows that produced ``completion_tokens`` tokens."""
@@ -92,8 +118,59 @@ class Progress:
             self.done_tokens += completion_tokens
             self._mark()
         self.position += rows - self.partial
+        self.own += rows - self.partial
         self.bar.update(rows - self.partial)
         self.partial, self.step_tokens = 0.0, 0
+        self._report()
+
+    def others(self, rows: int) -> None:
+        """Count ``rows`` of this worker's share that another worker published (not reported:
+        that worker does)."""
+        self.position += rows
+        self.bar.update(rows)
+
+    def counts(self) -> dict:
+        """What a pool's bar adds up: this worker's share, its own rows and tokens, what its
+        finished rows took (for the ETA) and what it does before its first token."""
+        return {
+            "share": self.share,
+            "own": self.own,
+            "tokens": self.tokens,
+            "rows_done": self.rows_done,
+            "done_tokens": self.done_tokens,
+            "row_tokens": self.row_tokens,
+            "phase": self.what,
+        }
+
+    def show(self, reports: list[dict]) -> None:
+        """A pool's bar: move on to its workers' ``counts`` added up. Their shares are its
+        total; it never goes backwards nor past the total (a dead worker's rows redone)."""
+        if not reports:
+            return
+        share = sum(r["share"] for r in reports) if self.total is not None else None
+        if share is not None and share > self.total:  # a worker reported late
+            self.grow(share - self.total)
+        self.row_tokens = max(r["row_tokens"] for r in reports)
+        self.rows_done = sum(r["rows_done"] for r in reports)
+        self.done_tokens = sum(r["done_tokens"] for r in reports)
+        rows = sum(r["own"] for r in reports)
+        if self.total is not None:
+            rows = min(rows, self.total)
+        tokens = sum(r["tokens"] for r in reports)
+        if not self.marks and not tokens:
+            self.phase(reports[0]["phase"])
+        elif not self.marks:
+            self.bar.set_description_str("generating")
+        if tokens != self.tokens:
+            self.tokens = tokens
+            self._mark()
+        if rows > self.position:
+            self.bar.update(rows - self.position)
+            self.position = rows
+
+    def write(self, line: str, file=None) -> None:
+        """Print ``line`` above the bar, to ``file`` (stdout by default)."""
+        self.bar.write(line, file=file or sys.stdout)
 
     def _mark(self) -> None:
         now = self.clock()
@@ -120,8 +197,17 @@ class Progress:
         rows_left = max(self.total - self.position, 0.0)
         return rows_left * per_row / rate
 
+    def _report(self, force: bool = False) -> None:
+        if self.report is None:
+            return
+        now = self.clock()
+        if force or now - self.reported >= REPORT_SECONDS:
+            self.reported = now
+            self.report(self.counts())
+
     def close(self) -> None:
-        """Close the bar."""
+        """Close the bar; a last report."""
+        self._report(force=True)
         self.bar.close()
 
 

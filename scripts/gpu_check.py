@@ -24,6 +24,8 @@ a step that fails is recorded and the next still runs:
 6. ``pytest-gpu``: ``pytest -m gpu tests/test_gpu.py``;
 7. ``bench``: ``scripts/bench.py --gpu`` on a smaller workload than its default (256 prompts,
    128 new tokens, batch 64 and 256, no one-at-a-time baseline), to fit its ~4 minutes;
+   ``cli-devices``: the ``cli-job`` job with ``runner.devices=auto``, one worker process per
+   visible GPU (all of them), when two or more are visible (skipped elsewhere);
 8. ``pytest-constrained``: ``tests/engine/test_constrained.py`` (the grammar library carried in
    the wheelhouse, on the box's device), last since it gets what the budget has left.
 
@@ -256,6 +258,19 @@ def cmd_bench(argv: list[str]) -> int:
 INTERNAL = {"_deps": cmd_deps, "_model": cmd_model, "_bench": cmd_bench}
 
 
+def visible_gpus(cpu: bool) -> int:
+    """How many GPUs the steps see: CUDA_VISIBLE_DEVICES's list when set, else nvidia-smi's."""
+    if cpu:
+        return 0
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return len([x for x in listed.split(",") if x.strip()])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        return len(re.findall(r"^GPU \d+:", smi.stdout, re.M))
+    return 0
+
+
 def plan(args, work: Path) -> list[Step]:
     """The steps, in order, with their commands, environments and time limits."""
     py = sys.executable
@@ -276,6 +291,7 @@ def plan(args, work: Path) -> list[Step]:
     bench_args += ["--json", str(args.out / "bench.json"), "--markdown", str(args.out / "bench.md")]
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_check"]
     smi = None if shutil.which("nvidia-smi") else "nvidia-smi is not on PATH"
+    gpus = visible_gpus(args.cpu)
     return [
         Step("nvidia-smi", ["nvidia-smi"], 30, skip=smi),
         Step(
@@ -315,6 +331,19 @@ def plan(args, work: Path) -> list[Step]:
         ),
         Step("pytest-gpu", [*pytest, "-m", "gpu", "tests/test_gpu.py"], 120),
         Step("bench", [py, __file__, "_bench", *bench_args], 210),
+        Step(
+            "cli-devices",
+            [
+                *job_cmd[:-2],
+                f"output.dir={work / 'job-devices'}",
+                job_cmd[-1],
+                "runner.devices=auto",
+            ],
+            120,
+            cwd=work / "cwd",
+            expect=r"batchgen: \d+ workers.* one per CUDA device[\s\S]*batchgen summary",
+            skip=None if gpus >= 2 else f"{gpus} GPU visible here: needs two or more",
+        ),
         # Last: it gets what the budget has left, which the steps above must not lack.
         Step(
             "pytest-constrained",

@@ -5,6 +5,7 @@ spotted in pip's error, the steps the GPU check plans, and the stand-in for the 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,10 +181,24 @@ def test_dry_run_lists_every_step(tmp_path, mode):
         "cli-vllm",
         "pytest-gpu",
         "bench",
+        "cli-devices",
         "pytest-constrained",
     ]
+    devices = next(line for line in result.stdout.splitlines() if line.split()[0] == "cli-devices")
+    assert "runner.devices=auto" in devices
+    if mode == "cpu":  # the rehearsal hides every GPU
+        assert "[skipped: 0 GPU visible here: needs two or more]" in devices
     assert "pip install --no-index --no-deps --target" in result.stdout
     assert "-m gpu tests/test_gpu.py" in result.stdout
     bench = next(line for line in result.stdout.splitlines() if line.split()[0] == "bench")
     assert ("--gpu" in bench.split()) == (mode == "gpu")
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_the_multi_device_step_runs_where_two_gpus_are_visible(tmp_path):
+    cmd = [sys.executable, str(SCRIPTS / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)]
+    for visible, skipped in (("0,1", False), ("3", True), ("", True)):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        line = next(x for x in result.stdout.splitlines() if x.split()[0] == "cli-devices")
+        assert ("[skipped:" in line) == skipped, line

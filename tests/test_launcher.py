@@ -247,6 +247,30 @@ def test_local_sweep_exit_status_follows_the_output(tiny_models, prompts_file, t
     assert f"output complete: 3/3 shards in {out}" in log
 
 
+def test_each_local_task_is_pinned_to_a_cuda_device_of_its_own(monkeypatch):
+    # submitit starts every local task with the same CUDA_VISIBLE_DEVICES (measured: 0); the
+    # launcher records the devices it sees at submission and each task takes one in turn, in
+    # its own process, before anything there starts CUDA. Slurm's tasks keep Slurm's.
+    seen = []
+
+    def task_body(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state):
+        seen.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    # The class the launchers inherit from (Hydra's plugin scan may load its module twice).
+    base = next(c for c in launcher.LocalLauncher.__mro__ if c.__name__ == "BaseSubmititLauncher")
+    monkeypatch.setattr(base, "__call__", task_body)
+    local = launcher.LocalLauncher.__new__(launcher.LocalLauncher)
+    local._devices = ("4", "6")
+    for num in range(3):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+        local([f"runner.rank={num}"], "hydra.sweep.dir", num, f"job_id_for_{num}", {})
+    assert seen == ["4", "6", "4"]
+    slurm = launcher.SlurmLauncher.__new__(launcher.SlurmLauncher)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    slurm(["runner.rank=1"], "hydra.sweep.dir", 1, "job_id_for_1", {})
+    assert seen[-1] == "2"
+
+
 @pytest.mark.parametrize("executor", ["local", "slurm"])
 def test_sweep_folders_lie_in_the_meta_folder(tmp_path, executor):
     from hydra import compose, initialize_config_dir

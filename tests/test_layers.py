@@ -241,8 +241,8 @@ def test_scan_sees_the_real_graph():
             path.read_text(encoding="utf-8"), name, names, is_package=path.name == "__init__.py"
         )
     }
-    assert ("batchgen.job.run", "batchgen.cluster.lock") in seen  # from pkg.mod import name
-    assert ("batchgen.job.run", "batchgen.store.layout") in seen  # from pkg import mod
+    assert ("batchgen.job.prepare", "batchgen.cluster.lock") in seen  # from pkg.mod import name
+    assert ("batchgen.job.prepare", "batchgen.store.layout") in seen  # from pkg import mod
     assert ("batchgen", "batchgen.api") in seen  # from batchgen import mod, in a function
     assert ("batchgen.cli", "batchgen.tools") in seen  # import_module(f"batchgen.tools.{...}")
 

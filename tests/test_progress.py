@@ -74,3 +74,46 @@ def test_rows_settings_are_said_to_be_the_rows_own():
     line = describe_row_sampling(job, "sampling", requests=True)
     assert line.startswith("sampling settings from each request's body")
     assert "greedy" not in line and "max_new_tokens 12" in line
+
+
+def test_a_worker_reports_only_its_own_rows_and_a_pool_bar_adds_them_up():
+    from batchgen import progress
+
+    clock = Clock()
+    said = []
+    bar = Progress(10, enabled=False, row_tokens=4, clock=clock, report=said.append)
+    assert [(c["share"], c["own"], c["phase"]) for c in said] == [(10, 0.0, "starting")]
+    bar.phase("loading the model")  # a phase is reported at once: the pool's bar says it
+    assert said[-1]["phase"] == "loading the model"
+    reports = len(said)
+    clock.t += 1.0
+    bar.step(2)  # half a row
+    assert len(said) == reports + 1 and said[-1]["own"] == 0.5 and said[-1]["tokens"] == 2
+    bar.step(2)  # within REPORT_SECONDS of the last report: kept for later
+    assert len(said) == reports + 1
+    bar.others(3)  # a shard of its share that a stealer published: that worker reports it
+    bar.grow(5)  # a shard it stole joins its bar, not its share
+    clock.t += progress.REPORT_SECONDS
+    bar.update(2, 7)
+    assert (said[-1]["share"], said[-1]["own"], said[-1]["tokens"]) == (10, 2.0, 7)
+    assert bar.position == 5.0 and bar.total == 15
+    bar.close()  # a last report, whenever
+    assert said[-1]["own"] == 2.0 and said[-1]["rows_done"] == 2
+
+    pool = Progress(20, enabled=False, clock=clock)
+    first = dict(said[-1], own=2.5, tokens=30)
+    loading = dict(said[0], own=0.0, tokens=0, phase="loading the model")
+    pool.show([first, loading])
+    assert pool.position == 2.5 and pool.tokens == 30 and pool.bar.desc == "generating"
+    pool.show([dict(first, own=1.0, tokens=35), loading])  # never backwards
+    assert pool.position == 2.5 and pool.tokens == 35
+    pool.show([dict(first, own=12.0), dict(loading, own=12.0)])  # a dead worker's rows
+    assert pool.position == 20  # redone by another: never past the total
+
+
+def test_a_pool_bar_says_what_its_workers_do_before_the_first_token():
+    pool = Progress(20, enabled=True)
+    counts = Progress(10, enabled=False).counts()
+    pool.show([dict(counts, phase="prefilling"), dict(counts, phase="loading the model")])
+    assert pool.bar.desc == "prefilling"
+    pool.close()

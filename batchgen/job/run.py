@@ -1,60 +1,27 @@
-"""The job, in call order: check, open the data, screen it, resume check, generate, summarize."""
+"""The way into a job: finish its config once, place its workers, run them.
+
+Invariant: ``run`` is the one way into a job (the command line and ``batchgen.run`` alike), and
+it finishes the config once (``finish_config``): then either this process is the job's one
+worker (``batchgen.job.worker``), or ``runner.devices`` asks for several and a pool
+(``batchgen.job.pool``) runs one process per device slot, each handed the finished config.
+"""
 
 from __future__ import annotations
 
-import errno
 import math
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
-from batchgen.cluster import claims
-from batchgen.cluster.lock import RunLock, describe_holder
-from batchgen.cluster.ranks import WorkerInfo, assign_shards, resolve_worker
-from batchgen.cluster.signals import StopRequested
-from batchgen.cluster.watchdog import Watchdog
+from batchgen.cluster.ranks import SINGLE, resolve_worker
 from batchgen.config import JobConfig
 from batchgen.config_checks import validate
 from batchgen.conversion import convert
-from batchgen.engine import devices, vllm_engine
-from batchgen.engine.devices import Model
-from batchgen.errors import BatchgenError, Interrupted, Stopped
-from batchgen.inputs import dataset, models, screen
-from batchgen.inputs.openai_batch import ID_COLUMN, SAMPLING_COLUMN
-from batchgen.inputs.sources import falls_back
-from batchgen.job.admission import admit
-from batchgen.job.session import Plan, Session
-from batchgen.job.shard_inputs import ShardInputs
-from batchgen.job.shard_loop import LoopSettings, ShardLoop
-from batchgen.progress import Progress, describe_row_sampling, describe_sampling
-from batchgen.store import checkpoints, layout, manifest, writer
-from batchgen.store.folder import summarize
+from batchgen.engine.placement import plan_workers
+from batchgen.inputs import dataset
+from batchgen.job import pool
+from batchgen.job.worker import run_worker
 from batchgen.store.naming import default_output_dir
-from batchgen.store.records import write_worker_file
-from batchgen.store.shards import Shard, plan_shards
-from batchgen.store.summary import WorkerSummary, format_summary
-from batchgen.store.writer import finished_shards
-
-# Errors writing the output folder that the user fixes outside batchgen (space, permissions).
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
-
-
-@dataclass
-class Prepared:
-    """Everything known before the model weights load."""
-
-    cfg: JobConfig  # converted, its sampling resolved for the model
-    worker: WorkerInfo
-    out_dir: Path
-    lock: RunLock
-    session: Session
-    plan: Plan
-    data: dataset.Table | dataset.Stream
-    inputs: ShardInputs
-    shards: list[Shard] | None  # None for a stream: its length is known at its end
-    parts: dict
-    dtype_why: str  # for the banner
-    phases: dict[str, float] = field(default_factory=dict)
+from batchgen.store.summary import WorkerSummary
 
 
 def finish_config(cfg: JobConfig) -> JobConfig:
@@ -72,278 +39,39 @@ def finish_config(cfg: JobConfig) -> JobConfig:
     return convert(cfg)
 
 
-def prepare(cfg: JobConfig) -> Prepared:
-    """Run every check that does not need the model weights, cheapest first; take the lock.
-
-    Reads no rows into Python beyond what the whole-table checks need (``batchgen.inputs.screen``
-    works in Arrow): shards are read, rendered and tokenized as the loop reaches them.
+def _shard_count(cfg: JobConfig) -> int | None:
+    """The job's shards, from its data opened as its workers open it; None for a stream.
 
     Raises:
-        BatchgenError: a bad setting, path, column, row or resume conflict, with the culprit named.
+        DataError: as ``dataset.open_dataset`` does.
+    """
+    data = dataset.open_dataset(cfg.dataset, skip_bad_lines=cfg.runner.on_bad_row == "skip")
+    if isinstance(data, dataset.Stream):
+        return None
+    return math.ceil(len(data) / cfg.output.rows_per_shard)
+
+
+def run(cfg: JobConfig) -> WorkerSummary:
+    """Run a whole job and return its summary: in this process, or with ``runner.devices`` in
+    one worker process per device slot (``batchgen.job.pool``), never more than it has shards.
+
+    Raises:
+        BatchgenError: a bad setting, path, column, row or resume conflict, with the culprit
+            named; ``Stopped`` on a signal; ``WorkerDied`` when a worker of the pool died.
     """
     started = time.perf_counter()
     cfg = finish_config(cfg)
     validate(cfg)
-    writer.check_kept_columns(cfg.dataset.keep_columns)
-    worker = resolve_worker(cfg.runner.rank, cfg.runner.world_size)
-    device, dtype = devices.resolve_device_dtype(cfg.model, worker.local_rank)
-    source = models.resolve_source(cfg.model)
-    table = dataset.open_dataset(cfg.dataset, skip_bad_lines=cfg.runner.on_bad_row == "skip")
-    streaming = isinstance(table, dataset.Stream)
-    out_dir = writer.writable_dir(Path(cfg.output.dir))
-    lock = RunLock(
-        out_dir, layout.worker_lock_name(worker.rank, worker.world_size), cfg.runner.lease_seconds
-    )
-    earlier = lock.acquire()
-    if earlier is not None:  # a killed or frozen run leaves no other trace the user would see
-        print(
-            f"batchgen: took over the run lock of an earlier run on this folder that died or "
-            f"went silent past runner.lease_seconds ({describe_holder(earlier)})",
-            flush=True,
-        )
-    try:
-        log = layout.worker_engine_log(out_dir, worker.rank, worker.world_size)
-        session = Session(cfg, Model.open(cfg.model, source, device, dtype), log_file=log)
-        plan = session.plan()
-        cfg = replace(cfg, sampling=plan.sampling)
-        num_rows = cfg.dataset.limit if streaming else len(table)
-        mixed = falls_back(cfg.dataset, table.dataset.column_names or [])
-        parts = manifest.fingerprint_parts(
-            cfg,
-            plan.chat,
-            dtype,
-            num_rows,
-            plan.output,
-            plan.engine_kind,
-            session.model.source.adapter,
-            mixed,
-        )
-        if not streaming:
-            screen.screen_table(cfg, table, session.model.tokenizer, plan.chat, plan.room)
-        parts = admit(cfg, out_dir, lock, parts)  # last: a refused job writes nothing
-        why = devices.dtype_reason(cfg.model, device, dtype)
-        if parts["model"]["dtype"] != dtype:  # auto: the folder's run keeps its own dtype
-            session.model.dtype = parts["model"]["dtype"]
-            why = "auto: the dtype this folder's run was begun in"
-        inputs = ShardInputs(
-            None if streaming else table, plan, cfg.runner, session.model.tokenizer
-        )
-        return Prepared(
-            cfg=cfg,
-            worker=worker,
-            out_dir=out_dir,
-            lock=lock,
-            session=session,
-            plan=plan,
-            data=table,
-            inputs=inputs,
-            shards=None if streaming else plan_shards(len(table), cfg.output.rows_per_shard),
-            parts=parts,
-            dtype_why=why,
-            phases={"prepare": time.perf_counter() - started},
-        )
-    except BaseException:
-        lock.release()
-        raise
-
-
-def _run_metadata(p: Prepared) -> dict:
-    return {
-        "fingerprint": manifest.fingerprint(p.parts),
-        "fingerprint_parts": p.parts,
-        "config": p.cfg.to_dict(),
-        "versions": manifest.versions(),
-        "device": p.session.model.device,
-        "engine": p.plan.engine_kind,
-    }
-
-
-def _watchdog(p: Prepared, meta: dict) -> Watchdog:
-    """The stall watchdog; giving up, the worker records the stall and drops its run lock."""
-    w = p.worker
-    watchdog = Watchdog(p.cfg.runner.stall_seconds, w.rank)
-    watchdog.on_stall(lambda: write_worker_file(p.out_dir, meta, w.rank, w.world_size, "stalled"))
-    watchdog.on_stall(p.lock.release)
-    return watchdog
-
-
-def _loop(p: Prepared, meta: dict, progress: Progress, published: set[int]) -> ShardLoop:
-    r = p.cfg.runner
-    settings = LoopSettings(
-        kept_types=p.data.kept_types,
-        compression=p.cfg.output.compression,
-        lease_seconds=r.lease_seconds,
-        # A stream has no random access: a stealer could not read another rank's shard.
-        steal=r.steal and p.shards is not None,
-    )
-    return ShardLoop(
-        p.out_dir,
-        p.worker,
-        p.inputs,
-        p.session,
-        p.plan,
-        meta,
-        settings,
-        progress,
-        published,
-        _watchdog(p, meta),
-    )
-
-
-def _layout(p: Prepared, rows_seen: int | None) -> tuple[int | None, int | None]:
-    """(shards, rows) of the whole job; a stream's are known once this worker read it all."""
-    if p.shards is not None:
-        return len(p.shards), len(p.data)
-    if rows_seen is None:
-        return None, None
-    return math.ceil(rows_seen / p.cfg.output.rows_per_shard), rows_seen
-
-
-def banner(p: Prepared, published: set[int]) -> str:
-    """One line before the model loads: what runs where, on how much, into which folder."""
-    m, w = p.cfg.model, p.worker
-    if p.shards is None:
-        size = f"a stream of {p.cfg.dataset.limit or 'unknown'} rows"
-    else:
-        n = len(p.shards)
-        size = f"{len(p.data):,} rows in {n:,} shard{'s' * (n != 1)} ({len(published):,} finished)"
-    where = f", worker {w.rank} of {w.world_size}" if w.world_size > 1 else ""
-    engine = f"{p.plan.engine_kind} engine"
-    if p.plan.engine_kind != vllm_engine.KIND and vllm_engine.installed():
-        engine += " (vllm is installed here: runner.engine=vllm)"
-    unmerged = "" if m.merge_adapter else " unmerged"
-    weights = [
-        m.quantization,
-        f"adapter {m.adapter}{unmerged}" if m.adapter else None,
-        f"device_map {m.device_map}" if m.device_map is not None else None,
-    ]
-    extras = "".join(f", {w}" for w in weights if w)
-    return (
-        f"batchgen: {m.name_or_path}{f' ({m.gguf_file})' if m.gguf_file else ''} on "
-        f"{p.session.model.device} in {p.session.model.dtype} ({p.dtype_why}){extras}, {engine}; "
-        f"{size}{where}; output {p.out_dir}\n"
-        f"batchgen: {_sampling_line(p.cfg)}"
-    )
-
-
-def _sampling_line(cfg: JobConfig) -> str:
-    """The banner's sampling line: the run's settings, or the rows' own over them."""
-    d = cfg.dataset
-    if not d.sampling_column:
-        return describe_sampling(cfg.sampling)
-    # The openai_batch preset's columns: each row's settings are a request body's.
-    requests = (d.id_column, d.sampling_column) == (ID_COLUMN, SAMPLING_COLUMN)
-    return describe_row_sampling(cfg.sampling, d.sampling_column, requests)
-
-
-def _tidy(p: Prepared, complete: bool) -> None:
-    """Remove what dead or frozen writers left (by age, as leases judge: never by pid, which
-    means nothing across containers); once every shard is published, the claims too."""
-    lease = p.cfg.runner.lease_seconds
-    writer.remove_abandoned(p.out_dir, lease)
-    writer.remove_abandoned(layout.meta_dir(p.out_dir), lease)
-    writer.remove_abandoned(layout.claims_dir(p.out_dir), lease)
-    writer.remove_abandoned(layout.workers_dir(p.out_dir), lease)
-    if complete:
-        claims.clear(p.out_dir)
-        checkpoints.clear(p.out_dir)
-
-
-def generate(p: Prepared) -> WorkerSummary:
-    """Generate this worker's shards (and stolen ones), return the summary.
-
-    The model loads when the first shard needs generating.
-    """
-    started = time.perf_counter()
-    meta = _run_metadata(p)
-    w = p.worker
-    write_worker_file(p.out_dir, meta, w.rank, w.world_size, "running")
-    _tidy(p, complete=False)
-    published = set(finished_shards(p.out_dir))
-    print(banner(p, published), flush=True)
-    todo = None
-    if p.shards is not None:  # this worker's share: it steals others' shards only when idle
-        mine = set(assign_shards([s.index for s in p.shards], w.rank, w.world_size))
-        todo = sum(s.stop - s.start for s in p.shards if s.index in mine - published)
-    progress = Progress(todo, p.cfg.runner.progress and todo != 0, p.plan.row_tokens)
-    stop_signal = None
-    with StopRequested() as stop:
-        p.session.stop = stop.event
-        loop = _loop(p, meta, progress, published)
-        try:
-            if p.shards is None:
-                loop.run_stream(p.data, p.cfg.output.rows_per_shard)
-            else:
-                loop.run(p.shards)
-        except Interrupted:
-            stop_signal = stop
-        finally:
-            progress.close()
-    this_run = loop.result
-    batcher = p.session.batcher
-    if batcher is not None:
-        p.phases["load"] = p.session.load_seconds
-    p.phases.update(
-        tokenize=this_run.tokenize_seconds,
-        generate=this_run.generate_seconds,
-        write=this_run.write_seconds,
-    )
-    total, rows = _layout(p, None if stop_signal else this_run.rows_seen)
-    elapsed = time.perf_counter() - started
-    summary = summarize(
-        p.out_dir,
-        w.rank,
-        w.world_size,
-        total,
-        rows,
-        this_run.resumed,
-        this_run.totals,
-        p.phases,
-        elapsed,
-    )
-    complete = summary.complete
-    summary.already_complete = complete and len(published) == total and batcher is None
-    status = "complete" if complete else "interrupted" if stop_signal else "incomplete"
-    if batcher is not None and batcher.tuner is not None:  # what it ran with, and why
-        summary.tuning = batcher.choices()
-        meta["engine"] = summary.tuning["engine"]
-    write_worker_file(p.out_dir, meta, w.rank, w.world_size, status, summary)
-    _tidy(p, complete)
-    if stop_signal is not None:
-        print(format_summary(summary), flush=True)
-        stop_signal.chain()
-        done = summary.shards_done
-        of = f"/{len(p.shards)}" if p.shards is not None else ""
-        kept = this_run.kept_rows
-        raise Stopped(
-            f"stopped by {stop_signal.name}: {done}{of} shards are complete and intact, and "
-            f"{kept} finished row{'' if kept == 1 else 's'} of the shard in progress kept. "
-            "Rerun the same command to resume.",
-            stop_signal.exit_code,
-        )
-    return summary
-
-
-def _write_error(out_dir: Path, e: OSError) -> BatchgenError:
-    why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-    return BatchgenError(
-        f"writing to output.dir={str(out_dir)!r} failed: {why} ({e.filename or ''}). Every "
-        "finished shard is intact; fix that and rerun the same command to resume."
-    )
-
-
-def run(cfg: JobConfig) -> WorkerSummary:
-    """Run a whole job: prepare (all checks), generate, print and return the summary."""
-    started = time.perf_counter()
-    prepared = prepare(cfg)
-    try:
-        summary = generate(prepared)
-    except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
-            raise
-        raise _write_error(prepared.out_dir, e) from e
-    finally:
-        prepared.lock.release()
-    summary.wall_seconds = time.perf_counter() - started
-    print(format_summary(summary), flush=True)
-    return summary
+    r = cfg.runner
+    # A device map spreads one model over every device: one worker, owning them all.
+    launched = resolve_worker(r.rank, r.world_size).source != SINGLE or bool(cfg.model.device_map)
+    placement = plan_workers(r.devices, cfg.model.device, r.threads, launched)
+    if len(placement.slots) > 1:
+        most = _shard_count(cfg)
+        placement = plan_workers(r.devices, cfg.model.device, r.threads, launched, most)
+    if len(placement.slots) > 1:
+        return pool.run_pool(cfg, placement, started)
+    slot = placement.slots[0]
+    if slot.indices:  # runner.devices=[3]: this process, on that device
+        cfg = replace(cfg, model=replace(cfg.model, device=f"cuda:{slot.indices[0]}"))
+    return run_worker(cfg, started)

@@ -173,7 +173,7 @@ class ShardLoop:
         done = (self.out_dir / shard.name).exists()
         if done and own and shard.index not in self.counted:  # ours, made by a stealer
             self.counted.add(shard.index)
-            self.progress.update(shard.stop - shard.start, 0)
+            self.progress.others(shard.stop - shard.start)
         return done
 
     def _visit(self, shard: Shard, own: bool, rows: Rows | None = None) -> bool:

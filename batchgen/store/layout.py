@@ -22,6 +22,8 @@ and a time stamp, and submitit's folder is hydra-submitit-launcher's default, in
     OUT/_batchgen/workers/rank-RRRRR-of-WWWWW.errors  skipped and failed rows of the shards
                                             that worker published
     OUT/_batchgen/workers/rank-RRRRR-of-WWWWW.engine.log  the engine's own messages (vLLM's)
+    OUT/_batchgen/workers/rank-RRRRR-of-WWWWW.log  what a worker that runner.devices started
+                                            printed (its stderr): warnings, why it ended
     OUT/_batchgen/claims/part-NNNNN[.G].claim
     OUT/_batchgen/locks/NAME.lock           a worker's run lock (and NAME.lock.guard)
     OUT/_batchgen/checkpoints/part-NNNNN/rows-*.ckpt   finished batches of an unfinished shard
@@ -87,6 +89,17 @@ def worker_errors_file(out_dir: Path, rank: int, world_size: int) -> Path:
 def worker_engine_log(out_dir: Path, rank: int, world_size: int) -> Path:
     """A worker's engine's own messages (vLLM's start-up report and warnings)."""
     return workers_dir(out_dir) / f"{worker_name(rank, world_size)}.engine.log"
+
+
+def worker_log(out_dir: Path, rank: int, world_size: int) -> Path:
+    """What a worker of a ``runner.devices`` pool printed to its stderr (``batchgen.job.pool``)."""
+    return workers_dir(out_dir) / f"{worker_name(rank, world_size)}.log"
+
+
+def pool_files(out_dir: Path, world_size: int, suffix: str) -> str:
+    """Every worker of ``world_size``'s file ending in ``suffix`` (``.errors``, ``.log``), as
+    one glob pattern, for messages that point at all of them."""
+    return str(workers_dir(out_dir) / f"rank-*-of-{world_size:05d}{suffix}")
 
 
 def claims_dir(out_dir: Path) -> Path:

@@ -157,6 +157,9 @@ class WorkerSummary(Mapping[str, Any]):
     wall_seconds: float | None = None
     already_complete: bool = False  # every shard was done before this run started
     tuning: dict[str, Any] | None = None  # batch size, token budget, engine, and why
+    # A runner.devices pool's summary: each worker's rank, devices, pid, how it ended and the
+    # rows it made (batchgen.job.pool); None for a worker's own.
+    workers: list[dict[str, Any]] | None = None
 
     @property
     def complete(self) -> bool:
@@ -164,10 +167,12 @@ class WorkerSummary(Mapping[str, Any]):
         return is_complete(self.shards_done, self.shards_total)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON (the record's ``summary``); ``tuning`` only when set."""
+        """Plain dict for JSON (the record's ``summary``); ``tuning`` and ``workers`` only
+        when set."""
         d = asdict(self)
-        if self.tuning is None:
-            del d["tuning"]
+        for key in ("tuning", "workers"):
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -208,6 +213,13 @@ def format_summary(summary: WorkerSummary) -> str:
         f"  phases      {phases}",
         f"  outputs     {summary.output_dir}/part-*.parquet",
     ]
+    for i, w in enumerate(summary.workers or []):
+        made = f", {w['rows']:,} rows this run" if w.get("rows") is not None else ""
+        lines.insert(
+            -1,
+            f"  {'workers' if i == 0 else '':<11} rank {w['rank']} on {w['devices']}, "
+            f"pid {w['pid']}: {w['ended']}{made}",
+        )
     tuning = summary.tuning
     if tuning:
         why = tuning["why"]

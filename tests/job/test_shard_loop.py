@@ -205,4 +205,5 @@ def test_each_workers_bar_counts_its_own_share(
     (out / "part-00000.parquet").unlink()
     run(make_job(tiny_models["chat"], prompts_file, out, runner__rank=1, **common))
     bar = capsys.readouterr().err
-    assert "5/5" not in bar and "10/10" in bar  # its shard, then rank 0's, stolen
+    # Its shard (5 rows, its share), then rank 0's, stolen: the bar grows to 10 as it takes it.
+    assert "5/10" in bar and "10/10" in bar and "/12" not in bar

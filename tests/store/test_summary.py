@@ -119,3 +119,22 @@ def test_a_partial_or_newer_record_reads_with_defaults():
     assert s.this_run == ThisRun(rows=4, generate_seconds=2.0) and s.totals == Totals()
     assert s.phases == {} and not s.complete
     assert WorkerSummary(shards_total=2, shards_done=2).complete
+
+
+def test_a_pool_summary_says_how_each_worker_ended():
+    s = full()
+    s.already_complete, s.tuning = False, None
+    s.workers = [
+        {"rank": 0, "devices": "cuda:0", "pid": 41, "ended": "finished", "rows": 1200},
+        {"rank": 1, "devices": "cuda:1", "pid": 42, "ended": "killed by SIGKILL", "rows": None},
+    ]
+    lines = format_summary(s).splitlines()
+    assert lines[5:8] == [
+        "  phases      prepare 1.2 s, load 0.3 s, generate 12.3 s",
+        "  workers     rank 0 on cuda:0, pid 41: finished, 1,200 rows this run",
+        "              rank 1 on cuda:1, pid 42: killed by SIGKILL",
+    ]
+    assert lines[8] == "  outputs     out/run/part-*.parquet"
+    record = json.loads(json.dumps(s.to_dict()))
+    assert record["workers"] == s.workers and WorkerSummary.from_dict(record) == s
+    assert "workers" not in WorkerSummary().to_dict()
