@@ -222,8 +222,14 @@ class _OutputJudged:
         Slurm), the attempt it ended still writes one, and the requeued attempt runs on."""
         job.wait()
         if self.cluster == "slurm":
-            while job.get_info(mode="force").get("State", "").startswith(_LIVE):
-                time.sleep(2)
+            # Ended only when two looks in a row say so: a requeue passes through states that
+            # read as ended (its attempt cancelled) before the task is PENDING again.
+            ended = 0
+            while ended < 2:
+                live = job.get_info(mode="force").get("State", "").startswith(_LIVE)
+                ended = 0 if live else ended + 1
+                if ended < 2:
+                    time.sleep(2)
 
     def _output_dirs(self, job_overrides: list[list[str]]) -> list[Path]:
         """The ``output.dir`` of each job, composed as the job itself composes it."""
