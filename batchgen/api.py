@@ -27,7 +27,7 @@ from batchgen.config import (
 )
 from batchgen.config_checks import validate
 from batchgen.conversion import convert_sampling
-from batchgen.engine import devices, vllm_engine
+from batchgen.engine import devices, tensor_parallel, vllm_engine
 from batchgen.engine.devices import Model
 from batchgen.errors import ConfigError, ModelError
 from batchgen.inputs import models
@@ -131,7 +131,8 @@ class Generator:
             validate(JobConfig(model=cfg, runner=self.runner, seed=seed))
             local_rank = resolve_worker(None, None).local_rank
             device, dtype = devices.resolve_device_dtype(cfg, local_rank)
-            handle = Model.open(cfg, models.resolve_source(cfg), device, dtype)
+            parallel = tensor_parallel.spec(cfg, self.runner, device)
+            handle = Model.open(cfg, models.resolve_source(cfg), device, dtype, parallel)
         else:
             if tokenizer is None:
                 raise ModelError("Generator(model=<a loaded model>) needs its tokenizer=.")
@@ -189,6 +190,12 @@ class Generator:
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         dataset = DatasetConfig(prompt_column=_TEXT, chat_template="off")
         return self._run({_TEXT: texts}, dataset, sampling, ids, seed)
+
+    def close(self) -> None:
+        """End the processes a tensor-parallel model (``tp_size``) runs in, now rather than
+        when this process exits; a later call starts them and loads the model again."""
+        self.session.close()
+        self.model = None
 
     def chat(
         self,

@@ -49,6 +49,10 @@ class ModelConfig:
     adapter: str | None = None
     # Merge the adapter into the weights (faster decoding); false keeps its layers apart.
     merge_adapter: bool = True
+    # Tensor parallel: one model split over this many processes (one per GPU; on the CPU, the
+    # cores shared), with transformers' own plan for the architecture. runner.devices counts
+    # the processes: 8 GPUs with tp_size=2 are 4 data-parallel workers of 2.
+    tp_size: int = 1
 
 
 @dataclass

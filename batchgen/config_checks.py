@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from batchgen.config import MODEL_DEFAULTS, JobConfig, ModelConfig, SamplingConfig
+from batchgen.config import MODEL_DEFAULTS, JobConfig, ModelConfig, RunnerConfig, SamplingConfig
 from batchgen.conversion import greedy_if_zero
 from batchgen.errors import ConfigError
 
@@ -66,6 +66,11 @@ def _devices_ok(devices: Any) -> bool:
         and all(_is_int(x) and x >= 0 for x in devices)
         and len(set(devices)) == len(devices)
     )
+
+
+def _count(devices: int | list) -> int:
+    """How many processes ``runner.devices`` asks for: its number, or its devices."""
+    return len(devices) if isinstance(devices, list) else devices
 
 
 def _placement_ok(device: Any) -> bool:
@@ -136,6 +141,38 @@ def check_model(m: ModelConfig) -> None:
         m.adapter is None or installed("peft"),
         "model.adapter",
         "a LoRA adapter needs peft, which is not installed here: pip install 'batchgen[lora]'",
+    )
+
+
+def _check_tensor_parallel(m: ModelConfig, r: RunnerConfig) -> None:
+    """``model.tp_size`` and what it cannot combine with: each of these places, changes or
+    compiles the weights its own way, which a tensor-parallel load (transformers' plan over a
+    process group) does not take. Refused before any process starts."""
+    k = m.tp_size
+    _check(_is_int(k) and k >= 1, "model.tp_size", f"must be 1 or more, got {k!r}")
+    clashes = [
+        key
+        for key, clash in (
+            (f"model.device={m.device}", m.device not in ("auto", "cpu", "cuda")),
+            ("model.device_map", m.device_map is not None),
+            ("model.quantization", m.quantization is not None),
+            ("model.adapter", m.adapter is not None),
+            (f"runner.engine={r.engine}", r.engine not in ("auto", "static")),
+            ("runner.compile", r.compile),
+        )
+        if clash
+    ]
+    _check(
+        k == 1 or not clashes,
+        "model.tp_size",
+        f"{k} splits the model with transformers' tensor parallel, which batchgen does not "
+        f"combine with {', '.join(clashes)}: drop one of them (model.device: auto or cuda)",
+    )
+    _check(
+        k == 1 or r.devices == "auto" or _count(r.devices) % k == 0,
+        "runner.devices",
+        f"{r.devices!r} must be a multiple of model.tp_size={k} (each worker is a group of {k} "
+        "processes), or auto",
     )
 
 
@@ -291,6 +328,7 @@ def validate(cfg: JobConfig) -> None:
         f"{r.devices!r} starts one worker per device, but model.device_map spreads one model "
         "over the devices: leave runner.devices at auto (one worker) or drop model.device_map",
     )
+    _check_tensor_parallel(m, r)
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", "must be at least 1")
     _check(
         o.compression in COMPRESSIONS,

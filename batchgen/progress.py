@@ -113,12 +113,12 @@ class Progress:
     def update(self, rows: int, completion_tokens: int) -> None:
         """Count ``rows`` finished input rows that produced ``completion_tokens`` tokens."""
         self.tokens += completion_tokens - self.step_tokens
-        if completion_tokens:
+        self.position += rows - self.partial
+        self.own += rows - self.partial
+        if completion_tokens:  # the ETA over the rows left after these
             self.rows_done += rows
             self.done_tokens += completion_tokens
             self._mark()
-        self.position += rows - self.partial
-        self.own += rows - self.partial
         self.bar.update(rows - self.partial)
         self.partial, self.step_tokens = 0.0, 0
         self._report()
@@ -161,12 +161,13 @@ class Progress:
             self.phase(reports[0]["phase"])
         elif not self.marks:
             self.bar.set_description_str("generating")
-        if tokens != self.tokens:
+        moved = max(rows - self.position, 0)
+        self.position += moved
+        if tokens != self.tokens:  # the ETA over the rows left after these
             self.tokens = tokens
             self._mark()
-        if rows > self.position:
-            self.bar.update(rows - self.position)
-            self.position = rows
+        if moved:
+            self.bar.update(moved)
 
     def write(self, line: str, file=None) -> None:
         """Print ``line`` above the bar, to ``file`` (stdout by default)."""
@@ -178,7 +179,7 @@ class Progress:
         while len(self.marks) > 2 and now - self.marks[1][0] >= self.WINDOW:
             self.marks.popleft()
         rate, eta = self.tokens_per_second(), self.eta_seconds()
-        left = f", ETA {_clock(eta)}" if eta is not None else ""
+        left = f", ETA {_clock(eta)}" if eta else ""  # none once every row is done
         self.bar.set_postfix_str(f"{rate:,.1f} tok/s{left}", refresh=False)
 
     def tokens_per_second(self) -> float:

@@ -25,7 +25,8 @@ a step that fails is recorded and the next still runs:
 7. ``bench``: ``scripts/bench.py --gpu`` on a smaller workload than its default (256 prompts,
    128 new tokens, batch 64 and 256, no one-at-a-time baseline), to fit its ~4 minutes;
    ``cli-devices``: the ``cli-job`` job with ``runner.devices=auto``, one worker process per
-   visible GPU (all of them), when two or more are visible (skipped elsewhere);
+   visible GPU (all of them), then ``cli-tp``: with ``runner.devices=2 model.tp_size=2``, one
+   tensor-parallel group over two GPUs (NCCL), when two or more are visible (skipped elsewhere);
 8. ``pytest-constrained``: ``tests/engine/test_constrained.py`` (the grammar library carried in
    the wheelhouse, on the box's device), last since it gets what the budget has left.
 
@@ -342,6 +343,20 @@ def plan(args, work: Path) -> list[Step]:
             120,
             cwd=work / "cwd",
             expect=r"batchgen: \d+ workers.* one per CUDA device[\s\S]*batchgen summary",
+            skip=None if gpus >= 2 else f"{gpus} GPU visible here: needs two or more",
+        ),
+        Step(
+            "cli-tp",
+            [
+                *job_cmd[:-2],
+                f"output.dir={work / 'job-tp'}",
+                job_cmd[-1],
+                "runner.devices=2",
+                "model.tp_size=2",
+            ],
+            120,
+            cwd=work / "cwd",
+            expect=r"tensor parallel over cuda:0,cuda:1[\s\S]*batchgen summary",
             skip=None if gpus >= 2 else f"{gpus} GPU visible here: needs two or more",
         ),
         # Last: it gets what the budget has left, which the steps above must not lack.

@@ -17,12 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from job_cli import ENV, command, rows, shards
 
 from batchgen import run
 from batchgen.errors import DataError
 from batchgen.store import layout
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 SETTINGS = [
     "sampling.do_sample=true",
     "sampling.max_new_tokens=32",
@@ -34,26 +34,7 @@ SETTINGS = [
 
 
 def cli(model, data, out, *extra) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "batchgen",
-        f"model.name_or_path={model}",
-        "model.gguf_file=null",
-        "dataset=local",
-        f"dataset.path={data}",
-        f"output.dir={out}",
-        *SETTINGS,
-        *extra,
-    ]
-
-
-def rows(out: Path) -> list[dict]:
-    return [r for f in sorted(out.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
-
-
-def shards(out: Path) -> int:
-    return len(list(out.glob("part-*.parquet"))) if out.exists() else 0
+    return command(model, data, out, *SETTINGS, *extra)
 
 
 @pytest.fixture(scope="module")

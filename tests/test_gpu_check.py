@@ -182,12 +182,16 @@ def test_dry_run_lists_every_step(tmp_path, mode):
         "pytest-gpu",
         "bench",
         "cli-devices",
+        "cli-tp",
         "pytest-constrained",
     ]
     devices = next(line for line in result.stdout.splitlines() if line.split()[0] == "cli-devices")
     assert "runner.devices=auto" in devices
+    tp = next(line for line in result.stdout.splitlines() if line.split()[0] == "cli-tp")
+    assert "runner.devices=2 model.tp_size=2" in tp
     if mode == "cpu":  # the rehearsal hides every GPU
         assert "[skipped: 0 GPU visible here: needs two or more]" in devices
+        assert "[skipped: 0 GPU visible here: needs two or more]" in tp
     assert "pip install --no-index --no-deps --target" in result.stdout
     assert "-m gpu tests/test_gpu.py" in result.stdout
     bench = next(line for line in result.stdout.splitlines() if line.split()[0] == "bench")
@@ -200,5 +204,6 @@ def test_the_multi_device_step_runs_where_two_gpus_are_visible(tmp_path):
     for visible, skipped in (("0,1", False), ("3", True), ("", True)):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-        line = next(x for x in result.stdout.splitlines() if x.split()[0] == "cli-devices")
-        assert ("[skipped:" in line) == skipped, line
+        for step in ("cli-devices", "cli-tp"):
+            line = next(x for x in result.stdout.splitlines() if x.split()[0] == step)
+            assert ("[skipped:" in line) == skipped, line

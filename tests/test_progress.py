@@ -48,6 +48,7 @@ def test_rate_and_eta_count_tokens_from_the_first_one_and_do_not_swing():
     for eta, truth in zip(etas[:-1], actual[:-1], strict=True):
         assert truth / 2.5 <= eta <= truth * 2.5, (etas, actual)
     assert etas[-1] == pytest.approx(0.0)
+    assert bar.bar.postfix == "100.0 tok/s"  # done: no "ETA 0:00" left on the last line
 
 
 def test_steps_move_the_bar_by_their_share_of_a_row(capsys):

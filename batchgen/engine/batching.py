@@ -24,7 +24,7 @@ from batchgen.engine.batch_plan import plan_batches, sampling_groups
 from batchgen.engine.choice import PROBE
 from batchgen.engine.interface import Engine, Sample
 from batchgen.engine.memory import Budget, batch_tokens, model_memory
-from batchgen.errors import Interrupted
+from batchgen.errors import Interrupted, WorkerDied
 from batchgen.inputs.prompts import PromptRecord, Skipped
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class Batcher:
         outs = None
         try:
             outs = self.engine.generate(batch, self.seed, sampling)
-        except Interrupted:
+        except (Interrupted, WorkerDied):  # a process of its group died: no row's fault
             raise
         except Exception as e:  # noqa: BLE001 - any row may be the culprit; isolate it
             if len(batch) == 1:

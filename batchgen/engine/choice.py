@@ -66,6 +66,8 @@ def choose_engine(
             f"processors, so it cannot serve {', '.join(unsupported)}; use runner.engine=static "
             "or auto."
         )
+    if model is not None and model.tp_size > 1:
+        return "static"  # the one engine a tensor-parallel group runs step for step
     if runner.engine == "auto":
         kind = device.split(":")[0]
         if unsupported:
@@ -119,11 +121,12 @@ def build_engine(
             log_file,
         )
     cls = ContinuousEngine if kind in ("continuous", PROBE) else StaticEngine
-    return cls(
-        model.load(),
-        model.tokenizer,
+    options = dict(
         compile=runner.compile,
         prefill_tokens=runner.prefill_tokens,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
+    engine = cls(model.load(), model.tokenizer, **options)
+    # A tensor-parallel group's followers build the same engine and follow this one.
+    return model.group.lead(engine, options) if model.group is not None else engine

@@ -15,15 +15,17 @@ the input embeddings compute (``input_device``), the one answer every engine rea
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from batchgen.config import ModelConfig
+from batchgen.engine import tensor_parallel, tp_leader
 from batchgen.engine.weights import apply_adapter, quantization_config
 from batchgen.errors import ConfigError, ModelError
 from batchgen.inputs import models
@@ -118,6 +120,10 @@ def placement(cfg: ModelConfig, device: str) -> dict[str, Any]:
     """``from_pretrained``'s placement arguments: all of the weights on ``device``, or
     accelerate's split by ``model.device_map`` and ``model.max_memory``, with a folder for the
     modules it puts on disk (removed when the process ends)."""
+    if cfg.tp_size > 1:  # transformers places each process's part on its bound device
+        from transformers.distributed import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_size=cfg.tp_size)}
     if cfg.device_map is None:
         return {"device_map": {"": device}}
     mapping = isinstance(cfg.device_map, Mapping)
@@ -255,6 +261,8 @@ class Model:
         settings: the ``model.*`` settings.
         source: where the weights are (None for a model loaded by the caller).
         weights: the loaded model, once loaded.
+        parallel: the tensor-parallel group this process leads (``model.tp_size``), if any.
+        group: that group, once its followers are started (with the weights).
     """
 
     config: Any
@@ -264,17 +272,31 @@ class Model:
     settings: ModelConfig
     source: models.ModelSource | None = None
     weights: Any = None
+    parallel: tensor_parallel.Spec | None = None
+    group: tp_leader.Group | None = None
 
     @classmethod
-    def open(cls, settings: ModelConfig, source: models.ModelSource, device: str, dtype: str):
-        """Config and tokenizer of ``source`` (a GGUF converted once), no weights yet.
+    def open(
+        cls,
+        settings: ModelConfig,
+        source: models.ModelSource,
+        device: str,
+        dtype: str,
+        parallel: tensor_parallel.Spec | None = None,
+    ):
+        """Config and tokenizer of ``source`` (a GGUF converted once), no weights yet; with
+        ``parallel``, a model its group can split, on the leader's device.
 
         Raises:
             ModelError: the model cannot be found, converted or tokenized for batching.
+            ConfigError: ``parallel`` cannot split this model (``tensor_parallel.check_model``).
         """
         source = models.convert_gguf(source)
         config, tokenizer = models.load_config_and_tokenizer(source, settings)
-        return cls(config, tokenizer, device, dtype, settings, source)
+        if parallel is not None:
+            tensor_parallel.check_model(config, parallel.size)
+            device = parallel.devices[0]
+        return cls(config, tokenizer, device, dtype, settings, source, parallel=parallel)
 
     @classmethod
     def loaded(cls, weights, tokenizer) -> Model:
@@ -286,10 +308,22 @@ class Model:
     def load(self):
         """The weights, loaded at the first call."""
         if self.weights is None:
-            self.weights = load_model(
-                self.source, self.config, self.settings, self.device, self.dtype
-            )
+            if self.parallel is not None and self.group is None:  # its followers load theirs
+                set_threads(self.parallel.threads)
+                self.group = tp_leader.Group.start(replace(self, parallel=None), self.parallel)
+            split = self.settings.tp_size > 1
+            with tensor_parallel.bound_to(self.device) if split else contextlib.nullcontext():
+                self.weights = load_model(
+                    self.source, self.config, self.settings, self.device, self.dtype
+                )
         return self.weights
+
+    def close(self) -> None:
+        """End its tensor-parallel group, if any (its followers exit; the weights, split over
+        them, go too). Without this, the group ends when the process does."""
+        if self.group is not None:
+            self.group.end()
+            self.group, self.weights = None, None
 
     def generation_defaults(self) -> dict[str, Any]:
         """What ``model.generate()`` with no arguments samples with (``sampling=model``): from

@@ -151,6 +151,9 @@ def model_memory(
         kv = kv_bytes_per_token(model.config, dtype_bytes)
     except ValueError:
         return None
+    split = getattr(getattr(model.config, "distributed_config", None), "tp_size", None) or 1
+    if device.type == "cuda":  # tensor parallel: each GPU caches its share of the heads (on
+        kv //= split  # the CPU, the group's processes share one RAM: the whole cache counts)
     act = activation_bytes_per_token(model.config, dtype_bytes)
     row = (getattr(_text_config(model.config), "vocab_size", 0) or 0) * 4 * LOGIT_COPIES
     reserve = prefill_tokens * (kv + act) if chunked else 0

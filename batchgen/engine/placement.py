@@ -2,10 +2,11 @@
 
 Invariant: no two workers of a command share a CUDA device, and on the CPU they share the cores
 evenly. The plan is made once, in the command's own process, before any model loads; a worker
-is a ``Slot``, which owns a tuple of devices so that a worker may later own a tensor-parallel
-group. A process that a launcher (Slurm, torchrun, Kubernetes, or ``runner.rank``) made one
-rank of a run is one worker, as it always was: ``auto`` then means one worker, and asking for
-more is refused, naming the key.
+is a ``Slot``: one device, or a tensor-parallel group of ``model.tp_size`` devices (on the CPU,
+of that many processes), which runs as one data-parallel worker. A process that a launcher
+(Slurm, torchrun, Kubernetes, or ``runner.rank``) made one rank of a run is one worker, as it
+always was: ``auto`` then means one worker (one group), and asking for more is refused, naming
+the key.
 """
 
 from __future__ import annotations
@@ -29,16 +30,30 @@ class Slot:
             the CPU, and for a single worker that keeps ``model.device`` as it is.
         names: the same devices as ``CUDA_VISIBLE_DEVICES`` names them here (an index or a
             UUID), for the worker's own ``CUDA_VISIBLE_DEVICES``.
-        threads: torch CPU threads for it; None: as ``runner.threads`` says.
+        threads: torch CPU threads for it (for each process of its group); None: as
+            ``runner.threads`` says.
+        group: the processes of its tensor-parallel group (``model.tp_size``): one per device
+            on CUDA, the cores shared on the CPU.
     """
 
     indices: tuple[int, ...] = ()
     names: tuple[str, ...] = ()
     threads: int | None = None
+    group: int = 1
 
     def describe(self, kind: str) -> str:
-        """Its devices for messages: ``cuda:1`` (as this process numbers it), else ``kind``."""
-        return ",".join(f"cuda:{i}" for i in self.indices) or kind
+        """Its devices for messages: ``cuda:1`` (as this process numbers it), else ``kind``
+        (``cpu x2`` for a tensor-parallel group of two processes)."""
+        return ",".join(f"cuda:{i}" for i in self.indices) or (
+            f"{kind} x{self.group}" if self.group > 1 else kind
+        )
+
+    def runner_devices(self) -> int | list[int]:
+        """``runner.devices`` for this slot's own worker: 1, or its group (its devices, as a
+        process pinned to them numbers them; on the CPU, its number of processes)."""
+        if self.group == 1:
+            return 1
+        return list(range(self.group)) if self.indices else self.group
 
 
 @dataclass(frozen=True)
@@ -99,25 +114,33 @@ def _kind(model_device: str) -> str:
 
 
 def _count(
-    devices: Any, kind: str, visible: list[str], launched: bool, env: Mapping[str, str]
+    devices: Any, kind: str, visible: list[str], launched: bool, group: int, env: Mapping[str, str]
 ) -> list[int] | None:
-    """The workers as CUDA indices (``kind`` cuda) or as ``range(N)`` (the CPU); None for one
-    worker in this process with its settings as they are, as before ``runner.devices`` existed.
+    """The workers' processes as CUDA indices (``kind`` cuda) or as ``range(N)`` (the CPU), in
+    groups of ``group`` (``model.tp_size``); None for one worker in this process with its
+    settings as they are, as before ``runner.devices`` existed.
 
     Raises:
         ConfigError: see ``plan_workers``.
     """
     key = f"runner.devices={devices}"
     if devices == AUTO:
-        many = kind == "cuda" and len(visible) > 1 and not launched
-        return list(range(len(visible))) if many else None
+        if kind == "cuda" and len(visible) < group:
+            raise ConfigError(
+                f"model.tp_size={group} splits the model over {group} CUDA devices, but "
+                f"{len(visible)} are visible to this process: lower model.tp_size."
+            )
+        # Every visible device, in whole groups; one rank of a launcher's run takes one group.
+        n = len(visible) - len(visible) % group if kind == "cuda" and not launched else group
+        return list(range(n)) if n > 1 else None
     if devices == 1:
         return None
-    if launched and not (isinstance(devices, list) and len(devices) == 1):
+    count = len(devices) if isinstance(devices, list) else devices
+    if launched and count != group:
         raise ConfigError(
             f"{key} starts workers of its own, but a launcher (or runner.rank) made this process "
-            "one rank of a run already: start one batchgen per device through the launcher, or "
-            "leave runner.devices at auto."
+            "one rank of a run already: start one batchgen per device (per tensor-parallel "
+            "group) through the launcher, or leave runner.devices at auto."
         )
     if kind not in ("cuda", "cpu"):
         raise ConfigError(
@@ -150,41 +173,52 @@ def plan_workers(
     launched: bool,
     most: int | None = None,
     env: Mapping[str, str] = os.environ,
+    group: int = 1,
 ) -> Placement:
     """The workers ``runner.devices`` asks for, on this machine.
 
     ``auto``: one worker per visible CUDA device (``model.device`` auto or ``cuda``) unless
     ``launched``, else one. A number N: N workers, on the first N visible CUDA devices or on the
     CPU with its cores split (``cores // N`` threads each, unless ``runner.threads`` is set). A
-    list: those CUDA devices, numbered as this process sees them. A single worker stays in this
-    process with its settings as they are (a one-device list pins ``model.device`` to it).
+    list: those CUDA devices, numbered as this process sees them. With ``group`` (``model.tp_size``)
+    K above 1, those devices (processes, on the CPU) go in consecutive groups of K, one worker
+    each. A single worker stays in this process with its settings as they are (a one-device list
+    pins ``model.device`` to it).
 
     Args:
-        devices: ``runner.devices`` (checked by ``validate``).
+        devices: ``runner.devices`` (checked by ``validate``: a multiple of ``group``).
         model_device: ``model.device``.
         threads: ``runner.threads``.
         launched: a launcher or ``runner.rank`` gave this process its rank.
         most: at most this many workers (the job's shards: more would idle); None: no bound.
         env: the environment (``CUDA_VISIBLE_DEVICES``, ``SLURM_CPUS_PER_TASK``).
+        group: the processes of each worker's tensor-parallel group.
 
     Raises:
         ConfigError: more workers than visible CUDA devices, a device id not visible, a list
-            of devices on the CPU, several workers on one named device, or several workers
-            asked of a process that is already one rank of a launcher's run.
+            of devices on the CPU, several workers on one named device, fewer CUDA devices than
+            one group needs, or several workers asked of a process that is already one rank
+            of a launcher's run.
     """
     kind = _kind(model_device)
     visible = visible_cuda(env) if kind == "cuda" else []
     cores = cpu_cores(env)
-    chosen = _count(devices, kind, visible, launched, env)
+    chosen = _count(devices, kind, visible, launched, group, env)
+    if chosen is None:
+        return Placement(kind, (Slot(),), cores)
+    groups = [tuple(chosen[i : i + group]) for i in range(0, len(chosen), group)]
     asked = None
-    if chosen is not None and most is not None and len(chosen) > most:
-        asked, chosen = len(chosen), chosen[: max(most, 1)]
-    if chosen is None or (kind == "cpu" and len(chosen) == 1):
-        return Placement(kind, (Slot(),), cores, asked)
-    if len(chosen) == 1:  # runner.devices=[3]: this process, on that device
-        return Placement(kind, (Slot((chosen[0],), (visible[chosen[0]],)),), cores, asked)
-    share = threads or max(1, cores // len(chosen))
+    if most is not None and len(groups) > most:
+        asked, groups = len(groups), groups[: max(most, 1)]
+    share = threads or max(1, cores // (len(groups) * group))
     if kind == "cpu":
-        return Placement(kind, tuple(Slot(threads=share) for _ in chosen), cores, asked)
-    slots = tuple(Slot((i,), (visible[i],), share) for i in chosen)
+        if len(groups) == 1 and group == 1:
+            return Placement(kind, (Slot(),), cores, asked)
+        return Placement(
+            kind, tuple(Slot(threads=share, group=group) for _ in groups), cores, asked
+        )
+    if len(groups) == 1:  # runner.devices=[3]: this process, on that device (or group)
+        one = Slot(groups[0], tuple(visible[i] for i in groups[0]), threads, group)
+        return Placement(kind, (one,), cores, asked)
+    slots = tuple(Slot(g, tuple(visible[i] for i in g), share, group) for g in groups)
     return Placement(kind, slots, cores, asked)

@@ -166,11 +166,13 @@ def _summary(out: Path, workers: list[Worker], world: int, wall: float) -> Worke
 
 def _heading(p: Placement, out: Path) -> str:
     n = len(p.slots)
-    each = p.slots[0].threads
+    each, group = p.slots[0].threads, p.slots[0].group
+    tp = f", each a tensor-parallel group of {group} processes" if group > 1 else ""
     on = (
-        f"on the CPU, {each} thread{'s' * (each != 1)} each of {p.cores} cores"
+        f"on the CPU{tp}, {each} thread{'s' * (each != 1)} each of {p.cores} cores"
         if p.kind == "cpu"
-        else f"one per CUDA device ({', '.join(s.describe(p.kind) for s in p.slots)})"
+        else f"one per {'group of ' * (group > 1)}CUDA device{'s' * (group > 1)} "
+        f"({'; '.join(s.describe(p.kind) for s in p.slots)})"
     )
     cut = f" (of {p.asked} asked: the job has {n} shards)" if p.asked else ""
     return (

@@ -55,7 +55,12 @@ def start(cfg: JobConfig, slot: Slot, kind: str, rank: int, world: int, out: Pat
         OSError: the process could not be started (no such Python, no memory).
     """
     runner = replace(
-        cfg.runner, rank=rank, world_size=world, devices=1, progress=False, threads=slot.threads
+        cfg.runner,
+        rank=rank,
+        world_size=world,
+        devices=slot.runner_devices(),
+        progress=False,
+        threads=slot.threads,
     )
     model = replace(cfg.model, device="cuda") if slot.indices else cfg.model
     env = dict(os.environ)

@@ -15,7 +15,7 @@ from batchgen.cluster.lock import RunLock, describe_holder
 from batchgen.cluster.ranks import WorkerInfo, resolve_worker
 from batchgen.config import JobConfig
 from batchgen.config_checks import validate
-from batchgen.engine import devices
+from batchgen.engine import devices, tensor_parallel
 from batchgen.engine.devices import Model
 from batchgen.inputs import dataset, models, screen
 from batchgen.inputs.sources import falls_back
@@ -77,7 +77,9 @@ def prepare(cfg: JobConfig) -> Prepared:
         )
     try:
         log = layout.worker_engine_log(out_dir, worker.rank, worker.world_size)
-        session = Session(cfg, Model.open(cfg.model, source, device, dtype), log_file=log)
+        parallel = tensor_parallel.spec(cfg.model, cfg.runner, device)
+        model = Model.open(cfg.model, source, device, dtype, parallel)
+        session = Session(cfg, model, log_file=log)
         plan = session.plan()
         cfg = replace(cfg, sampling=plan.sampling)
         num_rows = cfg.dataset.limit if streaming else len(table)

@@ -65,13 +65,17 @@ def run(cfg: JobConfig) -> WorkerSummary:
     r = cfg.runner
     # A device map spreads one model over every device: one worker, owning them all.
     launched = resolve_worker(r.rank, r.world_size).source != SINGLE or bool(cfg.model.device_map)
-    placement = plan_workers(r.devices, cfg.model.device, r.threads, launched)
+    tp = cfg.model.tp_size
+    placement = plan_workers(r.devices, cfg.model.device, r.threads, launched, group=tp)
     if len(placement.slots) > 1:
         most = _shard_count(cfg)
-        placement = plan_workers(r.devices, cfg.model.device, r.threads, launched, most)
+        placement = plan_workers(r.devices, cfg.model.device, r.threads, launched, most, group=tp)
     if len(placement.slots) > 1:
         return pool.run_pool(cfg, placement, started)
     slot = placement.slots[0]
-    if slot.indices:  # runner.devices=[3]: this process, on that device
+    if slot.group > 1:  # this process leads its tensor-parallel group, on the slot's devices
+        devices = list(slot.indices) or slot.group
+        cfg = replace(cfg, runner=replace(r, devices=devices, threads=slot.threads))
+    elif slot.indices:  # runner.devices=[3]: this process, on that device
         cfg = replace(cfg, model=replace(cfg.model, device=f"cuda:{slot.indices[0]}"))
     return run_worker(cfg, started)

@@ -144,6 +144,11 @@ class Session:
             )
         return self.batcher
 
+    def close(self) -> None:
+        """Let go of what outlives a call: a tensor-parallel group's processes."""
+        self.model.close()
+        self.batcher = None
+
     def generate(
         self,
         records: list[PromptRecord],

@@ -20,7 +20,7 @@ from batchgen.cluster.ranks import assign_shards
 from batchgen.cluster.signals import StopRequested
 from batchgen.cluster.watchdog import Watchdog
 from batchgen.config import JobConfig
-from batchgen.engine import vllm_engine
+from batchgen.engine import tensor_parallel, vllm_engine
 from batchgen.errors import BatchgenError, Interrupted, Stopped
 from batchgen.inputs.openai_batch import ID_COLUMN, SAMPLING_COLUMN
 from batchgen.job.prepare import Prepared, prepare
@@ -116,6 +116,7 @@ def banner(p: Prepared, published: set[int]) -> str:
         m.quantization,
         f"adapter {m.adapter}{unmerged}" if m.adapter else None,
         f"device_map {m.device_map}" if m.device_map is not None else None,
+        _tensor_parallel(p.session.model.parallel),
     ]
     extras = "".join(f", {w}" for w in weights if w)
     return (
@@ -124,6 +125,15 @@ def banner(p: Prepared, published: set[int]) -> str:
         f"{size}{where}; output {p.out_dir}\n"
         f"batchgen: {_sampling_line(p.cfg)}"
     )
+
+
+def _tensor_parallel(group: tensor_parallel.Spec | None) -> str | None:
+    """The banner's words for a tensor-parallel group: ``tensor parallel over cpu x2``."""
+    if group is None:
+        return None
+    same = len(set(group.devices)) == 1
+    over = f"{group.devices[0]} x{group.size}" if same else ",".join(group.devices)
+    return f"tensor parallel over {over}"
 
 
 def _sampling_line(cfg: JobConfig) -> str:
@@ -255,6 +265,7 @@ def run_worker(cfg: JobConfig, started: float, console: Console = Console()) -> 
             raise
         raise _write_error(prepared.out_dir, e) from e
     finally:
+        prepared.session.close()
         prepared.lock.release()
     summary.wall_seconds = time.perf_counter() - started
     if console.summary:

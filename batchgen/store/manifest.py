@@ -116,11 +116,15 @@ LATER_PROMPTS = {
 
 
 def model_parts(m: ModelConfig, adapter: str | None) -> dict[str, Any]:
-    """The later model settings that change the weights, each only when set: the quantization,
-    and the adapter's content digest (``models.adapter_digest`` of its folder ``adapter``) with
-    whether it is merged: merged weights round once, in the model's dtype, and in bfloat16 their
-    greedy tokens differed from the unmerged adapter's in 24 of 24 measured prompts."""
+    """The later model settings that change the weights or their sums, each only when set: the
+    quantization, the tensor-parallel size (``model.tp_size``: the split sums round apart, and
+    in bf16 greedy tokens differ), and the adapter's content digest (``models.adapter_digest``
+    of its folder ``adapter``) with whether it is merged: merged weights round once, in the
+    model's dtype, and in bfloat16 their greedy tokens differed from the unmerged adapter's
+    in 24 of 24 measured prompts."""
     parts: dict[str, Any] = {"quantization": m.quantization} if m.quantization else {}
+    if m.tp_size > 1:
+        parts["tp_size"] = m.tp_size
     if m.adapter is not None:
         parts.update(adapter=adapter_digest(adapter), merge_adapter=m.merge_adapter)
     return parts

@@ -108,3 +108,38 @@ def test_refusals_name_the_key_and_the_fix(gpus, devices, device, launched, visi
 def test_a_local_sweep_gives_each_task_a_device_of_its_own_in_turn():
     assert [pin(["3", "5"], n) for n in range(5)] == ["3", "5", "3", "5", "3"]
     assert [pin(("GPU-a",), n) for n in range(2)] == ["GPU-a", "GPU-a"]
+
+
+def test_tensor_parallel_groups_are_workers_of_consecutive_devices(gpus):
+    gpus(8)
+    env = {"SLURM_CPUS_PER_TASK": "32"}
+    placed = plan_workers("auto", "auto", None, launched=False, env=env, group=2)
+    assert [s.indices for s in placed.slots] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert {s.group for s in placed.slots} == {2} and {s.threads for s in placed.slots} == {4}
+    assert placed.slots[1].describe("cuda") == "cuda:2,cuda:3"
+    assert placed.slots[1].runner_devices() == [0, 1]  # as its pinned worker numbers them
+    # Visible devices that do not fill a group are left out; most= counts workers (groups).
+    gpus(7)
+    assert len(plan_workers("auto", "auto", None, False, env=env, group=2).slots) == 3
+    assert len(plan_workers("auto", "auto", None, False, most=2, env=env, group=2).slots) == 2
+    # One group: this process leads it, on those devices; a launcher's rank takes one group.
+    one = plan_workers([4, 6], "auto", None, launched=False, env=env, group=2).slots
+    assert one == (Slot((4, 6), ("4", "6"), None, 2),)
+    assert plan_workers("auto", "auto", None, True, env=env, group=2).slots[0].indices == (0, 1)
+    gpus(1)
+    with pytest.raises(ConfigError, match=r"model.tp_size=2 splits the model over 2 CUDA dev"):
+        plan_workers("auto", "auto", None, launched=False, env={}, group=2)
+
+
+def test_tensor_parallel_groups_on_the_cpu_share_its_cores(gpus):
+    gpus(0)
+    env = {"SLURM_CPUS_PER_TASK": "8"}
+    one = plan_workers("auto", "auto", None, launched=False, env=env, group=2)
+    assert one.slots == (Slot(threads=4, group=2),) and one.slots[0].describe("cpu") == "cpu x2"
+    assert one.slots[0].runner_devices() == 2
+    two = plan_workers(4, "cpu", None, launched=False, env=env, group=2)
+    assert two.slots == (Slot(threads=2, group=2),) * 2
+    # A launcher's rank asking for one group is that group; for more, refused.
+    assert plan_workers(2, "cpu", None, True, env=env, group=2).slots == (Slot(threads=4, group=2),)
+    with pytest.raises(ConfigError, match="runner.devices=4 starts workers of its own"):
+        plan_workers(4, "cpu", None, launched=True, env=env, group=2)

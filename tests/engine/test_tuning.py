@@ -243,6 +243,29 @@ def test_cuda_budget_and_rows_from_free_memory(cuda):
     assert tuner.plan_rows(100_000, 556, plan.budget) == plan.budget // 556
 
 
+def test_a_tensor_parallel_gpu_caches_its_share_of_the_heads(cuda, ram):
+    from transformers.distributed import DistributedConfig
+
+    qwen = Qwen2Config(num_attention_heads=14, num_key_value_heads=2, num_hidden_layers=24)
+    whole = memory.model_memory(
+        FakeModel(qwen, torch.bfloat16), torch.device("cuda"), 256, 2048, True
+    )
+    qwen.distributed_config = DistributedConfig(tp_size=2)
+    split = memory.model_memory(
+        FakeModel(qwen, torch.bfloat16), torch.device("cuda"), 256, 2048, True
+    )
+    assert whole.slot_bytes - split.slot_bytes == memory.kv_bytes_per_token(qwen, 2) // 2
+    # On the CPU the group's processes share one RAM: each plans for the whole cache.
+    cpu = [
+        memory.model_memory(FakeModel(qwen, torch.bfloat16), torch.device("cpu"), 256, 2048, True)
+    ]
+    qwen.distributed_config = None
+    cpu.append(
+        memory.model_memory(FakeModel(qwen, torch.bfloat16), torch.device("cpu"), 256, 2048, True)
+    )
+    assert cpu[0].slot_bytes == cpu[1].slot_bytes
+
+
 def test_unknown_device_or_shape_plans_no_budget(ram):
     assert memory.model_memory(FakeModel(SMOL), torch.device("meta"), 64, 2048, True) is None
     assert memory.model_memory(FakeModel(object()), torch.device("cpu"), 64, 2048, True) is None

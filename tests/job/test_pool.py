@@ -8,18 +8,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from job_cli import ENV, command, rows, shards
 
 from batchgen import run
 from batchgen.errors import ConfigError
 from batchgen.store import layout
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # Long enough to act while both workers generate: 24 one-row shards of 48 sampled tokens.
 SETTINGS = [
     "dataset.id_column=uid",
@@ -32,26 +31,7 @@ SETTINGS = [
 
 
 def cli(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "batchgen",
-        f"model.name_or_path={model}",
-        "model.gguf_file=null",
-        "dataset=local",
-        f"dataset.path={data}",
-        f"output.dir={out}",
-        *SETTINGS,
-        *extra,
-    ]
-
-
-def rows(out: Path) -> list[dict]:
-    return [r for f in sorted(out.glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
-
-
-def shards(out: Path) -> int:
-    return len(list(out.glob("part-*.parquet"))) if out.exists() else 0
+    return command(model, data, out, *SETTINGS, *extra)
 
 
 def ranks(out: Path) -> set[int]:
