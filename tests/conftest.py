@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
+from tiny import tiny_lm
 
 from batchgen.config import JobConfig, ModelConfig
 from batchgen.inputs import models
@@ -78,24 +78,8 @@ def tiny_models(tmp_path_factory, smol_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(smol_dir)
     vocab = len(tok)
-    torch.manual_seed(0)
-    # A wide initializer spreads the logits, so argmax ties (which would make batched and
-    # single-row greedy differ by float noise) do not happen.
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            initializer_range=0.5,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=True,
-        )
+    llama = tiny_lm(
+        LlamaForCausalLM, LlamaConfig, tok, bos_token_id=tok.bos_token_id, tie_word_embeddings=True
     )
     out = {"chat": _save(llama, tok, root / "chat")}
 

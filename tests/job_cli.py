@@ -5,6 +5,7 @@ tests/engine/test_tensor_parallel.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def command(model: Path, data: Path, out: Path, *settings: str) -> list[str]:
         f"output.dir={out}",
         *settings,
     ]
+
+
+def finish(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``args`` (a ``command``) to its end, its output captured as text."""
+    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def rows(out: Path) -> list[dict]:

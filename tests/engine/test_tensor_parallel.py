@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from job_cli import ENV, command, rows
+from job_cli import ENV, command, finish, rows
+from tiny import tiny_lm
 
 from batchgen import Generator, run
 from batchgen.config import ModelConfig, RunnerConfig
@@ -27,6 +28,10 @@ from batchgen.engine import tensor_parallel
 from batchgen.errors import ConfigError, ModelError, ResumeError
 from batchgen.store import layout
 
+# Every process these tests start inherits it: their followers are told apart by it.
+MARK = f"BATCHGEN_TEST_PROCESS={os.getpid()}"
+os.environ["BATCHGEN_TEST_PROCESS"] = str(os.getpid())
+
 
 @pytest.fixture(scope="module")
 def qwen2(tiny_models, tmp_path_factory) -> Path:
@@ -34,22 +39,7 @@ def qwen2(tiny_models, tmp_path_factory) -> Path:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
-    torch.manual_seed(1)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            initializer_range=0.5,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=False,
-        )
-    )
+    model = tiny_lm(Qwen2ForCausalLM, Qwen2Config, tok, seed=1, tie_word_embeddings=False)
     path = tmp_path_factory.mktemp("qwen2") / "model"
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -61,8 +51,17 @@ def responses(out: Path) -> list[tuple]:
 
 
 def followers_running() -> bool:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return "batchgen.engine.tp_follower" in ps
+    """Whether a follower that this test process started (itself, or through a pool's worker:
+    an orphan too) still runs; other processes on the machine may run groups of their own."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes()
+            ours = MARK.encode() in (proc / "environ").read_bytes()
+        except (OSError, ValueError):
+            continue  # not a process, or one that has just ended
+        if b"batchgen.engine.tp_follower" in args and ours:
+            return True
+    return False
 
 
 @pytest.mark.parametrize("name", ["chat", "qwen2"])
@@ -234,17 +233,11 @@ def test_a_dead_follower_is_named_and_the_folder_resumes(tiny_models, long_data,
         "kept, and the same command resumes"
     ], stderr
     assert "recorded as failed" not in stderr and "Traceback" not in stderr
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    done = finish(command)
     assert done.returncode == 0, done.stderr
     assert "0 failed (8/8 shards complete)" in done.stdout
     reference = tmp_path / "reference"
-    again = subprocess.run(
-        cli(tiny_models["chat"], long_data, reference),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = finish(cli(tiny_models["chat"], long_data, reference))
     assert again.returncode == 0, again.stderr
     assert responses(out) == responses(reference)
 

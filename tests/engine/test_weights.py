@@ -11,6 +11,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny import tiny_lm
 
 import batchgen
 from batchgen import config_checks, noise
@@ -26,21 +27,13 @@ def tiny64(tmp_path_factory, tiny_models):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_models["chat"])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            initializer_range=0.5,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=True,
-        )
+    model = tiny_lm(
+        LlamaForCausalLM,
+        LlamaConfig,
+        tok,
+        hidden_size=64,
+        intermediate_size=128,
+        tie_word_embeddings=True,
     )
     path = tmp_path_factory.mktemp("tiny64") / "chat64"
     model.save_pretrained(path)
