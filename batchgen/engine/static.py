@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -28,7 +27,6 @@ from batchgen.engine.interface import Engine, Sample
 from batchgen.engine.logprobs import LogprobRecorder
 from batchgen.engine.prefill import prefill, supports_prefill
 from batchgen.engine.sampling import sample_keys, sampling_processors
-from batchgen.engine.windows import applies, windowed
 from batchgen.errors import Interrupted
 from batchgen.inputs.prompts import PromptRecord
 
@@ -175,12 +173,11 @@ class StaticEngine(Engine):
         # bring back the repo's defaults this config clears.
         self.model = copy.copy(model)
         self.source_model = model
-        self.device = input_device(model)
         self.compile = compile
         self.prefill_tokens = prefill_tokens
         self.chunked_prefill = supports_prefill(model)
-        self.windowed = applies(model, self.device)
         self.cache_len = 0  # with compile: the longest cache so far, which later batches reuse
+        self.device = input_device(model)
         self.logprobs = logprobs
         self.top_logprobs = top_logprobs
         self.configs: dict[str, object] = {}  # one generation config per distinct setting
@@ -246,13 +243,9 @@ class StaticEngine(Engine):
             extra["stopping_criteria"] = StoppingCriteriaList(criteria)
         with torch.inference_mode():
             extra.update(self._cache(records, attention_mask, sampling))
-            with self._windows(records, n, input_ids.shape[1], extra.get("cache")):
-                out = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    logits_processor=procs,
-                    **extra,
-                )  # (R, width + N)
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, logits_processor=procs, **extra
+            )  # (R, width + N)
         new_tokens = out[:, width:]  # (R, N)
         self.cache_pad_slots += int((attention_mask == 0).sum())
         recorded = recorder.finish(new_tokens) if recorder else [None] * len(rows)
@@ -265,14 +258,6 @@ class StaticEngine(Engine):
         if self.stop is not None and self.stop.is_set():
             raise Interrupted(_finished(records[:real], per_record, sampling))
         return per_record
-
-    def _windows(self, records: list[PromptRecord], n: int, width: int, cache):
-        """Decoding attention over each row's own columns (``batchgen.engine.windows``) where
-        the batch decodes from a prefilled ``cache`` on the CPU; compiled decoding keeps its one
-        static shape. A row's prompt starts at column ``width - len``."""
-        if cache is None or self.compile or not self.windowed:
-            return nullcontext()
-        return windowed(cache, [width - len(r.token_ids) for r in records for _ in range(n)])
 
     def _prefilled(self) -> None:
         """After each prefill pass: a stop request ends the batch here, nothing finished."""
